@@ -1,0 +1,299 @@
+"""``tf-export``: the export pipeline from a command line, no Airflow needed.
+
+Example::
+
+    tf-export demo --workdir /tmp/tf-export-demo
+    tf-export run --config /tmp/tf-export-demo/export.yaml --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+DESCRIPTION = """\
+Turn TensorFlow checkpoints into TensorFlow Serving versions, safely.
+
+Each export restores a checkpoint, writes a SavedModel into a staging directory
+beside the versions (temp-..., which TF Serving ignores), validates it in a fresh
+process, claims a version number with a create-only write and renames staging
+into <export_base>/<version>/ in one step. An integer-named directory appears
+only when it is complete; each checkpoint is published once per model config.
+
+Exit status: 0 success (published, skipped or nothing new), 1 a pipeline failure
+(nothing was published), 2 a usage or config error."""
+
+EPILOG = "Run 'tf-export COMMAND --help' for the options of a command."
+
+
+def _common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
+    p.add_argument("--config", "-c", required=config_required, metavar="PATH",
+                   help="YAML config (paths in it are relative to the file)")
+    p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    p.add_argument("--verbose", "-v", action="store_true", help="show tracebacks and TensorFlow's logs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tf-export", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from pipeline import __version__
+
+    parser.add_argument("--version", action="version", version=f"tf-export {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("discover", help="list checkpoints and the version each was exported to",
+                       description="List the checkpoints in training_dir: prefix, step, written-at time, whether "
+                                   "complete, and the version each was exported to under this config (or none).")
+    _common(p)
+
+    p = sub.add_parser("run", help="export the newest unexported checkpoint",
+                       description="Export the newest complete checkpoint that has no version yet (or the one "
+                                   "named): export into staging, validate, publish, prune. Rerunning is safe: an "
+                                   "exported checkpoint reports 'skipped' with its version.")
+    _common(p)
+    p.add_argument("--checkpoint", metavar="PREFIX", help="a checkpoint prefix, its base name (ckpt-300) or its step")
+    p.add_argument("--versioning", choices=["timestamp", "checkpoint_time", "step"],
+                   help="override the config's version numbering for this run")
+
+    p = sub.add_parser("backfill", help="export every unexported checkpoint in a step range",
+                       description="Export every complete checkpoint in the range that has no version for this "
+                                   "config yet, oldest first, with a progress bar on stderr. Versions are numbered "
+                                   "by checkpoint write time by default, so a backfill never serves an old model "
+                                   "above the live one. Retention is not applied.")
+    _common(p)
+    p.add_argument("--from-step", type=int, metavar="N", help="first step (inclusive)")
+    p.add_argument("--to-step", type=int, metavar="M", help="last step (inclusive)")
+    p.add_argument("--versioning", choices=["timestamp", "checkpoint_time", "step"], default="checkpoint_time",
+                   help="version numbering (default: checkpoint_time)")
+    p.add_argument("--allow-outrank", action="store_true",
+                   help="allow an older checkpoint to get a version above the live one")
+
+    p = sub.add_parser("status", help="list published versions and the one TF Serving serves",
+                       description="List the published versions with the checkpoint and step each came from, "
+                                   "and the one TF Serving serves (the highest).")
+    _common(p)
+
+    p = sub.add_parser("validate", help="validate a SavedModel directory",
+                       description="Load a SavedModel in a fresh process, check its serving_default Predict "
+                                   "signature and run a smoke inference; print the report.")
+    _common(p, config_required=False)
+    p.add_argument("path", metavar="PATH", help="SavedModel directory (local)")
+
+    p = sub.add_parser("gc", help="apply retention and remove abandoned staging",
+                       description="Keep the newest retention.keep versions, every pinned one and the live one; "
+                                   "remove staging directories older than the lease (retention.lease_seconds, "
+                                   "default one day).")
+    _common(p)
+    p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+
+    p = sub.add_parser("demo", help="train a tiny model and export it end to end",
+                       description="Train a tiny Keras model for a few steps (three checkpoints), write its "
+                                   "config, run the pipeline twice (the second run reports 'skipped') and show "
+                                   "the result.")
+    p.add_argument("--workdir", default="tf-export-demo", metavar="DIR", help="where to put it (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    p.add_argument("--verbose", "-v", action="store_true", help="show tracebacks and TensorFlow's logs")
+    return parser
+
+
+def _emit(args, data: Any, human: str) -> None:
+    if args.json:
+        json.dump(data, sys.stdout, indent=1, default=str)
+        sys.stdout.write("\n")
+    else:
+        print(human)
+
+
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    return "\n".join([fmt.format(*header)] + [fmt.format(*map(str, r)) for r in rows])
+
+
+def _run_line(r: dict) -> str:
+    if r["status"] == "published":
+        return f"published version {r['version']} from {r['checkpoint']} (step {r['step']}): {r['path']}"
+    if r["status"] == "skipped":
+        return f"skipped: {r['checkpoint']} (step {r['step']}) is already version {r['version']}"
+    if r["status"] == "failed":
+        return f"failed: {r.get('error')}"
+    return "no new checkpoint: every complete checkpoint already has a version"
+
+
+def cmd_discover(args, cfg) -> int:
+    from pipeline.runner import discover
+
+    items = discover(cfg)
+    rows = [[i["name"], i["step"], _when(i["written_at"]), "yes" if i["complete"] else "NO: missing " + ", ".join(i["missing"]),
+             i["version"] if i["version"] is not None else "none"] for i in items]
+    _emit(args, items, _table(rows, ["CHECKPOINT", "STEP", "WRITTEN", "COMPLETE", "VERSION"]) if rows else "no checkpoints")
+    return EXIT_OK
+
+
+def cmd_run(args, cfg) -> int:
+    from pipeline.runner import public, run_once
+
+    record = run_once(cfg, checkpoint=args.checkpoint, versioning=args.versioning)
+    _emit(args, public(record), _run_line(record))
+    return EXIT_OK
+
+
+def cmd_backfill(args, cfg) -> int:
+    from pipeline.runner import backfill, list_pending, public
+
+    pending = list_pending(cfg, args.from_step, args.to_step)
+    bar = None
+    if pending:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(pending), unit="ckpt", desc="backfill", file=sys.stderr,
+                   disable=None if not args.verbose else False)
+
+    def progress(rec: dict) -> None:
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"step {rec['step']} {rec['status']}", refresh=False)
+
+    records = backfill(cfg, args.from_step, args.to_step, versioning=args.versioning,
+                       allow_outrank=args.allow_outrank, progress=progress)
+    if bar is not None:
+        bar.close()
+    out = [public(r) | ({"error": r["error"]} if "error" in r else {}) for r in records]
+    human = "\n".join(_run_line(r) for r in records) or "nothing to backfill: every checkpoint in range has a version"
+    _emit(args, out, human)
+    failed = [r for r in records if r["status"] == "failed"]
+    if failed:
+        print(f"tf-export: error: {len(failed)} of {len(records)} checkpoints failed; first: {failed[0]['error']}",
+              file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_status(args, cfg) -> int:
+    from pipeline.runner import status
+
+    st = status(cfg)
+    rows = [[v["version"], v["step"], v["checkpoint"] or "(no manifest)",
+             "<- serving" if v["version"] == st["serving"] else ""] for v in st["versions"]]
+    human = (_table(rows, ["VERSION", "STEP", "CHECKPOINT", ""]) if rows else "no published versions") + \
+        f"\nexport base: {st['export_base']}"
+    _emit(args, st, human)
+    return EXIT_OK
+
+
+def cmd_validate(args, cfg) -> int:
+    from pipeline.errors import ConfigError
+    from pipeline.validate import format_report, validate_saved_model
+
+    path = os.path.abspath(args.path)
+    if not os.path.isdir(path):
+        raise ConfigError(f"not a SavedModel directory: {path}")
+    timeout = cfg.validation.timeout_seconds if cfg else 300
+    report = validate_saved_model(path, timeout=timeout)
+    _emit(args, report, format_report(report))
+    if not report.get("ok"):
+        print(f"tf-export: error: validation failed: {report.get('reason')}: {path}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_gc(args, cfg) -> int:
+    from pipeline.runner import stage_prune
+
+    result = stage_prune(cfg, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    human = f"{verb} versions: {result['removed_versions'] or 'none'}\n{verb} staging: {result['removed_staging'] or 'none'}"
+    _emit(args, result, human)
+    return EXIT_OK
+
+
+def cmd_demo(args, _cfg) -> int:
+    from pipeline.config import load_config
+    from pipeline.demo import train, write_config
+    from pipeline.runner import public, run_once, status
+
+    workdir = os.path.abspath(args.workdir)
+    say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    say(f"[1/4] training a tiny Keras model in {workdir}/train (3 checkpoints)")
+    train(os.path.join(workdir, "train"), steps=30, checkpoint_every=10)
+    config_path = write_config(workdir)
+    say(f"[2/4] wrote config {config_path}")
+    cfg = load_config(config_path)
+    first = run_once(cfg)
+    say(f"[3/4] first run:  {_run_line(first)}")
+    second = run_once(cfg)
+    say(f"[4/4] second run: {_run_line(second)}")
+    st = status(cfg)
+    result = {"workdir": workdir, "config": config_path, "runs": [public(first), public(second)], "status": st}
+    if args.json:
+        _emit(args, result, "")
+    else:
+        rows = [[v["version"], v["step"], v["checkpoint"], "<- serving" if v["version"] == st["serving"] else ""]
+                for v in st["versions"]]
+        print("\n" + _table(rows, ["VERSION", "STEP", "CHECKPOINT", ""]))
+        print(f"\nExport base (point TF Serving here): {cfg.export_base}")
+        for root, dirs, files in sorted(os.walk(cfg.export_base)):
+            depth = root[len(cfg.export_base):].count(os.sep)
+            if depth > 2 or "/_exports/" in root + "/":
+                continue
+            print("  " * depth + (os.path.basename(root) or root) + "/")
+            for f in sorted(files):
+                print("  " * (depth + 1) + f)
+        print(f"\nTry: tf-export status --config {config_path}")
+    return EXIT_OK
+
+
+COMMANDS = {"discover": cmd_discover, "run": cmd_run, "backfill": cmd_backfill, "status": cmd_status,
+            "validate": cmd_validate, "gc": cmd_gc, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return EXIT_USAGE
+    if not args.verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        import logging
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        logging.getLogger("tensorflow").setLevel(logging.ERROR)
+        os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+        if args.command in ("run", "backfill", "demo", "validate"):
+            from pipeline.export import import_tensorflow_quietly
+
+            import_tensorflow_quietly()
+    else:
+        os.environ["TF_EXPORT_VERBOSE"] = "1"
+    from pipeline.config import load_config
+    from pipeline.errors import ExportError
+
+    try:
+        cfg = load_config(args.config) if getattr(args, "config", None) else None
+        return COMMANDS[args.command](args, cfg)
+    except ExportError as err:
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(f"tf-export: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("tf-export: interrupted; nothing partial was published", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

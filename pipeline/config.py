@@ -1,0 +1,152 @@
+"""The export configuration: one pydantic model of the YAML file.
+
+Example::
+
+    from pipeline.config import load_config
+    cfg = load_config("serving.yaml")
+    print(cfg.export_base, cfg.versioning, cfg.config_hash)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+
+from pipeline.errors import ConfigError
+
+Versioning = Literal["timestamp", "checkpoint_time", "step"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    factory: str = Field(description="module:callable returning a Keras model or tf.Module")
+    checkpoint_key: str = Field("model", description="attribute the model was saved under in tf.train.Checkpoint")
+
+    @field_validator("factory")
+    @classmethod
+    def _factory_form(cls, value: str) -> str:
+        module, sep, attr = value.partition(":")
+        if not sep or not module or not attr:
+            raise ValueError(f"must look like 'package.module:callable', got {value!r}")
+        return value
+
+
+class RetentionConfig(_Strict):
+    keep: int = Field(5, ge=1, description="newest versions to keep")
+    pinned: list[int] = Field(default_factory=list, description="versions never removed")
+    lease_seconds: int = Field(86400, ge=0, description="age after which a staging directory counts as abandoned")
+
+
+class ValidationConfig(_Strict):
+    timeout_seconds: int = Field(300, ge=10, description="limit for the fresh-process load and smoke run")
+
+
+class AirflowConfig(_Strict):
+    schedule: str | None = Field("@daily", description="cron or preset of the nightly DAG")
+    max_active_tis_per_dagrun: int = Field(4, ge=1, description="parallel exports in one backfill run")
+    conn_id: str | None = Field(None, description="Airflow connection resolved into storage_options")
+
+
+class Config(_Strict):
+    training_dir: str
+    export_base: str
+    model: ModelConfig
+    versioning: Versioning = "timestamp"
+    max_claim_attempts: int = Field(10, ge=1, le=1000)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    promotion: Literal["auto", "rename", "object_move"] = "auto"
+    airflow: AirflowConfig = Field(default_factory=AirflowConfig)
+
+    _config_dir: str = PrivateAttr(default_factory=os.getcwd)
+    _source: str | None = PrivateAttr(default=None)
+
+    @property
+    def config_dir(self) -> str:
+        return self._config_dir
+
+    @property
+    def source(self) -> str | None:
+        """Path of the YAML file this config came from, if any."""
+        return self._source
+
+    @property
+    def config_hash(self) -> str:
+        """Hash of what shapes the exported artifact; part of the ledger key.
+
+        Versioning, retention and storage settings are left out on purpose: a
+        backfill under ``checkpoint_time`` must recognise the checkpoints a
+        nightly run already exported under ``timestamp``.
+        """
+        shaping = {"model": self.model.model_dump()}
+        blob = json.dumps(shaping, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def with_overrides(self, **changes: Any) -> "Config":
+        clone = self.model_copy(update=changes)
+        clone._config_dir = self._config_dir
+        clone._source = self._source
+        return clone
+
+
+def is_url(path: str) -> bool:
+    return "://" in path
+
+
+def _resolve(path: str, base_dir: str) -> str:
+    if is_url(path) and not path.startswith("file://"):
+        return path
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    path = os.path.expanduser(path)
+    return os.path.normpath(os.path.join(base_dir, path))
+
+
+def config_from_dict(data: dict[str, Any], base_dir: str, source: str | None = None) -> Config:
+    where = source or "<config>"
+    if not isinstance(data, dict):
+        raise ConfigError(f"config must be a mapping of keys to values: {where}")
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "(top)"
+        kind = first["type"]
+        if kind == "extra_forbidden":
+            msg = f"unknown key '{loc}'"
+        elif kind == "missing":
+            msg = f"missing key '{loc}'"
+        else:
+            msg = f"bad value for '{loc}': {first['msg']}"
+        more = len(err.errors()) - 1
+        suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+        raise ConfigError(f"invalid config: {msg}{suffix}: {where}") from None
+    cfg.training_dir = _resolve(cfg.training_dir, base_dir)
+    cfg.export_base = _resolve(cfg.export_base, base_dir)
+    cfg._config_dir = os.path.abspath(base_dir)
+    cfg._source = source
+    return cfg
+
+
+def load_config(path: str) -> Config:
+    """Read and validate a YAML config; relative paths are taken from the file's folder."""
+    path = os.path.abspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config is not valid YAML{where}: {path}") from None
+    return config_from_dict(data, os.path.dirname(path), source=path)

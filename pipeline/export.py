@@ -1,0 +1,271 @@
+"""Model factory, restore from a checkpoint, SavedModel write.
+
+Example::
+
+    from pipeline.config import load_config
+    from pipeline.export import Exporter
+    exporter = Exporter.from_config(load_config("serving.yaml"))
+    exporter.restore("/data/train/ckpt-300")
+    exporter.write("/tmp/staged_model")
+
+An :class:`Exporter` builds the model and traces its serving functions once;
+each checkpoint after that only restores variable values and writes them out.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import sys
+from typing import Any, Callable
+
+import numpy as np
+
+from pipeline.errors import CheckpointError, ConfigError, PipelineError
+
+SERVING_KEY = "serving_default"
+_NAME_OK = re.compile(r"[^A-Za-z0-9_.\-/]")
+
+
+def load_factory(spec: str, config_dir: str | None = None) -> Callable[[], Any]:
+    """Import ``package.module:callable``; the config's folder is importable too."""
+    module_name, _, attr = spec.partition(":")
+    if config_dir and config_dir not in sys.path:
+        sys.path.insert(0, config_dir)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # an ImportError, or whatever the module raises at import
+        raise ConfigError(f"cannot import model factory module '{module_name}' ({type(err).__name__}: {err}): {spec}") from None
+    try:
+        target: Any = module
+        for part in attr.split("."):
+            target = getattr(target, part)
+    except AttributeError:
+        raise ConfigError(f"model factory '{attr}' not found in module '{module_name}': {spec}") from None
+    if not callable(target):
+        raise ConfigError(f"model factory is not callable: {spec}")
+    return target
+
+
+def _clean_name(name: str, fallback: str) -> str:
+    name = (name or "").split(":")[0]
+    name = _NAME_OK.sub("_", name)
+    return name or fallback
+
+
+def _is_keras_model(obj: Any) -> bool:
+    return hasattr(obj, "inputs") and hasattr(obj, "outputs") and hasattr(obj, "layers")
+
+
+def _keras_output_names(model: Any, n: int) -> list[str]:
+    names = list(getattr(model, "output_names", None) or [])
+    if len(names) != n:
+        names = [_clean_name(getattr(t, "name", ""), f"output_{i}") for i, t in enumerate(model.outputs)]
+    if len(set(names)) != n:
+        names = [f"output_{i}" for i in range(n)]
+    return names
+
+
+class ServingModel:
+    """The model plus its serving signatures, traced once.
+
+    ``signatures`` maps a signature key to a concrete function whose outputs are a
+    dict of named tensors; ``reference`` computes the same outputs by calling the
+    restored model directly (the parity baseline for validation).
+    """
+
+    def __init__(self, model: Any):
+        import tensorflow as tf
+
+        self.model = model
+        self.root = tf.Module()
+        self.root.model = model
+        if _is_keras_model(model):
+            self._from_keras(model)
+        elif isinstance(model, tf.Module):
+            self._from_module(model)
+        else:
+            raise ConfigError(
+                f"model factory returned {type(model).__name__}, not a Keras model or tf.Module"
+            )
+
+    def _from_keras(self, model: Any) -> None:
+        import tensorflow as tf
+
+        if not model.inputs:
+            raise ConfigError("model factory returned a Keras model without defined inputs; return a built functional model")
+        specs = [
+            tf.TensorSpec(shape=t.shape, dtype=t.dtype, name=_clean_name(t.name, f"input_{i}"))
+            for i, t in enumerate(model.inputs)
+        ]
+        out_names = _keras_output_names(model, len(model.outputs))
+
+        def call(*args):
+            x = args[0] if len(args) == 1 else list(args)
+            y = model(x, training=False)
+            if isinstance(y, dict):
+                return dict(y)
+            ys = y if isinstance(y, (list, tuple)) else [y]
+            return dict(zip(out_names, ys))
+
+        serve = tf.function(call, input_signature=specs, autograph=False)
+        self.root.serve = serve
+        self.signatures = {SERVING_KEY: serve.get_concrete_function()}
+        self.reference = call
+
+    def _from_module(self, module: Any) -> None:
+        import tensorflow as tf
+
+        fns: dict[str, Any] = {}
+        declared = getattr(module, "signatures", None)
+        if isinstance(declared, dict):
+            fns.update(declared)
+        elif hasattr(module, "__call__") and hasattr(module.__call__, "get_concrete_function"):
+            fns[SERVING_KEY] = module.__call__
+        if not fns:
+            raise ConfigError(
+                "tf.Module from the model factory has no serving function: give it a tf.function "
+                "__call__ with an input_signature, or a 'signatures' dict"
+            )
+        self.signatures = {}
+        for key, fn in fns.items():
+            try:
+                self.signatures[key] = fn.get_concrete_function()
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"signature '{key}' needs an input_signature ({err})") from None
+        self.root.module_fns = list(fns.values())
+        first = self.signatures.get(SERVING_KEY) or next(iter(self.signatures.values()))
+
+        def call(*args):
+            out = first(*args)
+            if isinstance(out, dict):
+                return out
+            outs = out if isinstance(out, (list, tuple)) else [out]
+            return {f"output_{i}": t for i, t in enumerate(outs)}
+
+        self.reference = call
+
+    def input_specs(self, key: str = SERVING_KEY) -> list[Any]:
+        fn = self.signatures[key]
+        args, kwargs = fn.structured_input_signature
+        specs = list(args) + [kwargs[k] for k in sorted(kwargs)]
+        return specs
+
+
+def sample_inputs(specs: list[Any], seed: int = 0, batch: int = 2) -> dict[str, np.ndarray]:
+    """Deterministic inputs that fit ``specs`` (unknown dimensions become ``batch``)."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, np.ndarray] = {}
+    for i, spec in enumerate(specs):
+        shape = [batch if d is None else d for d in (spec.shape.as_list() if spec.shape.rank is not None else [batch])]
+        dtype = spec.dtype
+        name = spec.name or f"input_{i}"
+        if dtype.is_floating:
+            arr = rng.standard_normal(shape).astype(dtype.as_numpy_dtype)
+        elif dtype.is_integer:
+            arr = rng.integers(0, 10, size=shape).astype(dtype.as_numpy_dtype)
+        elif dtype.is_bool:
+            arr = rng.integers(0, 2, size=shape).astype(bool)
+        elif dtype.name == "string":
+            arr = np.array([b"sample"] * int(np.prod(shape)), dtype=object).reshape(shape)
+        else:
+            raise PipelineError(f"cannot generate sample input of dtype {dtype.name} for '{name}'")
+        out[name] = arr
+    return out
+
+
+class Exporter:
+    """Restores checkpoints of one model and writes them as SavedModels."""
+
+    def __init__(self, model: Any, checkpoint_key: str = "model"):
+        self.serving = ServingModel(model)
+        self.model = model
+        self.checkpoint_key = checkpoint_key
+        variables = getattr(model, "variables", None)
+        if variables is not None and len(variables) == 0:
+            raise ConfigError("model from the factory has no variables yet; build it before returning it")
+
+    @classmethod
+    def from_config(cls, cfg) -> "Exporter":
+        factory = load_factory(cfg.model.factory, cfg.config_dir)
+        try:
+            model = factory()
+        except Exception as err:
+            raise ConfigError(f"model factory raised {type(err).__name__}: {err}: {cfg.model.factory}") from None
+        return cls(model, cfg.model.checkpoint_key)
+
+    def restore(self, prefix: str) -> None:
+        """Load ``prefix`` into the model; every model variable must come from it."""
+        import tensorflow as tf
+
+        ckpt = tf.train.Checkpoint(**{self.checkpoint_key: self.model})
+        try:
+            status = ckpt.read(prefix)
+            status.assert_existing_objects_matched()
+        except AssertionError as err:
+            detail = str(err).splitlines()[0][:200]
+            raise CheckpointError(
+                f"checkpoint does not hold this model under key '{self.checkpoint_key}' ({detail}): {prefix}"
+            ) from None
+        except ValueError as err:
+            detail = " ".join(str(err).split())[:240]
+            raise CheckpointError(f"checkpoint is of a different model ({detail}): {prefix}") from None
+        except (tf.errors.DataLossError, tf.errors.OutOfRangeError) as err:
+            raise CheckpointError(
+                f"checkpoint data is truncated or corrupt ({_first_line(err)}): {prefix}"
+            ) from None
+        except tf.errors.NotFoundError as err:
+            raise CheckpointError(f"checkpoint file missing ({_first_line(err)}): {prefix}") from None
+        except tf.errors.OpError as err:
+            raise CheckpointError(f"cannot read checkpoint ({_first_line(err)}): {prefix}") from None
+
+    def reference_outputs(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs of the restored model itself, in this process (parity baseline)."""
+        args = [inputs[s.name] for s in self.serving.input_specs()]
+        out = self.serving.reference(*args)
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    def write(self, directory: str) -> None:
+        """Write a SavedModel with the serving signatures into ``directory`` (local)."""
+        import tensorflow as tf
+
+        try:
+            tf.saved_model.save(self.serving.root, directory, signatures=self.serving.signatures)
+        except Exception as err:
+            raise PipelineError(f"writing the SavedModel failed ({type(err).__name__}: {_first_line(err)}): {directory}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(getattr(err, "message", None) or err).strip()
+    return text.splitlines()[0][:240] if text else type(err).__name__
+
+
+def import_tensorflow_quietly():
+    """Import TensorFlow with its start-up chatter (oneDNN, CUDA probes) kept off stderr.
+
+    TensorFlow's C++ logs before absl is initialised ignore TF_CPP_MIN_LOG_LEVEL,
+    so stderr's file descriptor is pointed at /dev/null for the import and the
+    first op, then restored. ``TF_EXPORT_VERBOSE=1`` keeps everything.
+    """
+    if os.environ.get("TF_EXPORT_VERBOSE") or "tensorflow" in sys.modules:
+        import tensorflow as tf
+
+        return tf
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow as tf
+
+        tf.constant(0) + 0
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    import logging
+
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    return tf

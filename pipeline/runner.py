@@ -1,0 +1,340 @@
+"""One export end to end, and backfills over many; the stages the CLI and Airflow call.
+
+Example::
+
+    from pipeline.config import load_config
+    from pipeline.runner import run_once
+    record = run_once(load_config("serving.yaml"))
+    print(record["status"], record["version"])
+
+Every stage function takes the config and the small dict the stage before
+returned, and returns a small JSON-serialisable dict, so each can run as its
+own Airflow task on a different worker: staging lives in the export base's own
+storage.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import tempfile
+import time
+from typing import Any, Callable
+
+from pipeline import faults
+from pipeline.checkpoints import Checkpoint, discover_checkpoints, find_checkpoint
+from pipeline.config import Config
+from pipeline.errors import CheckpointError, ConfigError, PipelineError
+from pipeline.publish import EXPORTS_DIR, STAGING_PREFIX, Publisher
+from pipeline.retention import prune
+from pipeline.storage import Storage, open_storage
+from pipeline.validate import require_ok, validate_saved_model
+
+_EXPORTERS: dict[tuple, Any] = {}
+
+
+class Context:
+    """The two storages of a config and the publisher of its export base."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.train = open_storage(cfg.training_dir, cfg.storage_options)
+        self.base = open_storage(cfg.export_base, cfg.storage_options)
+        if self.base.isfile(self.base.root):
+            raise ConfigError(f"export_base is a file, not a directory: {cfg.export_base}")
+        self.publisher = Publisher(self.base, promotion=cfg.promotion)
+
+    def checkpoints(self) -> list[Checkpoint]:
+        found = discover_checkpoints(self.train)
+        if not found:
+            raise CheckpointError(f"training directory holds no checkpoints: {self.cfg.training_dir}")
+        return found
+
+    def exporter(self):
+        key = (self.cfg.model.factory, self.cfg.model.checkpoint_key, self.cfg.config_dir)
+        if key not in _EXPORTERS:
+            from pipeline.export import Exporter
+
+            _EXPORTERS[key] = Exporter.from_config(self.cfg)
+        return _EXPORTERS[key]
+
+
+def _record(status: str, ckpt: Checkpoint | None = None, version: int | None = None,
+            path: str | None = None, **extra: Any) -> dict:
+    return {"status": status, "version": version, "path": path,
+            "checkpoint": ckpt.prefix if ckpt else None, "step": ckpt.step if ckpt else None, **extra}
+
+
+def _in_progress(ckpt: Checkpoint) -> bool:
+    """A checkpoint being written: data shards but no index yet (TF writes the index last)."""
+    return not ckpt.complete and ckpt.index_size == 0 and ckpt.index_crc32c is None and \
+        all(m.endswith(".index") for m in ckpt.missing)
+
+
+def _require_complete(ckpt: Checkpoint) -> None:
+    if not ckpt.complete:
+        raise CheckpointError(f"checkpoint is incomplete, missing {', '.join(ckpt.missing)}: {ckpt.prefix}")
+
+
+# -- discovery -------------------------------------------------------------------
+def discover(cfg: Config) -> list[dict]:
+    """Every checkpoint with the version it was exported to under this config (or None)."""
+    ctx = Context(cfg)
+    out = []
+    ledger = ctx.publisher.ledger()
+    for ckpt in ctx.checkpoints():
+        key = ckpt.ledger_key(cfg.config_hash)
+        entry = ledger.get(key)
+        out.append({**ckpt.to_dict(), "ledger_key": key, "version": entry.get("version") if entry else None})
+    return out
+
+
+def list_pending(cfg: Config, from_step: int | None = None, to_step: int | None = None) -> list[dict]:
+    """Complete checkpoints in the step range that have no version for this config yet, oldest first."""
+    pending = []
+    for item in discover(cfg):
+        step = item["step"]
+        if from_step is not None and (step is None or step < from_step):
+            continue
+        if to_step is not None and (step is None or step > to_step):
+            continue
+        if item["complete"] and item["version"] is None:
+            pending.append(item)
+    return pending
+
+
+def _choose(ctx: Context, wanted: str | None) -> Checkpoint | None:
+    found = ctx.checkpoints()
+    if wanted:
+        ckpt = find_checkpoint(found, wanted)
+        if ckpt is None:
+            raise ConfigError(f"checkpoint not found: {wanted}")
+        _require_complete(ckpt)
+        return ckpt
+    settled = [c for c in found if not _in_progress(c)]
+    if not settled:
+        return None
+    newest = settled[-1]
+    # An index without its data is broken, not in progress: say so rather than
+    # quietly serving an older model. Older unexported checkpoints are left to backfill.
+    _require_complete(newest)
+    return newest
+
+
+# -- stages ----------------------------------------------------------------------
+def _work_dir(ctx: Context, staging_name: str) -> str:
+    return ctx.base.join(ctx.base.root, EXPORTS_DIR, "work", staging_name)
+
+
+def stage_export(cfg: Config, checkpoint: str | dict | None = None) -> dict:
+    """Restore a checkpoint and write its SavedModel into a staging directory of the export base.
+
+    ``checkpoint`` names one (prefix, name or step), or is a record from
+    discovery; None takes the newest complete checkpoint with no version yet.
+    """
+    import numpy as np
+
+    ctx = Context(cfg)
+    if isinstance(checkpoint, dict):
+        checkpoint = checkpoint.get("prefix") or checkpoint.get("checkpoint")
+    ckpt = _choose(ctx, checkpoint)
+    if ckpt is None:
+        return _record("no_new_checkpoint")
+    key = ckpt.ledger_key(cfg.config_hash)
+    done = ctx.publisher.resolve(key)
+    if done is not None:
+        return _record("skipped", ckpt, done["version"], done["path"], ledger_key=key)
+
+    exporter = ctx.exporter()
+    started = time.time()
+    name = f"{STAGING_PREFIX}{int(started)}-{secrets.token_hex(4)}"
+    staging = ctx.base.join(ctx.base.root, name)
+    work = _work_dir(ctx, name)
+    scratch = tempfile.mkdtemp(prefix="tf-export-")
+    try:
+        local_prefix = _local_checkpoint(ctx.train, ckpt, scratch)
+        exporter.restore(local_prefix)
+        from pipeline.export import sample_inputs
+
+        inputs = sample_inputs(exporter.serving.input_specs())
+        expected = exporter.reference_outputs(inputs)
+        local_model = staging if ctx.base.is_local else os.path.join(scratch, "saved_model")
+        exporter.write(local_model)
+        local_work = work if ctx.base.is_local else os.path.join(scratch, "work")
+        os.makedirs(local_work, exist_ok=True)
+        np.savez(os.path.join(local_work, "samples.npz"), **inputs)
+        np.savez(os.path.join(local_work, "expected.npz"), **expected)
+        if not ctx.base.is_local:
+            ctx.base.fs.put(local_work, work, recursive=True)
+            ctx.base.fs.put(local_model, staging, recursive=True)
+    except BaseException:
+        _discard(ctx.base, staging, work)
+        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    faults.hold("exported")
+    return _record("staged", ckpt, staging=ctx.base.url(staging), work=ctx.base.url(work), ledger_key=key,
+                   checkpoint_info=ckpt.to_dict(), exported_at=started, export_seconds=round(time.time() - started, 3))
+
+
+def _local_checkpoint(store: Storage, ckpt: Checkpoint, scratch: str) -> str:
+    if store.is_local:
+        return ckpt.prefix
+    local = os.path.join(scratch, "checkpoint", ckpt.name)
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    remote_prefix = store.fs._strip_protocol(ckpt.prefix)
+    for entry in store.list_dir(store.root):
+        if entry.name == ckpt.name + ".index" or entry.name.startswith(ckpt.name + ".data-"):
+            store.fs.get_file(entry.path, os.path.join(os.path.dirname(local), entry.name))
+    if not os.path.exists(local + ".index"):
+        raise CheckpointError(f"checkpoint index vanished while reading: {remote_prefix}")
+    return local
+
+
+def _discard(store: Storage, staging: str, work: str) -> None:
+    for path in (staging, work):
+        try:
+            store.rm(path, recursive=True)
+        except OSError:
+            pass
+
+
+def _strip(store: Storage, url: str) -> str:
+    return url if store.is_local else store.fs._strip_protocol(url)
+
+
+def stage_validate(cfg: Config, staged: dict) -> dict:
+    """Validate the staged SavedModel in a fresh process; on failure remove staging and raise."""
+    if staged.get("status") != "staged":
+        return staged
+    ctx = Context(cfg)
+    staging = _strip(ctx.base, staged["staging"])
+    work = _strip(ctx.base, staged["work"])
+    scratch = tempfile.mkdtemp(prefix="tf-export-validate-")
+    try:
+        if ctx.base.is_local:
+            local_model, local_work = staging, work
+        else:
+            local_model, local_work = os.path.join(scratch, "model"), os.path.join(scratch, "work")
+            ctx.base.fs.get(staging, local_model, recursive=True)
+            ctx.base.fs.get(work, local_work, recursive=True)
+        faults.hold("validating")
+        report = validate_saved_model(
+            local_model,
+            samples=os.path.join(local_work, "samples.npz"),
+            expected=os.path.join(local_work, "expected.npz"),
+            timeout=cfg.validation.timeout_seconds,
+        )
+        report["saved_model"] = staged["staging"]
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if not report.get("ok"):
+        _discard(ctx.base, staging, work)
+    require_ok(report, staged["staging"])
+    return {**staged, "status": "validated", "validation": report}
+
+
+def stage_publish(cfg: Config, validated: dict, versioning: str | None = None, guard_outrank: bool = False) -> dict:
+    """Claim a version, write the manifest, record the ledger entry, promote."""
+    if validated.get("status") in ("skipped", "no_new_checkpoint"):
+        return {k: validated.get(k) for k in ("status", "version", "path", "checkpoint", "step")}
+    if validated.get("status") != "validated":
+        raise PipelineError(f"refusing to publish a model that was not validated: {validated.get('staging')}")
+    ctx = Context(cfg)
+    ckpt = Checkpoint(**validated["checkpoint_info"])
+    staging = _strip(ctx.base, validated["staging"])
+    try:
+        result = ctx.publisher.publish(
+            staging=staging,
+            checkpoint=ckpt,
+            ledger_key=validated["ledger_key"],
+            config_hash=cfg.config_hash,
+            versioning=versioning or cfg.versioning,
+            max_claim_attempts=cfg.max_claim_attempts,
+            validation=validated.get("validation"),
+            guard_outrank=guard_outrank,
+            extra={"times": {"exported_at": validated.get("exported_at"),
+                             "validated_at": time.time()},
+                   "model": {"factory": cfg.model.factory, "checkpoint_key": cfg.model.checkpoint_key}},
+        )
+    except BaseException:
+        # Staging that made it into the ledger is finished by the next run; any other is garbage.
+        key_entry = ctx.publisher.ledger_entry(validated["ledger_key"])
+        if not key_entry or key_entry.get("staging") != staging:
+            _discard(ctx.base, staging, _strip(ctx.base, validated["work"]))
+        raise
+    ctx.base.rm(_strip(ctx.base, validated["work"]), recursive=True)
+    return _record(result["status"], ckpt, result["version"], result["path"],
+                   claim_attempts=result.get("claim_attempts", 0))
+
+
+def stage_prune(cfg: Config, dry_run: bool = False) -> dict:
+    ctx = Context(cfg)
+    return prune(ctx.base, keep=cfg.retention.keep, pinned=cfg.retention.pinned,
+                 lease_seconds=cfg.retention.lease_seconds, dry_run=dry_run)
+
+
+# -- whole runs ------------------------------------------------------------------
+_PUBLIC = ("status", "version", "path", "checkpoint", "step")
+
+
+def public(record: dict) -> dict:
+    """The ``tf-export run --json`` record."""
+    return {k: record.get(k) for k in _PUBLIC}
+
+
+def export_one(cfg: Config, checkpoint: str | dict | None = None, versioning: str | None = None,
+               guard_outrank: bool = False) -> dict:
+    staged = stage_export(cfg, checkpoint)
+    if staged["status"] != "staged":
+        return staged
+    validated = stage_validate(cfg, staged)
+    return stage_publish(cfg, validated, versioning=versioning, guard_outrank=guard_outrank)
+
+
+def run_once(cfg: Config, checkpoint: str | None = None, versioning: str | None = None) -> dict:
+    """Export the newest unexported complete checkpoint (or the one named), then prune."""
+    record = export_one(cfg, checkpoint, versioning)
+    if record["status"] == "published":
+        record["pruned"] = stage_prune(cfg)["removed_versions"]
+    return record
+
+
+def backfill(cfg: Config, from_step: int | None = None, to_step: int | None = None,
+             versioning: str = "checkpoint_time", allow_outrank: bool = False,
+             progress: Callable[[dict], None] | None = None) -> list[dict]:
+    """Export every pending checkpoint in the step range, oldest first.
+
+    A failure of one checkpoint is recorded and the backfill goes on. Retention
+    is not applied: the point of a backfill is to keep what it writes.
+    """
+    records = []
+    for item in list_pending(cfg, from_step, to_step):
+        try:
+            record = export_one(cfg, item["prefix"], versioning, guard_outrank=not allow_outrank)
+        except PipelineError as err:
+            record = {"status": "failed", "version": None, "path": None, "checkpoint": item["prefix"],
+                      "step": item["step"], "error": str(err)}
+        records.append(record)
+        if progress:
+            progress(record)
+    return records
+
+
+def status(cfg: Config) -> dict:
+    """Published versions with their provenance, and the one TF Serving serves (the highest)."""
+    ctx = Context(cfg)
+    versions = []
+    for v in ctx.publisher.versions():
+        manifest = ctx.publisher.manifest(v) or {}
+        ck = manifest.get("checkpoint") or {}
+        versions.append({"version": v, "checkpoint": ck.get("path"), "step": ck.get("step"),
+                         "path": ctx.base.url(ctx.publisher.version_path(v)),
+                         "manifest": bool(manifest)})
+    return {"export_base": cfg.export_base, "versions": versions,
+            "serving": versions[-1]["version"] if versions else None}
+
+
+__all__ = ["discover", "list_pending", "stage_export", "stage_validate", "stage_publish", "stage_prune",
+           "export_one", "run_once", "backfill", "status", "public"]

@@ -1,0 +1,90 @@
+"""The validation gate: a staged SavedModel is loaded in a fresh process and checked.
+
+Example::
+
+    from pipeline.validate import validate_saved_model
+    report = validate_saved_model("/srv/models/m/temp-1732147260-ab12")
+    print(report["ok"], [c["name"] for c in report["checks"]])
+
+An in-process load can hide a missing file (the model's variables are already in
+memory), so the load, the signature checks and the smoke inference run in a new
+Python process (:mod:`pipeline.validate_worker`); this module starts it and
+reads its JSON report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from pipeline.errors import ValidationError
+
+PREDICT_METHOD = "tensorflow/serving/predict"
+
+
+def validate_saved_model(path: str, *, samples: str | None = None, expected: str | None = None,
+                         rtol: float = 1e-5, atol: float = 1e-6, timeout: float = 300) -> dict:
+    """Run the fresh-process checks on the SavedModel at ``path`` (a local directory).
+
+    Returns the report; it has ``ok`` False and a ``reason`` when a check failed.
+    """
+    with tempfile.TemporaryDirectory(prefix="tf-export-validate-") as tmp:
+        report_path = os.path.join(tmp, "report.json")
+        cmd = [sys.executable, "-m", "pipeline.validate_worker", path, "--report", report_path,
+               "--rtol", repr(rtol), "--atol", repr(atol)]
+        if samples:
+            cmd += ["--samples", samples]
+        if expected:
+            cmd += ["--expected", expected]
+        env = dict(os.environ)
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
+        started = time.monotonic()
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return _failed(path, f"validation did not finish within {timeout:.0f} s")
+        if not os.path.exists(report_path):
+            tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no output"]
+            return _failed(path, f"validation process died (exit {proc.returncode}: {tail[0][:200]})")
+        with open(report_path, encoding="utf-8") as fh:
+            report = json.load(fh)
+        report["seconds"] = round(time.monotonic() - started, 3)
+        return report
+
+
+def _failed(path: str, reason: str) -> dict:
+    return {"ok": False, "saved_model": path, "reason": reason,
+            "checks": [{"name": "fresh_process_load", "ok": False, "detail": reason}]}
+
+
+def require_ok(report: dict, path: str) -> None:
+    """Raise :class:`ValidationError` with the report's reason when it failed."""
+    if not report.get("ok"):
+        raise ValidationError(f"validation failed: {report.get('reason', 'unknown reason')}: {path}")
+
+
+def format_report(report: dict) -> str:
+    """Human-readable report, in the spirit of ``saved_model_cli show --all``."""
+    lines = [f"SavedModel: {report.get('saved_model')}", f"Result: {'PASS' if report.get('ok') else 'FAIL'}"]
+    if not report.get("ok"):
+        lines.append(f"Reason: {report.get('reason')}")
+    for key, sig in sorted((report.get("signatures") or {}).items()):
+        lines.append(f"\nsignature_def['{key}']:  method: {sig.get('method')}")
+        for kind in ("inputs", "outputs"):
+            lines.append(f"  {kind}:")
+            for name, t in sorted(sig.get(kind, {}).items()):
+                lines.append(f"    {name}: dtype={t['dtype']} shape={t['shape']}")
+    lines.append("\nChecks:")
+    for check in report.get("checks", []):
+        mark = "ok  " if check.get("ok") else "FAIL"
+        detail = f"  {check['detail']}" if check.get("detail") else ""
+        lines.append(f"  [{mark}] {check['name']}{detail}")
+    if "seconds" in report:
+        lines.append(f"\nValidated in {report['seconds']:.2f} s (fresh process)")
+    return "\n".join(lines)

@@ -1,0 +1,174 @@
+"""Entry point of the fresh validation process: ``python -m pipeline.validate_worker DIR --report FILE``.
+
+It loads the SavedModel from disk with nothing of the exporting process in
+memory, checks the serving signature, runs a smoke inference and writes a JSON
+report. Exit status 0 whether or not the model passed; the report says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+
+import numpy as np
+
+PREDICT_METHOD = "tensorflow/serving/predict"
+SERVING_KEY = "serving_default"
+
+
+class _Checks:
+    def __init__(self):
+        self.items: list[dict] = []
+
+    def add(self, name: str, ok: bool, detail: str = "") -> bool:
+        self.items.append({"name": name, "ok": bool(ok), "detail": detail})
+        return ok
+
+    def first_failure(self) -> str | None:
+        for item in self.items:
+            if not item["ok"]:
+                return item["detail"] or item["name"]
+        return None
+
+
+def _tensor_info(info) -> dict:
+    from tensorflow.python.framework import dtypes
+
+    shape = None if info.tensor_shape.unknown_rank else [d.size if d.size >= 0 else -1 for d in info.tensor_shape.dim]
+    return {"dtype": dtypes.as_dtype(info.dtype).name, "shape": shape}
+
+
+def read_signatures(path: str) -> dict:
+    """Signature defs from ``saved_model.pb``, without loading the model."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    sm = saved_model_pb2.SavedModel()
+    with open(os.path.join(path, "saved_model.pb"), "rb") as fh:
+        sm.ParseFromString(fh.read())
+    meta = next((m for m in sm.meta_graphs if "serve" in m.meta_info_def.tags), sm.meta_graphs[0])
+    out = {}
+    for key, sig in meta.signature_def.items():
+        if key.startswith("__"):
+            continue  # e.g. __saved_model_init_op
+        out[key] = {
+            "method": sig.method_name,
+            "inputs": {n: _tensor_info(t) for n, t in sig.inputs.items()},
+            "outputs": {n: _tensor_info(t) for n, t in sig.outputs.items()},
+        }
+    return out
+
+
+def run(path: str, samples: str | None, expected: str | None, rtol: float, atol: float) -> dict:
+    checks = _Checks()
+    report: dict = {"saved_model": path, "checks": checks.items}
+
+    def done() -> dict:
+        reason = checks.first_failure()
+        report["ok"] = reason is None
+        if reason:
+            report["reason"] = reason
+        return report
+
+    if not checks.add("saved_model_pb", os.path.isfile(os.path.join(path, "saved_model.pb")),
+                      "" if os.path.isfile(os.path.join(path, "saved_model.pb")) else "saved_model.pb is missing"):
+        return done()
+    try:
+        sigs = read_signatures(path)
+    except Exception as err:  # a truncated or foreign protobuf
+        checks.add("parse_saved_model", False, f"saved_model.pb does not parse ({type(err).__name__})")
+        return done()
+    report["signatures"] = sigs
+    serving = sigs.get(SERVING_KEY)
+    if not checks.add("serving_default_present", serving is not None,
+                      "" if serving else f"no '{SERVING_KEY}' signature (found: {sorted(sigs) or 'none'})"):
+        return done()
+    valid = serving["method"] == PREDICT_METHOD and serving["inputs"] and serving["outputs"]
+    if not checks.add("predict_signature", bool(valid),
+                      "" if valid else f"'{SERVING_KEY}' is not a valid Predict signature "
+                      f"(method {serving['method']!r}, {len(serving['inputs'])} inputs, {len(serving['outputs'])} outputs)"):
+        return done()
+
+    from pipeline.export import import_tensorflow_quietly
+
+    tf = import_tensorflow_quietly()
+    try:
+        loaded = tf.saved_model.load(path)
+        fn = loaded.signatures[SERVING_KEY]
+    except Exception as err:
+        text = " ".join(str(err).split())[:240]
+        checks.add("fresh_process_load", False, f"SavedModel does not load ({type(err).__name__}: {text})")
+        return done()
+    checks.add("fresh_process_load", True)
+
+    _args, kw_specs = fn.structured_input_signature
+    if samples:
+        with np.load(samples, allow_pickle=False) as data:
+            inputs = {k: data[k] for k in data.files}
+    else:
+        from pipeline.export import sample_inputs
+
+        inputs = sample_inputs([kw_specs[k] for k in sorted(kw_specs)])
+    missing = sorted(set(kw_specs) - set(inputs))
+    if not checks.add("sample_inputs", not missing, f"samples lack inputs {missing}" if missing else ""):
+        return done()
+    try:
+        outputs = fn(**{k: tf.constant(inputs[k], dtype=kw_specs[k].dtype) for k in kw_specs})
+    except Exception as err:
+        text = " ".join(str(err).split())[:240]
+        checks.add("smoke_inference", False, f"inference failed ({type(err).__name__}: {text})")
+        return done()
+    outputs = {k: v.numpy() for k, v in outputs.items()}
+    checks.add("smoke_inference", True, f"batch of {len(next(iter(inputs.values())))}")
+    bad = [k for k, v in outputs.items() if v.dtype.kind in "fc" and not np.all(np.isfinite(v))]
+    checks.add("finite_outputs", not bad, f"non-finite values in output(s) {bad}" if bad else "")
+    if expected:
+        with np.load(expected, allow_pickle=False) as data:
+            want = {k: data[k] for k in data.files}
+        problems = []
+        worst = 0.0
+        for name, ref in want.items():
+            got = outputs.get(name)
+            if got is None:
+                problems.append(f"output '{name}' missing")
+                continue
+            if got.shape != ref.shape:
+                problems.append(f"output '{name}' shape {list(got.shape)} != {list(ref.shape)}")
+                continue
+            diff = float(np.max(np.abs(got.astype("float64") - ref.astype("float64")))) if got.size else 0.0
+            worst = max(worst, diff)
+            if not np.allclose(got, ref, rtol=rtol, atol=atol, equal_nan=False):
+                problems.append(f"output '{name}' differs from the restored checkpoint by up to {diff:.3g}"
+                                f" (rtol={rtol}, atol={atol})")
+        report["parity_max_abs_diff"] = worst
+        checks.add("parity_with_checkpoint", not problems, "; ".join(problems))
+    return done()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("saved_model")
+    parser.add_argument("--report", required=True)
+    parser.add_argument("--samples")
+    parser.add_argument("--expected")
+    parser.add_argument("--rtol", type=float, default=1e-5)
+    parser.add_argument("--atol", type=float, default=1e-6)
+    args = parser.parse_args(argv)
+    from pipeline.export import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
+    try:
+        report = run(args.saved_model, args.samples, args.expected, args.rtol, args.atol)
+    except Exception as err:
+        traceback.print_exc()
+        report = {"ok": False, "saved_model": args.saved_model,
+                  "reason": f"validation crashed ({type(err).__name__}: {str(err)[:200]})", "checks": []}
+    with open(args.report, "w", encoding="utf-8") as fh:
+        json.dump(report, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
