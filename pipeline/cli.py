@@ -156,8 +156,7 @@ def cmd_backfill(args, cfg) -> int:
     if pending:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(pending), unit="ckpt", desc="backfill", file=sys.stderr,
-                   disable=None if not args.verbose else False)
+        bar = tqdm(total=len(pending), unit="ckpt", desc="backfill", file=sys.stderr, mininterval=0.5)
 
     def progress(rec: dict) -> None:
         if bar is not None:

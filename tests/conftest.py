@@ -1,0 +1,109 @@
+"""Shared fixtures: a small model trained for real, workspaces with a config, and a CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+REPO = Path(__file__).resolve().parent.parent
+pytest_plugins = ["tests.support.gcs_fixtures"] if (REPO / "tests" / "support" / "gcs_fixtures.py").exists() else []
+
+
+@dataclass
+class CliResult:
+    rc: int
+    out: str
+    err: str
+
+    @property
+    def json(self):
+        return json.loads(self.out)
+
+
+def cli_env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env.pop("TF_EXPORT_TEST_HOLD", None)
+    env.update(extra or {})
+    return env
+
+
+def cli_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline", *args]
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 300, cwd: str | None = None) -> CliResult:
+    proc = subprocess.run(cli_cmd(*args), env=cli_env(env), capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture(scope="session")
+def trained_dir(tmp_path_factory) -> Path:
+    """ckpt-10, ckpt-20, ckpt-30 of the demo model, trained once per session."""
+    from pipeline.demo import train
+
+    d = tmp_path_factory.mktemp("trained") / "train"
+    train(str(d), steps=30, checkpoint_every=10)
+    return d
+
+
+@dataclass
+class Workspace:
+    root: Path
+    train: Path
+    base: Path
+    config: Path
+
+    def cli(self, *args: str, env: dict | None = None, config: bool = True, timeout: float = 300) -> CliResult:
+        extra = ["--config", str(self.config)] if config else []
+        return run_cli(*args, *extra, env=env, timeout=timeout)
+
+    def versions(self) -> list[int]:
+        if not self.base.exists():
+            return []
+        return sorted(int(p.name) for p in self.base.iterdir() if p.name.isdigit())
+
+    def entries(self) -> list[str]:
+        return sorted(p.name for p in self.base.iterdir()) if self.base.exists() else []
+
+    def train_more(self, steps: int = 10) -> list[str]:
+        from pipeline.demo import train
+
+        return train(str(self.train), steps=steps, checkpoint_every=10)
+
+
+def make_workspace(root: Path, trained_dir: Path, **overrides) -> Workspace:
+    from pipeline.demo import write_config
+
+    train = root / "train"
+    shutil.copytree(trained_dir, train)
+    config = Path(write_config(str(root), **overrides))
+    return Workspace(root, train, root / "serving" / "demo_regressor", config)
+
+
+@pytest.fixture
+def workspace(tmp_path, trained_dir) -> Workspace:
+    return make_workspace(tmp_path, trained_dir)
+
+
+def assert_no_partial_versions(base: Path) -> None:
+    """TF Serving's rule: every integer-named child must be a whole SavedModel with its manifest."""
+    if not base.exists():
+        return
+    for child in base.iterdir():
+        if child.name.isdigit():
+            assert (child / "saved_model.pb").is_file(), f"partial version {child}"
+            assert (child / "variables" / "variables.index").is_file(), f"partial version {child}"
+            assert (child / "assets.extra" / "export_manifest.json").is_file(), f"version without manifest {child}"
