@@ -186,6 +186,7 @@ class Publisher:
                 versioning: str, max_claim_attempts: int, validation: dict | None,
                 guard_outrank: bool = False, extra: dict | None = None, now: float | None = None) -> dict:
         """Claim, manifest, ledger, promote. Returns the run record."""
+        faults.hold("publishing")
         done = self.resolve(ledger_key)
         if done is not None:
             self._discard(staging)

@@ -144,7 +144,9 @@ def stage_export(cfg: Config, checkpoint: str | dict | None = None) -> dict:
     key = ckpt.ledger_key(cfg.config_hash)
     done = ctx.publisher.resolve(key)
     if done is not None:
-        return _record("skipped", ckpt, done["version"], done["path"], ledger_key=key)
+        # A publish whose process died after its ledger entry was just finished.
+        status = "published" if done["state"] == "rolled_forward" else "skipped"
+        return _record(status, ckpt, done["version"], done["path"], ledger_key=key)
 
     exporter = ctx.exporter()
     started = time.time()

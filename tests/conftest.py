@@ -107,3 +107,51 @@ def assert_no_partial_versions(base: Path) -> None:
             assert (child / "saved_model.pb").is_file(), f"partial version {child}"
             assert (child / "variables" / "variables.index").is_file(), f"partial version {child}"
             assert (child / "assets.extra" / "export_manifest.json").is_file(), f"version without manifest {child}"
+
+
+class PartialVersionWatcher:
+    """Polls an export base every few milliseconds, as TF Serving would, and records violations.
+
+    A violation is an integer-named directory that is not a whole SavedModel
+    with its manifest at the moment it is seen.
+    """
+
+    def __init__(self, base: Path, interval: float = 0.002):
+        import threading
+
+        self.base = base
+        self.interval = interval
+        self.violations: list[str] = []
+        self.polls = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.polls += 1
+            try:
+                children = list(self.base.iterdir()) if self.base.exists() else []
+            except FileNotFoundError:
+                children = []
+            for child in children:
+                if not child.name.isdigit():
+                    continue
+                try:
+                    assert_no_partial_versions_one(child)
+                except AssertionError as err:
+                    if child.exists():  # not a version removed by retention mid-check
+                        self.violations.append(str(err))
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def assert_no_partial_versions_one(child: Path) -> None:
+    for rel in ("saved_model.pb", "variables/variables.index", "assets.extra/export_manifest.json"):
+        assert (child / rel).is_file(), f"partial version {child}: no {rel}"

@@ -1,0 +1,64 @@
+"""Several `tf-export run` processes at once on one export base."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from tests.conftest import PartialVersionWatcher, assert_no_partial_versions, cli_cmd, cli_env
+
+pytestmark = pytest.mark.slow
+
+
+def _spawn(workspace, *args, env=None):
+    return subprocess.Popen(cli_cmd("run", "--config", str(workspace.config), "--json", *args), env=cli_env(env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_four_processes_same_checkpoint_exactly_one_version(workspace):
+    with PartialVersionWatcher(workspace.base) as watcher:
+        procs = [_spawn(workspace, "--checkpoint", "ckpt-30") for _ in range(4)]
+        results = []
+        for p in procs:
+            out, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err
+            results.append(json.loads(out))
+    statuses = sorted(r["status"] for r in results)
+    assert statuses == ["published", "skipped", "skipped", "skipped"]
+    versions = {r["version"] for r in results}
+    assert len(versions) == 1 and workspace.versions() == sorted(versions)
+    assert len(list((workspace.base / "_exports" / "ledger").iterdir())) == 1
+    assert not [e for e in workspace.entries() if e.startswith("temp-")]
+    assert watcher.violations == []
+
+
+def test_four_checkpoints_in_the_same_second_get_four_distinct_versions(workspace, tmp_path):
+    workspace.train_more(10)  # ckpt-40: four checkpoints in all
+    release = tmp_path / "release"
+    env = {"TF_EXPORT_TEST_HOLD": f"publishing@{release}"}
+    procs = [_spawn(workspace, "--checkpoint", f"ckpt-{s}", env=env) for s in (10, 20, 30, 40)]
+    for p in procs:  # all four exported and validated, waiting at the start of publish
+        line = p.stderr.readline()
+        while line and "holding at publishing" not in line:
+            line = p.stderr.readline()
+        assert "holding at publishing" in line, p.communicate()[1]
+    release.touch()  # released together: they claim within the same second
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        results.append(json.loads(out))
+    assert all(r["status"] == "published" for r in results)
+    versions = sorted(r["version"] for r in results)
+    assert len(set(versions)) == 4
+    # all started from the same timestamp: the three that lost a claim moved on to the next numbers
+    assert versions == list(range(versions[0], versions[0] + 4))
+    assert workspace.versions() == versions
+    assert sorted(int(p.name) for p in (workspace.base / "_exports" / "claims").iterdir()) == versions
+    steps = {r["version"]: r["step"] for r in results}
+    for v, step in steps.items():
+        manifest = json.loads((workspace.base / str(v) / "assets.extra" / "export_manifest.json").read_text())
+        assert manifest["checkpoint"]["step"] == step and manifest["version"] == v
+    assert_no_partial_versions(workspace.base)
