@@ -38,6 +38,7 @@ class Checkpoint:
     missing: list[str] = field(default_factory=list)
     index_size: int = 0
     index_crc32c: str | None = None
+    listed: bool = False        # named by the `checkpoint` state file
 
     def identity(self) -> dict:
         """What makes this checkpoint this checkpoint: its path and its index's size and crc."""
@@ -158,6 +159,7 @@ def discover_checkpoints(store: Storage, training_dir: str | None = None) -> lis
                 missing=missing,
                 index_size=index.size if index is not None else 0,
                 index_crc32c=crc,
+                listed=name in listed,
             )
         )
     found.sort(key=lambda c: (c.step if c.step is not None else -1, c.written_at or 0.0, c.name))

@@ -289,6 +289,16 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"tf-export: error: {err}", file=sys.stderr)
         return err.exit_code
+    except Exception as err:  # noqa: BLE001 - the one-line contract holds for surprises too
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        where = getattr(args, "config", None) or getattr(args, "path", None) or getattr(args, "workdir", "")
+        text = " ".join(str(err).split())[:300]
+        print(f"tf-export: error: unexpected {type(err).__name__} ({text}; rerun with --verbose): {where}",
+              file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("tf-export: interrupted; nothing partial was published", file=sys.stderr)
         return 130

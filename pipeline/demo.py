@@ -32,7 +32,7 @@ def build_wide():
 
 
 def train(training_dir: str, steps: int = 30, checkpoint_every: int = 10, start_step: int = 0,
-          seed: int = 0, factory=build, max_to_keep: int | None = 10) -> list[str]:
+          seed: int = 0, factory=build, max_to_keep: int | None = 10, resume: bool = True) -> list[str]:
     """Train on synthetic data, saving ``ckpt-<step>`` every ``checkpoint_every`` steps.
 
     Resumes from the newest checkpoint in ``training_dir`` when there is one, like
@@ -46,7 +46,7 @@ def train(training_dir: str, steps: int = 30, checkpoint_every: int = 10, start_
     step = tf.Variable(start_step, dtype=tf.int64, name="step")
     ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step)
     manager = tf.train.CheckpointManager(ckpt, training_dir, max_to_keep=max_to_keep)
-    if manager.latest_checkpoint:
+    if resume and manager.latest_checkpoint:
         ckpt.restore(manager.latest_checkpoint)
     rng = np.random.default_rng(seed + int(step.numpy()))
     true_w = np.array([[1.0], [-2.0], [0.5], [3.0]], dtype="float32")

@@ -203,6 +203,7 @@ class Exporter:
         try:
             status = ckpt.read(prefix)
             status.assert_existing_objects_matched()
+            status.expect_partial()  # optimizer slots and counters are not part of the served model
         except AssertionError as err:
             detail = str(err).splitlines()[0][:200]
             raise CheckpointError(
@@ -211,7 +212,8 @@ class Exporter:
         except ValueError as err:
             detail = " ".join(str(err).split())[:240]
             raise CheckpointError(f"checkpoint is of a different model ({detail}): {prefix}") from None
-        except (tf.errors.DataLossError, tf.errors.OutOfRangeError) as err:
+        except (tf.errors.DataLossError, tf.errors.OutOfRangeError, IndexError) as err:
+            # IndexError is how the checkpoint reader reports a short data shard.
             raise CheckpointError(
                 f"checkpoint data is truncated or corrupt ({_first_line(err)}): {prefix}"
             ) from None

@@ -67,8 +67,8 @@ def _record(status: str, ckpt: Checkpoint | None = None, version: int | None = N
 
 
 def _in_progress(ckpt: Checkpoint) -> bool:
-    """A checkpoint being written: data shards but no index yet (TF writes the index last)."""
-    return not ckpt.complete and ckpt.index_size == 0 and ckpt.index_crc32c is None and \
+    """A checkpoint being written: data but no index yet (TF writes the index last, then the state file)."""
+    return not ckpt.complete and not ckpt.listed and ckpt.index_crc32c is None and \
         all(m.endswith(".index") for m in ckpt.missing)
 
 
@@ -168,8 +168,9 @@ def stage_export(cfg: Config, checkpoint: str | dict | None = None) -> dict:
         np.savez(os.path.join(local_work, "samples.npz"), **inputs)
         np.savez(os.path.join(local_work, "expected.npz"), **expected)
         if not ctx.base.is_local:
-            ctx.base.fs.put(local_work, work, recursive=True)
-            ctx.base.fs.put(local_model, staging, recursive=True)
+            # Uploaded once, each file checked against the crc32c the server computed.
+            ctx.base.upload_dir(local_work, work)
+            ctx.base.upload_dir(local_model, staging)
     except BaseException:
         _discard(ctx.base, staging, work)
         raise
@@ -181,17 +182,40 @@ def stage_export(cfg: Config, checkpoint: str | dict | None = None) -> dict:
 
 
 def _local_checkpoint(store: Storage, ckpt: Checkpoint, scratch: str) -> str:
+    """A local path of ``ckpt`` that TensorFlow can read.
+
+    On object stores the index and data shards are downloaded into ``scratch``
+    (one listing, then the files concurrently), each checked against the
+    crc32c the server holds; the index must still be the one discovery saw,
+    since its crc32c is part of the checkpoint's identity in the ledger.
+    """
     if store.is_local:
         return ckpt.prefix
-    local = os.path.join(scratch, "checkpoint", ckpt.name)
-    os.makedirs(os.path.dirname(local), exist_ok=True)
-    remote_prefix = store.fs._strip_protocol(ckpt.prefix)
-    for entry in store.list_dir(store.root):
-        if entry.name == ckpt.name + ".index" or entry.name.startswith(ckpt.name + ".data-"):
-            store.fs.get_file(entry.path, os.path.join(os.path.dirname(local), entry.name))
-    if not os.path.exists(local + ".index"):
-        raise CheckpointError(f"checkpoint index vanished while reading: {remote_prefix}")
-    return local
+    from pipeline.storage import ChecksumMismatch
+
+    remote_prefix = store.strip(ckpt.prefix)
+    directory = remote_prefix.rsplit("/", 1)[0]
+    local_dir = os.path.join(scratch, "checkpoint")
+    files = [e for e in store.list_dir(directory)
+             if not e.is_dir and (e.name == ckpt.name + ".index" or e.name.startswith(ckpt.name + ".data-"))]
+    index = next((e for e in files if e.name == ckpt.name + ".index"), None)
+    if index is None:
+        raise CheckpointError(f"checkpoint index vanished while reading: {ckpt.prefix}")
+    if ckpt.index_crc32c and index.crc32c and index.crc32c != ckpt.index_crc32c:
+        raise CheckpointError(f"checkpoint changed since it was discovered (its index has another crc32c): "
+                              f"{ckpt.prefix}")
+    shards = [e for e in files if e.name != index.name]
+    if not shards:
+        raise CheckpointError(f"checkpoint data vanished while reading: {ckpt.prefix}")
+    try:
+        store.download_files(files, local_dir)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file vanished while reading (removed by the training job?): "
+                              f"{ckpt.prefix}") from None
+    except ChecksumMismatch:
+        raise CheckpointError(f"checkpoint file does not match its crc32c after retries (corrupt, or being "
+                              f"rewritten): {ckpt.prefix}") from None
+    return os.path.join(local_dir, ckpt.name)
 
 
 def _discard(store: Storage, staging: str, work: str) -> None:
@@ -219,8 +243,9 @@ def stage_validate(cfg: Config, staged: dict) -> dict:
             local_model, local_work = staging, work
         else:
             local_model, local_work = os.path.join(scratch, "model"), os.path.join(scratch, "work")
-            ctx.base.fs.get(staging, local_model, recursive=True)
-            ctx.base.fs.get(work, local_work, recursive=True)
+            # Validation reads what was uploaded, checked against the server's crc32c.
+            ctx.base.download_dir(staging, local_model)
+            ctx.base.download_dir(work, local_work)
         faults.hold("validating")
         report = validate_saved_model(
             local_model,
