@@ -1,0 +1,1 @@
+"""Airflow operators, sensor and trigger: thin wrappers over :mod:`pipeline`."""
