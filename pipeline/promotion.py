@@ -2,7 +2,21 @@
 
 Each way of doing it is one small class behind one small protocol, chosen per
 storage. Every strategy keeps the rule TF Serving depends on: an integer-named
-directory appears only when it is complete.
+directory appears only when it is complete (on a flat object store: it holds
+``saved_model.pb`` only once every other file is there).
+
+- :class:`PosixRename`: ``rename(2)`` on local disk.
+- :class:`FolderRename`: one atomic folder rename in a GCS bucket with
+  hierarchical namespace (JSON API ``folders.rename``, the Storage Control
+  ``RenameFolder`` operation). An existing destination is an error; there is
+  no silent fallback to copying objects.
+- :class:`ObjectMove`: flat object stores. Each object is copied server-side
+  (GCS rewrite, no byte through the client), concurrently, each destination
+  create-only where the server honours it and checked explicitly besides;
+  ``saved_model.pb`` strictly last; the sources are deleted after. A failure
+  before ``saved_model.pb`` lands removes what was copied, so nothing partial
+  stays; a promotion cut short (the process killed) is finished by running it
+  again, which skips what was already copied.
 
 Example::
 
@@ -13,11 +27,19 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from typing import Protocol
 
+from pipeline import faults
 from pipeline.errors import PublishError
-from pipeline.storage import Storage, fsync_dir, fsync_tree
+from pipeline.storage import Entry, Storage, fsync_dir, fsync_tree
+
+log = logging.getLogger(__name__)
+
+MARKER = "saved_model.pb"
+PROMOTIONS = ("auto", "rename", "object_move")
 
 
 class VersionExistsError(PublishError):
@@ -48,10 +70,150 @@ class PosixRename:
         fsync_dir(os.path.dirname(final))
 
 
+def _same(a: Entry, b: Entry) -> bool:
+    if a.size != b.size:
+        return False
+    return a.crc32c is None or b.crc32c is None or a.crc32c == b.crc32c
+
+
+def _same_tree(a: list[Entry], b: list[Entry]) -> bool:
+    left, right = {e.name: e for e in a}, {e.name: e for e in b}
+    return left.keys() == right.keys() and all(_same(left[k], right[k]) for k in left)
+
+
+class FolderRename:
+    """One atomic folder rename in a GCS bucket with hierarchical namespace."""
+
+    name = "rename"
+
+    def __init__(self) -> None:
+        self.stats: dict = {}
+
+    def promote(self, store: Storage, staging: str, final: str) -> None:
+        started = time.monotonic()
+        before = store.walk(staging)
+        if not before:
+            raise FileNotFoundError(f"staging is empty or gone: {store.url(staging)}")
+        if not any(e.name == MARKER for e in before):
+            raise PublishError(f"staging holds no {MARKER}; refusing to promote it: {store.url(staging)}")
+        if store.isdir(final):
+            raise VersionExistsError(f"version directory already exists: {store.url(final)}")
+        try:
+            store.rename_folder(staging, final)
+        except (FileExistsError, FileNotFoundError) as err:
+            # The answer to our rename may have been lost and its retry refused:
+            # then the destination holds exactly what staging held, and staging is gone.
+            if _same_tree(before, store.walk(final)) and not store.isdir(staging):
+                log.info("folder rename had already happened: %s", store.url(final))
+            elif isinstance(err, FileExistsError):
+                raise VersionExistsError(f"version directory already exists: {store.url(final)}") from None
+            else:
+                raise
+        self.stats = {"strategy": self.name, "objects": len(before), "bytes_copied": 0,
+                      "seconds": round(time.monotonic() - started, 4)}
+
+
+class ObjectMove:
+    """Server-side copy of each object, ``saved_model.pb`` last, then delete the sources."""
+
+    name = "object_move"
+
+    def __init__(self, concurrency: int = 16):
+        self.concurrency = concurrency
+        self.stats: dict = {}
+
+    def promote(self, store: Storage, staging: str, final: str) -> None:
+        started = time.monotonic()
+        sources = store.walk(staging)
+        if not sources:
+            raise FileNotFoundError(f"staging is empty or gone: {store.url(staging)}")
+        by_name = {e.name: e for e in sources}
+        if MARKER not in by_name:
+            raise PublishError(f"staging holds no {MARKER}; refusing to promote it: {store.url(staging)}")
+
+        # Explicit existence check: not every server honours create-only on copies.
+        present = {e.name: e for e in store.walk(final)}
+        foreign = sorted(n for n, e in present.items() if n not in by_name or not _same(e, by_name[n]))
+        if foreign:
+            raise VersionExistsError(
+                f"version directory already exists with other content ({len(foreign)} objects, "
+                f"e.g. {foreign[0]}): {store.url(final)}")
+        if MARKER in present:
+            # An earlier attempt copied everything and died before deleting staging.
+            self._delete_sources(store, sources)
+            self._record(started, sources, 0)
+            return
+
+        created: list[Entry] = []
+        copied = 0
+        try:
+            body = [(e, store.join(final, e.name)) for n, e in sorted(by_name.items())
+                    if n != MARKER and n not in present]
+            copied += store.copy_objects(body, created, limit=self.concurrency)
+            faults.hold("promoting")
+            marker_dst = store.join(final, MARKER)
+            if store.isfile(marker_dst):
+                raise VersionExistsError(f"{MARKER} appeared in the version directory meanwhile: {store.url(final)}")
+            copied += store.copy_objects([(by_name[MARKER], marker_dst)], created)
+        except BaseException:
+            self._undo(store, final, created)
+            raise
+        self._delete_sources(store, sources)
+        self._record(started, sources, copied)
+
+    def _record(self, started: float, sources: list[Entry], copied: int) -> None:
+        self.stats = {"strategy": self.name, "objects": len(sources), "bytes_copied": copied,
+                      "seconds": round(time.monotonic() - started, 4)}
+
+    @staticmethod
+    def _undo(store: Storage, final: str, created: list[Entry]) -> None:
+        """Remove what this attempt copied, unless the version became whole after all."""
+        if not created:
+            return
+        try:
+            if store.isfile(store.join(final, MARKER)):
+                return
+            store.delete_objects(created)
+        except Exception as err:  # noqa: BLE001 - the original error matters more; a rerun resumes
+            log.warning("could not remove a partial copy in %s (%s); the next run finishes it",
+                        store.url(final), type(err).__name__)
+
+    @staticmethod
+    def _delete_sources(store: Storage, sources: list[Entry]) -> None:
+        try:
+            kept = store.delete_objects(sources)
+        except Exception as err:  # noqa: BLE001 - the version is published; gc removes staging later
+            log.warning("published, but staging was not removed (%s); gc removes it after the lease",
+                        type(err).__name__)
+            return
+        if kept:
+            log.warning("published; %d staging objects changed since listing were left for gc", len(kept))
+
+
 def choose_strategy(store: Storage, forced: str = "auto") -> PromotionStrategy:
-    """The promotion strategy for ``store``; ``forced`` is the config key ``promotion``."""
+    """The promotion strategy for ``store``; ``forced`` is the config key ``promotion``.
+
+    ``auto``: a rename locally and in a GCS bucket with hierarchical namespace,
+    else per-object moves. ``rename`` fails where no atomic rename exists;
+    ``object_move`` is refused on local disk, where a rename is always better.
+    """
+    if forced not in PROMOTIONS:
+        raise PublishError(f"unknown promotion '{forced}' (use one of {', '.join(PROMOTIONS)}): {store.url(store.root)}")
     if store.is_local:
         if forced not in ("auto", "rename"):
             raise PublishError(f"promotion '{forced}' is not available on local disk: {store.root}")
         return PosixRename()
-    raise PublishError(f"no promotion strategy for storage '{store.protocol}': {store.url(store.root)}")
+    if forced == "object_move":
+        return ObjectMove()
+    if store.is_gcs:
+        if store.gcs_layout() == "hierarchical":
+            return FolderRename()
+        if forced == "rename":
+            raise PublishError(
+                f"promotion 'rename' needs a bucket with hierarchical namespace, and bucket '{store.bucket}' "
+                f"is flat (use promotion: auto or object_move): {store.url(store.root)}")
+        return ObjectMove()
+    if forced == "rename":
+        raise PublishError(f"promotion 'rename' is not available on '{store.protocol}' storage "
+                           f"(use promotion: auto or object_move): {store.url(store.root)}")
+    return ObjectMove()

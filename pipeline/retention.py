@@ -73,6 +73,10 @@ def _remove_version(store: Storage, pub: Publisher, version: int) -> None:
         os.rename(path, hidden)
         store.rm(hidden, recursive=True)
         return
-    # Object stores: the SavedModel marker goes first, so the remains never load as a model.
-    store.rm(store.join(path, "saved_model.pb"))
-    store.rm(path, recursive=True)
+    # Object stores: one listing, then deletes matched to the listed generations.
+    # The SavedModel marker goes first, so the remains never load as a model.
+    objects = store.walk(path)
+    marker = [e for e in objects if e.name == "saved_model.pb"]
+    if marker:
+        store.delete_objects(marker)
+    store.delete_objects([e for e in objects if e.name != "saved_model.pb"])

@@ -4,7 +4,11 @@ It sits in front of an HTTP server (the GCS emulator) and, per request, with a
 fixed random seed, either forwards it, answers 503 without forwarding it, or
 closes the connection without answering -- before forwarding the request
 (the request is lost) or after forwarding it (the request took effect but the
-answer is lost). It counts what it did and logs every request.
+answer is lost). It counts what it did and logs every request. ``fail_status``
+turns the injected 503 into another status (403, say, for a permanent error);
+``delay`` holds each request matching ``delay_match`` that long before
+forwarding it (or, if callable, ``delay(method, path)`` seconds), to widen the
+windows between requests that a watcher observes.
 
 Bounds: it never injects more than ``max_consecutive_faults`` faults in a row
 (gcsfs retries 6 times, so with the default of 2 every request finally goes
@@ -92,6 +96,9 @@ class FaultProxy:
     max_requests: int = 5000
     lifetime: float = 120.0
     match: Callable[[str, str], bool] | None = None
+    fail_status: int = 503
+    delay: float | Callable[[str, str], float] = 0.0
+    delay_match: Callable[[str, str], bool] | None = None
     counters: Counters = field(default_factory=Counters)
     log: list[Entry] = field(default_factory=list)
 
@@ -113,7 +120,8 @@ class FaultProxy:
 
     # -- configuration --------------------------------------------------------
     def configure(self, *, fail_rate=None, drop_rate=None, drop_after_rate=None,
-                  seed=None, match=..., max_faults=...) -> None:
+                  seed=None, match=..., max_faults=..., fail_status=None,
+                  delay=None, delay_match=..., max_consecutive_faults=None) -> None:
         """Change the fault mix (and optionally reseed) while running."""
         with self._lock:
             if fail_rate is not None:
@@ -129,6 +137,14 @@ class FaultProxy:
                 self.match = match
             if max_faults is not ...:
                 self.max_faults = max_faults
+            if fail_status is not None:
+                self.fail_status = fail_status
+            if delay is not None:
+                self.delay = delay
+            if delay_match is not ...:
+                self.delay_match = delay_match
+            if max_consecutive_faults is not None:
+                self.max_consecutive_faults = max_consecutive_faults
             self._consecutive = 0
 
     def reset_counters(self) -> None:
@@ -206,14 +222,19 @@ class FaultProxy:
             self.counters.bytes_in += len(body)
 
         if action in (FAIL_503, OVER_BUDGET):
-            entry.status = 503
-            return web.Response(
-                status=503, body=_ERROR_503, content_type="application/json"
-            )
+            status = self.fail_status if action == FAIL_503 else 503
+            entry.status = status
+            body = _ERROR_503 if status == 503 else (
+                b'{"error":{"code":%d,"message":"injected fault"}}' % status)
+            return web.Response(status=status, body=body, content_type="application/json")
         if action == DROP:
             self._abort(request)
             return web.Response(status=599)  # never reaches the closed socket
 
+        if self.delay and (self.delay_match is None or self.delay_match(method, path)):
+            pause = self.delay(method, path) if callable(self.delay) else self.delay
+            if pause > 0:
+                await asyncio.sleep(pause)
         headers = {
             k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP
         }
