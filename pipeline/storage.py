@@ -80,6 +80,7 @@ class Entry:
     mtime: float | None
     crc32c: str | None = None
     generation: str | None = None
+    metadata: dict[str, str] | None = None  # custom object metadata (GCS), from the listing
 
 
 @dataclass
@@ -282,7 +283,8 @@ class Storage:
         else:
             shown = posixpath.basename(name.rstrip("/"))
         return Entry(shown, full, False, int(obj.get("size") or 0), _mtime(obj), obj.get("crc32c"),
-                     str(obj["generation"]) if obj.get("generation") is not None else None)
+                     str(obj["generation"]) if obj.get("generation") is not None else None,
+                     obj.get("metadata"))
 
     # -- reading ---------------------------------------------------------------
     def exists(self, path: str) -> bool:
@@ -428,7 +430,7 @@ class Storage:
         with self._errors("writing", path, write=True):
             self.fs.pipe_file(path, data)
 
-    def create_only(self, path: str, data: bytes) -> bool:
+    def create_only(self, path: str, data: bytes, metadata: dict[str, str] | None = None) -> bool:
         """Write ``path`` only if it does not exist yet. False when it already did.
 
         This is the one primitive that makes claims and the ledger safe between
@@ -438,6 +440,9 @@ class Storage:
         On GCS a 412 does not prove that somebody else holds the object: when the
         answer to our own upload is lost, the retry finds our object and gets 412
         too. The object's metadata carries a nonce of this write, read back on 412.
+
+        ``metadata`` (GCS) is stored as the object's custom metadata, which
+        listings return: a reader can learn it without one request per object.
         """
         if self.is_local:
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -456,7 +461,7 @@ class Storage:
             nonce = secrets.token_hex(16)
             try:
                 with self._errors("writing (create-only)", path, write=True):
-                    self.fs.pipe_file(path, data, mode="create", metadata={NONCE_KEY: nonce})
+                    self.fs.pipe_file(path, data, mode="create", metadata={**(metadata or {}), NONCE_KEY: nonce})
             except FileExistsError:
                 try:
                     meta = self._gcs_object(path).get("metadata") or {}

@@ -516,6 +516,15 @@ def test_create_only_tells_a_lost_answer_from_a_rival(gcs_bucket, gcs_fault_prox
     assert gcs_fault_proxy.counters.dropped_after == 1
     assert store.create_only(claim, b"same bytes") is False  # a second writer, even with equal bytes
 
+    # metadata given to a create-only write comes back with the listing: no read per object
+    ledger = store.join(store.root, "_exports", "ledger")
+    for i in range(5):
+        assert store.create_only(store.join(ledger, f"key-{i}"), b"{}", metadata={"version": str(100 + i)})
+    gcs_fault_proxy.reset_counters()
+    listed = {e.name: e.metadata["version"] for e in store.list_dir(ledger)}
+    assert listed == {f"key-{i}": str(100 + i) for i in range(5)}
+    assert gcs_fault_proxy.counters.requests == 1
+
 
 def test_discovery_costs_a_fixed_number_of_requests(gcs_bucket, gcs_fault_proxy):
     fs = gcs_bucket.fs()
