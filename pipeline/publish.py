@@ -146,7 +146,7 @@ class Publisher:
         if version is None:
             raise PublishError(f"ledger entry is unreadable; remove it to re-export: {self.store.url(self.ledger_path(key))}")
         final = self.version_path(version)
-        if self.store.isdir(final):
+        if self.is_whole(final):
             return {"version": version, "path": self.store.url(final), "state": "published"}
         if _owner_alive(entry):
             return {"version": version, "path": self.store.url(final), "state": "in_progress"}
@@ -155,12 +155,19 @@ class Publisher:
             try:
                 self.strategy.promote(self.store, staging, final)
             except (FileNotFoundError, VersionExistsError):
-                if not self.store.isdir(final):
+                if not self.is_whole(final):
                     raise
             return {"version": version, "path": self.store.url(final), "state": "rolled_forward"}
         # The process died after its ledger entry, and its staging is gone (or
         # the version was pruned): the entry stands, the version was published.
         return {"version": version, "path": self.store.url(final), "state": "published"}
+
+    def is_whole(self, final: str) -> bool:
+        """Whether a version directory is complete. On object stores a version
+        being moved is listed before it is whole; ``saved_model.pb`` moves last."""
+        if self.store.is_local:
+            return self.store.isdir(final)
+        return self.store.isfile(self.store.join(final, "saved_model.pb"))
 
     def claim(self, start: int, attempts: int, note: dict) -> tuple[int, int]:
         """Claim the first free number from ``start``; returns (version, attempts used)."""

@@ -397,8 +397,6 @@ def test_concurrent_exporters_one_version_per_checkpoint(gcs_ws, tmp_path):
 
 
 # -- a publisher killed in the middle of moving objects ----------------------------------------
-@pytest.mark.xfail(strict=True, reason="Publisher.resolve counts a version directory that lacks saved_model.pb "
-                                       "as published on object stores, so the next run does not finish it")
 def test_killed_mid_promotion_leaves_no_loadable_partial_and_next_run_finishes(gcs_ws):
     import signal
 
