@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", metavar="PREFIX", help="a checkpoint prefix, its base name (ckpt-300) or its step")
     p.add_argument("--versioning", choices=["timestamp", "checkpoint_time", "step"],
                    help="override the config's version numbering for this run")
+    p.add_argument("--force", action="store_true",
+                   help="publish even when the metric gate finds the checkpoint worse than the live version")
 
     p = sub.add_parser("backfill", help="export every unexported checkpoint in a step range",
                        description="Export every complete checkpoint in the range that has no version for this "
@@ -81,9 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="validate a SavedModel directory",
                        description="Load a SavedModel in a fresh process, check its serving_default Predict "
-                                   "signature and run a smoke inference; print the report.")
+                                   "signature and run a smoke inference; with --config also check the signature "
+                                   "contract (validation.contract); with --against, diff the signatures against "
+                                   "another version. Prints the report.")
     _common(p, config_required=False)
     p.add_argument("path", metavar="PATH", help="SavedModel directory (local)")
+    p.add_argument("--against", metavar="VERSION_DIR",
+                   help="also diff the signatures against this SavedModel (breaking changes fail "
+                        "unless the config's validation.allow_breaking is true)")
 
     p = sub.add_parser("gc", help="apply retention and remove abandoned staging",
                        description="Keep the newest retention.keep versions, every pinned one and the live one; "
@@ -91,6 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
                                    "default one day).")
     _common(p)
     p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+
+    p = sub.add_parser("predict", help="run a signature of a SavedModel on inputs from a file",
+                       description="Run a signature of a SavedModel (a directory, or a published version number "
+                                   "with --config) and print its outputs, as 'saved_model_cli run' does. --inputs "
+                                   "takes an .npz with one array per input (loaded with allow_pickle=False); "
+                                   "--examples takes a JSON list of feature dicts and feeds them as serialized "
+                                   "tf.Example protos to a parsing signature.")
+    _common(p, config_required=False)
+    p.add_argument("path", metavar="PATH|VERSION", help="SavedModel directory, or a version number (needs --config)")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--inputs", metavar="FILE.npz", help="one array per input of the signature")
+    group.add_argument("--examples", metavar="FILE.json", help="a JSON list of feature dicts, sent as tf.Example")
+    p.add_argument("--signature", metavar="NAME",
+                   help="signature key (default: serving_default; with --examples, the parsing signature)")
 
     p = sub.add_parser("demo", help="train a tiny model and export it end to end",
                        description="Train a tiny Keras model for a few steps (three checkpoints), write its "
@@ -125,6 +146,9 @@ def _run_line(r: dict) -> str:
         return f"published version {r['version']} from {r['checkpoint']} (step {r['step']}): {r['path']}"
     if r["status"] == "skipped":
         return f"skipped: {r['checkpoint']} (step {r['step']}) is already version {r['version']}"
+    if r["status"] == "gated":
+        return (f"gated: {r['checkpoint']} (step {r['step']}) has {r['metric']}={r['value']:g}, worse than "
+                f"{r['live_value']:g} of live version {r['live_version']}; not published (--force overrides)")
     if r["status"] == "failed":
         return f"failed: {r.get('error')}"
     return "no new checkpoint: every complete checkpoint already has a version"
@@ -143,7 +167,7 @@ def cmd_discover(args, cfg) -> int:
 def cmd_run(args, cfg) -> int:
     from pipeline.runner import public, run_once
 
-    record = run_once(cfg, checkpoint=args.checkpoint, versioning=args.versioning)
+    record = run_once(cfg, checkpoint=args.checkpoint, versioning=args.versioning, force=args.force)
     _emit(args, public(record), _run_line(record))
     return EXIT_OK
 
@@ -199,6 +223,19 @@ def cmd_validate(args, cfg) -> int:
         raise ConfigError(f"not a SavedModel directory: {path}")
     timeout = cfg.validation.timeout_seconds if cfg else 300
     report = validate_saved_model(path, timeout=timeout)
+    against = os.path.abspath(args.against) if args.against else None
+    if against and not os.path.isfile(os.path.join(against, "saved_model.pb")):
+        raise ConfigError(f"--against is not a SavedModel directory: {against}")
+    if report.get("ok") and (against or (cfg and cfg.validation.contract)):
+        from pipeline.contract import load_contract
+        from pipeline.validate import apply_signature_checks, signatures_of
+
+        contract = load_contract(cfg.validation.contract) if cfg and cfg.validation.contract else None
+        live = signatures_of(against) if against else None
+        name = os.path.basename(against.rstrip("/")) if against else None
+        apply_signature_checks(report, contract=contract, live_signatures=live,
+                               live_version=int(name) if name and name.isdigit() else name,
+                               allow_breaking=bool(cfg and cfg.validation.allow_breaking))
     _emit(args, report, format_report(report))
     if not report.get("ok"):
         print(f"tf-export: error: validation failed: {report.get('reason')}: {path}", file=sys.stderr)
@@ -213,6 +250,22 @@ def cmd_gc(args, cfg) -> int:
     verb = "would remove" if args.dry_run else "removed"
     human = f"{verb} versions: {result['removed_versions'] or 'none'}\n{verb} staging: {result['removed_staging'] or 'none'}"
     _emit(args, result, human)
+    return EXIT_OK
+
+
+def cmd_predict(args, cfg) -> int:
+    import shutil
+    import tempfile
+
+    from pipeline.predict import format_outputs, predict, resolve_target, to_json
+
+    scratch = tempfile.mkdtemp(prefix="tf-export-predict-")
+    try:
+        path = resolve_target(args.path, cfg, scratch)
+        name, outputs = predict(path, inputs_file=args.inputs, examples_file=args.examples, signature=args.signature)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    _emit(args, to_json(name, outputs), format_outputs(outputs))
     return EXIT_OK
 
 
@@ -253,7 +306,7 @@ def cmd_demo(args, _cfg) -> int:
 
 
 COMMANDS = {"discover": cmd_discover, "run": cmd_run, "backfill": cmd_backfill, "status": cmd_status,
-            "validate": cmd_validate, "gc": cmd_gc, "demo": cmd_demo}
+            "validate": cmd_validate, "gc": cmd_gc, "predict": cmd_predict, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

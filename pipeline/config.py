@@ -12,10 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo,
+                      field_validator)
+from pydantic_core import PydanticCustomError
 
 from pipeline.errors import ConfigError
 
@@ -26,17 +29,54 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ExampleFeatureConfig(_Strict):
+    dtype: Literal["float32", "int64", "string"] = Field(description="the tf.Example list type of the feature")
+    shape: list[int] = Field(default_factory=list, description="shape of one example's value ([] for a scalar)")
+    default: Any = Field(None, description="value when an example lacks the feature; none makes it required")
+
+
+class ExampleSignatureConfig(_Strict):
+    name: str = Field("examples", min_length=1, description="signature key of the tf.Example-parsing signature")
+    features: dict[str, ExampleFeatureConfig] = Field(min_length=1, description="feature spec, one per model input")
+
+
 class ModelConfig(_Strict):
-    factory: str = Field(description="module:callable returning a Keras model or tf.Module")
+    # `format` comes first: whether a factory is required depends on it.
+    format: Literal["auto", "checkpoint", "keras"] = Field(
+        "auto", description="checkpoint: tf.train.Checkpoint files; keras: *.keras files; auto: detected")
+    factory: str | None = Field(None, validate_default=True,
+                                description="module:callable returning a Keras model, a tf.Module or endpoints")
     checkpoint_key: str = Field("model", description="attribute the model was saved under in tf.train.Checkpoint")
+    step_pattern: str = Field(r"(\d+)", description="regex whose first group is the epoch/step in a .keras file name")
+    example_signature: ExampleSignatureConfig | None = Field(
+        None, description="adds a signature that parses a batch of serialized tf.Example")
 
     @field_validator("factory")
     @classmethod
-    def _factory_form(cls, value: str) -> str:
+    def _factory_form(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            if info.data.get("format") != "keras":  # a .keras file carries its architecture; nothing else does
+                raise PydanticCustomError("missing", "Field required")
+            return value
         module, sep, attr = value.partition(":")
         if not sep or not module or not attr:
             raise ValueError(f"must look like 'package.module:callable', got {value!r}")
         return value
+
+    @field_validator("step_pattern")
+    @classmethod
+    def _pattern_form(cls, value: str) -> str:
+        try:
+            compiled = re.compile(value)
+        except re.error as err:
+            raise ValueError(f"not a regular expression ({err}): {value!r}") from None
+        if compiled.groups < 1:
+            raise ValueError(f"needs a group that captures the number, e.g. 'model-(\\d+)': {value!r}")
+        return value
+
+    def shaping(self) -> dict[str, Any]:
+        """What of this section shapes the exported artifact (how checkpoints are found does not)."""
+        return self.model_dump(exclude_none=True, exclude={"format", "step_pattern"})
 
 
 class RetentionConfig(_Strict):
@@ -47,6 +87,18 @@ class RetentionConfig(_Strict):
 
 class ValidationConfig(_Strict):
     timeout_seconds: int = Field(300, ge=10, description="limit for the fresh-process load and smoke run")
+    contract: str | None = Field(None, description="YAML file of the signatures the model must have, exactly")
+    samples: str | None = Field(None, description=".npz with one array per input of serving_default")
+    rtol: float = Field(1e-5, ge=0, description="relative tolerance of the parity check")
+    atol: float = Field(1e-6, ge=0, description="absolute tolerance of the parity check")
+    allow_breaking: bool = Field(False, description="publish even when signatures break against the live version")
+    warmup: bool = Field(False, description="write assets.extra/tf_serving_warmup_requests from the samples")
+
+
+class GateConfig(_Strict):
+    metric: str = Field(description="name of the metric")
+    mode: Literal["min", "max"] = Field(description="min: lower is better; max: higher is better")
+    source: str = Field(description="JSON file ({step}/{name} placeholders) or TensorBoard event directory")
 
 
 class AirflowConfig(_Strict):
@@ -63,6 +115,7 @@ class Config(_Strict):
     max_claim_attempts: int = Field(10, ge=1, le=1000)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    gate: GateConfig | None = None
     storage_options: dict[str, Any] = Field(default_factory=dict)
     promotion: Literal["auto", "rename", "object_move"] = "auto"
     airflow: AirflowConfig = Field(default_factory=AirflowConfig)
@@ -87,7 +140,9 @@ class Config(_Strict):
         backfill under ``checkpoint_time`` must recognise the checkpoints a
         nightly run already exported under ``timestamp``.
         """
-        shaping = {"model": self.model.model_dump()}
+        shaping: dict[str, Any] = {"model": self.model.shaping()}
+        if self.validation.warmup:
+            shaping["warmup"] = True  # the warmup file is part of the version
         blob = json.dumps(shaping, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -132,6 +187,10 @@ def config_from_dict(data: dict[str, Any], base_dir: str, source: str | None = N
         raise ConfigError(f"invalid config: {msg}{suffix}: {where}") from None
     cfg.training_dir = _resolve(cfg.training_dir, base_dir)
     cfg.export_base = _resolve(cfg.export_base, base_dir)
+    for section, key in (("validation", "contract"), ("validation", "samples"), ("gate", "source")):
+        holder = getattr(cfg, section)
+        if holder is not None and getattr(holder, key):
+            setattr(holder, key, _resolve(getattr(holder, key), base_dir))
     cfg._config_dir = os.path.abspath(base_dir)
     cfg._source = source
     return cfg

@@ -46,13 +46,17 @@ class Context:
         self.publisher = Publisher(self.base, promotion=cfg.promotion)
 
     def checkpoints(self) -> list[Checkpoint]:
-        found = discover_checkpoints(self.train)
+        found = discover_checkpoints(self.train, fmt=self.cfg.model.format, step_pattern=self.cfg.model.step_pattern)
         if not found:
             raise CheckpointError(f"training directory holds no checkpoints: {self.cfg.training_dir}")
         return found
 
-    def exporter(self):
-        key = (self.cfg.model.factory, self.cfg.model.checkpoint_key, self.cfg.config_dir)
+    def exporter(self, ckpt: Checkpoint | None = None):
+        if ckpt is not None and ckpt.kind == "keras":
+            from pipeline.keras_files import KerasFileExporter
+
+            return KerasFileExporter(self.cfg)  # each file carries its own model
+        key = (self.cfg.model.factory, self.cfg.model.checkpoint_key, self.cfg.config_hash, self.cfg.config_dir)
         if key not in _EXPORTERS:
             from pipeline.export import Exporter
 
@@ -68,6 +72,8 @@ def _record(status: str, ckpt: Checkpoint | None = None, version: int | None = N
 
 def _in_progress(ckpt: Checkpoint) -> bool:
     """A checkpoint being written: data but no index yet (TF writes the index last, then the state file)."""
+    if ckpt.writing:  # a .keras file without its zip directory yet
+        return True
     return not ckpt.complete and not ckpt.listed and ckpt.index_crc32c is None and \
         all(m.endswith(".index") for m in ckpt.missing)
 
@@ -127,11 +133,56 @@ def _work_dir(ctx: Context, staging_name: str) -> str:
     return ctx.base.join(ctx.base.root, EXPORTS_DIR, "work", staging_name)
 
 
-def stage_export(cfg: Config, checkpoint: str | dict | None = None) -> dict:
+def _gate(ctx: Context, ckpt: Checkpoint) -> dict | None:
+    """The metric gate's verdict for ``ckpt`` against the live version (None without a gate)."""
+    gate = ctx.cfg.gate
+    if gate is None:
+        return None
+    from pipeline.gate import compare, read_metric
+
+    value = read_metric(gate.source, gate.metric, step=ckpt.step, name=ckpt.name,
+                        storage_options=ctx.cfg.storage_options)
+    live = ctx.publisher.live_version()
+    live_value = None
+    if live is not None:
+        recorded = (ctx.publisher.manifest(live) or {}).get("gate") or {}
+        if recorded.get("metric") == gate.metric and recorded.get("value") is not None:
+            live_value = float(recorded["value"])
+    return {"metric": gate.metric, "mode": gate.mode, "live_version": live, **compare(gate.mode, value, live_value)}
+
+
+def _sample_inputs(cfg: Config, exporter) -> dict:
+    """The validation samples: ``validation.samples`` if given, else generated from the TensorSpecs."""
+    import numpy as np
+
+    from pipeline.export import sample_inputs
+
+    specs = exporter.serving.input_specs()
+    if not cfg.validation.samples:
+        return sample_inputs(specs)
+    path = cfg.validation.samples
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            given = {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise ConfigError(f"validation samples file not found: {path}") from None
+    except (ValueError, OSError) as err:
+        raise ConfigError(f"validation samples are not a plain .npz ({err}): {path}") from None
+    names = [s.name for s in specs]
+    missing, extra = sorted(set(names) - set(given)), sorted(set(given) - set(names))
+    if missing or extra:
+        raise ConfigError(f"validation samples do not match the inputs of serving_default {names} "
+                          f"(missing {missing}, extra {extra}): {path}")
+    return {s.name: given[s.name].astype(s.dtype.as_numpy_dtype) for s in specs}
+
+
+def stage_export(cfg: Config, checkpoint: str | dict | None = None, force: bool = False) -> dict:
     """Restore a checkpoint and write its SavedModel into a staging directory of the export base.
 
     ``checkpoint`` names one (prefix, name or step), or is a record from
     discovery; None takes the newest complete checkpoint with no version yet.
+    With a metric gate, a checkpoint worse than the live version is reported
+    ``gated`` and not exported, unless ``force``.
     """
     import numpy as np
 
@@ -148,7 +199,19 @@ def stage_export(cfg: Config, checkpoint: str | dict | None = None) -> dict:
         status = "published" if done["state"] == "rolled_forward" else "skipped"
         return _record(status, ckpt, done["version"], done["path"], ledger_key=key)
 
-    exporter = ctx.exporter()
+    from pipeline.gate import GateError
+
+    try:
+        gate = _gate(ctx, ckpt)
+    except GateError:
+        if not force:
+            raise
+        gate = None  # forced: publish without a recorded metric
+    if gate is not None and gate["worse"] and not force:
+        return _record("gated", ckpt, ledger_key=key, gate=gate, metric=gate["metric"],
+                       value=gate["value"], live_value=gate["live_value"], live_version=gate["live_version"])
+
+    exporter = ctx.exporter(ckpt)
     started = time.time()
     name = f"{STAGING_PREFIX}{int(started)}-{secrets.token_hex(4)}"
     staging = ctx.base.join(ctx.base.root, name)
@@ -157,12 +220,14 @@ def stage_export(cfg: Config, checkpoint: str | dict | None = None) -> dict:
     try:
         local_prefix = _local_checkpoint(ctx.train, ckpt, scratch)
         exporter.restore(local_prefix)
-        from pipeline.export import sample_inputs
-
-        inputs = sample_inputs(exporter.serving.input_specs())
+        inputs = _sample_inputs(cfg, exporter)
         expected = exporter.reference_outputs(inputs)
         local_model = staging if ctx.base.is_local else os.path.join(scratch, "saved_model")
         exporter.write(local_model)
+        if cfg.validation.warmup:
+            from pipeline.warmup import write_warmup
+
+            write_warmup(os.path.join(local_model, "assets.extra"), inputs)
         local_work = work if ctx.base.is_local else os.path.join(scratch, "work")
         os.makedirs(local_work, exist_ok=True)
         np.savez(os.path.join(local_work, "samples.npz"), **inputs)
@@ -178,7 +243,8 @@ def stage_export(cfg: Config, checkpoint: str | dict | None = None) -> dict:
         shutil.rmtree(scratch, ignore_errors=True)
     faults.hold("exported")
     return _record("staged", ckpt, staging=ctx.base.url(staging), work=ctx.base.url(work), ledger_key=key,
-                   checkpoint_info=ckpt.to_dict(), exported_at=started, export_seconds=round(time.time() - started, 3))
+                   checkpoint_info=ckpt.to_dict(), exported_at=started, export_seconds=round(time.time() - started, 3),
+                   gate=gate)
 
 
 def _local_checkpoint(store: Storage, ckpt: Checkpoint, scratch: str) -> str:
@@ -189,6 +255,10 @@ def _local_checkpoint(store: Storage, ckpt: Checkpoint, scratch: str) -> str:
     crc32c the server holds; the index must still be the one discovery saw,
     since its crc32c is part of the checkpoint's identity in the ledger.
     """
+    if ckpt.kind == "keras":
+        from pipeline.keras_files import local_copy
+
+        return local_copy(store, ckpt, scratch)
     if store.is_local:
         return ckpt.prefix
     from pipeline.storage import ChecksumMismatch
@@ -251,9 +321,13 @@ def stage_validate(cfg: Config, staged: dict) -> dict:
             local_model,
             samples=os.path.join(local_work, "samples.npz"),
             expected=os.path.join(local_work, "expected.npz"),
+            rtol=cfg.validation.rtol,
+            atol=cfg.validation.atol,
             timeout=cfg.validation.timeout_seconds,
         )
         report["saved_model"] = staged["staging"]
+        if report.get("ok"):
+            _check_signatures(ctx, report)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if not report.get("ok"):
@@ -262,10 +336,29 @@ def stage_validate(cfg: Config, staged: dict) -> dict:
     return {**staged, "status": "validated", "validation": report}
 
 
+def _check_signatures(ctx: Context, report: dict) -> None:
+    """The contract and the breaking-change diff against the live version, added to ``report``."""
+    from pipeline.contract import load_contract
+    from pipeline.validate import apply_signature_checks
+    from pipeline.validate_worker import signatures_from_bytes
+
+    contract = load_contract(ctx.cfg.validation.contract) if ctx.cfg.validation.contract else None
+    live = ctx.publisher.live_version()
+    live_signatures = None
+    if live is not None:
+        try:
+            live_signatures = signatures_from_bytes(
+                ctx.base.read_bytes(ctx.base.join(ctx.publisher.version_path(live), "saved_model.pb")))
+        except FileNotFoundError:
+            live_signatures = None  # removed by retention meanwhile; nothing to compare with
+    apply_signature_checks(report, contract=contract, live_signatures=live_signatures, live_version=live,
+                           allow_breaking=ctx.cfg.validation.allow_breaking)
+
+
 def stage_publish(cfg: Config, validated: dict, versioning: str | None = None, guard_outrank: bool = False) -> dict:
     """Claim a version, write the manifest, record the ledger entry, promote."""
-    if validated.get("status") in ("skipped", "no_new_checkpoint"):
-        return {k: validated.get(k) for k in ("status", "version", "path", "checkpoint", "step")}
+    if validated.get("status") in ("skipped", "no_new_checkpoint", "gated"):
+        return public(validated)
     if validated.get("status") != "validated":
         raise PipelineError(f"refusing to publish a model that was not validated: {validated.get('staging')}")
     ctx = Context(cfg)
@@ -283,7 +376,8 @@ def stage_publish(cfg: Config, validated: dict, versioning: str | None = None, g
             guard_outrank=guard_outrank,
             extra={"times": {"exported_at": validated.get("exported_at"),
                              "validated_at": time.time()},
-                   "model": {"factory": cfg.model.factory, "checkpoint_key": cfg.model.checkpoint_key}},
+                   "model": {"factory": cfg.model.factory, "checkpoint_key": cfg.model.checkpoint_key},
+                   **({"gate": validated["gate"]} if validated.get("gate") else {})},
         )
     except BaseException:
         # Staging that made it into the ledger is finished by the next run; any other is garbage.
@@ -306,23 +400,30 @@ def stage_prune(cfg: Config, dry_run: bool = False) -> dict:
 _PUBLIC = ("status", "version", "path", "checkpoint", "step")
 
 
+_GATED = ("metric", "value", "live_value", "live_version")
+
+
 def public(record: dict) -> dict:
-    """The ``tf-export run --json`` record."""
-    return {k: record.get(k) for k in _PUBLIC}
+    """The ``tf-export run --json`` record (a gated run also names the metric and both values)."""
+    keys = _PUBLIC + _GATED if record.get("status") == "gated" else _PUBLIC
+    return {k: record.get(k) for k in keys}
 
 
 def export_one(cfg: Config, checkpoint: str | dict | None = None, versioning: str | None = None,
-               guard_outrank: bool = False) -> dict:
-    staged = stage_export(cfg, checkpoint)
+               guard_outrank: bool = False, force: bool = False) -> dict:
+    staged = stage_export(cfg, checkpoint, force=force)
     if staged["status"] != "staged":
         return staged
     validated = stage_validate(cfg, staged)
     return stage_publish(cfg, validated, versioning=versioning, guard_outrank=guard_outrank)
 
 
-def run_once(cfg: Config, checkpoint: str | None = None, versioning: str | None = None) -> dict:
-    """Export the newest unexported complete checkpoint (or the one named), then prune."""
-    record = export_one(cfg, checkpoint, versioning)
+def run_once(cfg: Config, checkpoint: str | None = None, versioning: str | None = None, force: bool = False) -> dict:
+    """Export the newest unexported complete checkpoint (or the one named), then prune.
+
+    ``force`` publishes a checkpoint the metric gate would hold back.
+    """
+    record = export_one(cfg, checkpoint, versioning, force=force)
     if record["status"] == "published":
         record["pruned"] = stage_prune(cfg)["removed_versions"]
     return record
@@ -334,12 +435,15 @@ def backfill(cfg: Config, from_step: int | None = None, to_step: int | None = No
     """Export every pending checkpoint in the step range, oldest first.
 
     A failure of one checkpoint is recorded and the backfill goes on. Retention
-    is not applied: the point of a backfill is to keep what it writes.
+    is not applied: the point of a backfill is to keep what it writes. The
+    metric gate does not hold back a backfill (see the comment below).
     """
     records = []
     for item in list_pending(cfg, from_step, to_step):
         try:
-            record = export_one(cfg, item["prefix"], versioning, guard_outrank=not allow_outrank)
+            # Historic checkpoints land below the live version, so the metric gate,
+            # which guards what is served, records their metric but does not hold them back.
+            record = export_one(cfg, item["prefix"], versioning, guard_outrank=not allow_outrank, force=True)
         except PipelineError as err:
             record = {"status": "failed", "version": None, "path": None, "checkpoint": item["prefix"],
                       "step": item["step"], "error": str(err)}

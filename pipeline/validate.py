@@ -58,6 +58,47 @@ def validate_saved_model(path: str, *, samples: str | None = None, expected: str
         return report
 
 
+def apply_signature_checks(report: dict, *, contract: dict | None = None, live_signatures: dict | None = None,
+                           live_version: int | None = None, allow_breaking: bool = False) -> dict:
+    """Add the contract check and the diff against the live version to a worker report."""
+    from pipeline.contract import check_contract, diff_signatures
+
+    found = report.get("signatures")
+    if found is None:
+        return report
+    checks = report.setdefault("checks", [])
+    if contract is not None:
+        problems = check_contract(contract, found)
+        checks.append({"name": "signature_contract", "ok": not problems, "detail": "; ".join(problems)})
+    if live_signatures is not None:
+        diff = diff_signatures(live_signatures, found)
+        diff["against"] = live_version
+        report["diff"] = diff
+        ok = allow_breaking or not diff["breaking"]
+        detail = "; ".join(diff["breaking"]) if diff["breaking"] else ""
+        if diff["breaking"] and allow_breaking:
+            detail = "allowed by validation.allow_breaking: " + detail
+        elif not diff["breaking"]:
+            detail = "; ".join(diff["additions"] + diff["widened"]) or "no signature change"
+        label = f"compatible_with_live_version_{live_version}" if live_version is not None else "compatible_with_live"
+        checks.append({"name": label, "ok": ok, "detail": detail})
+    reason = next((c["detail"] or c["name"] for c in checks if not c["ok"]), None)
+    report["ok"] = reason is None
+    if reason:
+        report["reason"] = reason
+    else:
+        report.pop("reason", None)
+    return report
+
+
+def signatures_of(path: str) -> dict:
+    """Signatures of a local SavedModel directory, read from ``saved_model.pb`` without loading it."""
+    from pipeline.validate_worker import signatures_from_bytes
+
+    with open(os.path.join(path, "saved_model.pb"), "rb") as fh:
+        return signatures_from_bytes(fh.read())
+
+
 def _failed(path: str, reason: str) -> dict:
     return {"ok": False, "saved_model": path, "reason": reason,
             "checks": [{"name": "fresh_process_load", "ok": False, "detail": reason}]}
@@ -85,6 +126,16 @@ def format_report(report: dict) -> str:
         mark = "ok  " if check.get("ok") else "FAIL"
         detail = f"  {check['detail']}" if check.get("detail") else ""
         lines.append(f"  [{mark}] {check['name']}{detail}")
+    diff = report.get("diff")
+    if diff:
+        lines.append(f"\nAgainst version {diff.get('against')}:")
+        for kind in ("breaking", "additions", "widened"):
+            for item in diff.get(kind, []):
+                lines.append(f"  {kind[:-1] if kind != 'breaking' else 'breaking'}: {item}")
+        if not any(diff.get(k) for k in ("breaking", "additions", "widened")):
+            lines.append("  no signature change")
+    if "parity_max_abs_diff" in report:
+        lines.append(f"\nParity with the checkpoint: max |diff| = {report['parity_max_abs_diff']:.3g}")
     if "seconds" in report:
         lines.append(f"\nValidated in {report['seconds']:.2f} s (fresh process)")
     return "\n".join(lines)

@@ -43,11 +43,15 @@ def _tensor_info(info) -> dict:
 
 def read_signatures(path: str) -> dict:
     """Signature defs from ``saved_model.pb``, without loading the model."""
+    with open(os.path.join(path, "saved_model.pb"), "rb") as fh:
+        return signatures_from_bytes(fh.read())
+
+
+def signatures_from_bytes(data: bytes) -> dict:
     from tensorflow.core.protobuf import saved_model_pb2
 
     sm = saved_model_pb2.SavedModel()
-    with open(os.path.join(path, "saved_model.pb"), "rb") as fh:
-        sm.ParseFromString(fh.read())
+    sm.ParseFromString(data)
     meta = next((m for m in sm.meta_graphs if "serve" in m.meta_info_def.tags), sm.meta_graphs[0])
     out = {}
     for key, sig in meta.signature_def.items():
@@ -124,6 +128,19 @@ def run(path: str, samples: str | None, expected: str | None, rtol: float, atol:
     checks.add("smoke_inference", True, f"batch of {len(next(iter(inputs.values())))}")
     bad = [k for k, v in outputs.items() if v.dtype.kind in "fc" and not np.all(np.isfinite(v))]
     checks.add("finite_outputs", not bad, f"non-finite values in output(s) {bad}" if bad else "")
+    warmup = os.path.join(path, "assets.extra", "tf_serving_warmup_requests")
+    if os.path.exists(warmup):
+        try:
+            from pipeline.warmup import read_warmup
+
+            logs = read_warmup(warmup)
+            bad = [i for i, log in enumerate(logs)
+                   if set(log.predict_log.request.inputs) != set(kw_specs)]
+            checks.add("warmup_records", bool(logs) and not bad,
+                       f"{len(logs)} PredictionLog records" if logs and not bad else
+                       f"warmup records do not match the inputs of '{SERVING_KEY}' (records {bad or 'none'})")
+        except Exception as err:
+            checks.add("warmup_records", False, f"warmup file does not parse ({type(err).__name__})")
     if expected:
         with np.load(expected, allow_pickle=False) as data:
             want = {k: data[k] for k in data.files}
@@ -144,6 +161,10 @@ def run(path: str, samples: str | None, expected: str | None, rtol: float, atol:
                                 f" (rtol={rtol}, atol={atol})")
         report["parity_max_abs_diff"] = worst
         checks.add("parity_with_checkpoint", not problems, "; ".join(problems))
+    from pipeline.examples import check_example_signature
+
+    # A tf.Example-parsing signature must give serving_default's outputs for the same samples.
+    check_example_signature(loaded, path, inputs, outputs, checks.add, rtol, atol)
     return done()
 
 
