@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="version numbering (default: checkpoint_time)")
     p.add_argument("--allow-outrank", action="store_true",
                    help="allow an older checkpoint to get a version above the live one")
+    p.add_argument("--jobs", "-j", type=int, default=1, metavar="K",
+                   help="export and validate in K worker processes, each with its own model (default: 1); "
+                        "versions are published in checkpoint order")
 
     p = sub.add_parser("status", help="list published versions and the one TF Serving serves",
                        description="List the published versions with the checkpoint and step each came from, "
@@ -187,8 +190,12 @@ def cmd_backfill(args, cfg) -> int:
             bar.update(1)
             bar.set_postfix_str(f"step {rec['step']} {rec['status']}", refresh=False)
 
+    if args.jobs < 1:
+        from pipeline.errors import ConfigError
+
+        raise ConfigError(f"--jobs must be at least 1, got {args.jobs}: {cfg.source}")
     records = backfill(cfg, args.from_step, args.to_step, versioning=args.versioning,
-                       allow_outrank=args.allow_outrank, progress=progress)
+                       allow_outrank=args.allow_outrank, progress=progress, jobs=args.jobs)
     if bar is not None:
         bar.close()
     out = [public(r) | ({"error": r["error"]} if "error" in r else {}) for r in records]

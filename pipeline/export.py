@@ -58,10 +58,20 @@ def _is_keras_model(obj: Any) -> bool:
     return hasattr(obj, "inputs") and hasattr(obj, "outputs") and hasattr(obj, "layers")
 
 
+def _keras_tensor_name(tensor: Any, fallback: str) -> str:
+    """A Keras tensor's own name; an auto-generated ``keras_tensor_N`` gives way to its layer's name."""
+    name = getattr(tensor, "name", "") or ""
+    if name.startswith("keras_tensor"):
+        history = getattr(tensor, "_keras_history", None)
+        layer = getattr(history[0], "name", "") if history else ""
+        name = layer or name
+    return _clean_name(name, fallback)
+
+
 def _keras_output_names(model: Any, n: int) -> list[str]:
     names = list(getattr(model, "output_names", None) or [])
     if len(names) != n:
-        names = [_clean_name(getattr(t, "name", ""), f"output_{i}") for i, t in enumerate(model.outputs)]
+        names = [_keras_tensor_name(t, f"output_{i}") for i, t in enumerate(model.outputs)]
     if len(set(names)) != n:
         names = [f"output_{i}" for i in range(n)]
     return names
@@ -81,13 +91,17 @@ class ServingModel:
         self.model = model
         self.root = tf.Module()
         self.root.model = model
-        if _is_keras_model(model):
+        from pipeline.endpoints import build_endpoint_signatures, is_endpoints
+
+        if is_endpoints(model):
+            build_endpoint_signatures(self, model)
+        elif _is_keras_model(model):
             self._from_keras(model)
         elif isinstance(model, tf.Module):
             self._from_module(model)
         else:
             raise ConfigError(
-                f"model factory returned {type(model).__name__}, not a Keras model or tf.Module"
+                f"model factory returned {type(model).__name__}, not a Keras model, tf.Module or endpoints"
             )
 
     def _from_keras(self, model: Any) -> None:
@@ -96,7 +110,7 @@ class ServingModel:
         if not model.inputs:
             raise ConfigError("model factory returned a Keras model without defined inputs; return a built functional model")
         specs = [
-            tf.TensorSpec(shape=t.shape, dtype=t.dtype, name=_clean_name(t.name, f"input_{i}"))
+            tf.TensorSpec(shape=t.shape, dtype=t.dtype, name=_keras_tensor_name(t, f"input_{i}"))
             for i, t in enumerate(model.inputs)
         ]
         out_names = _keras_output_names(model, len(model.outputs))
@@ -178,22 +192,32 @@ def sample_inputs(specs: list[Any], seed: int = 0, batch: int = 2) -> dict[str, 
 class Exporter:
     """Restores checkpoints of one model and writes them as SavedModels."""
 
-    def __init__(self, model: Any, checkpoint_key: str = "model"):
+    def __init__(self, model: Any, checkpoint_key: str = "model", example_signature: Any = None):
         self.serving = ServingModel(model)
-        self.model = model
+        self.model = self.serving.model  # for endpoints, the model they track
         self.checkpoint_key = checkpoint_key
-        variables = getattr(model, "variables", None)
+        variables = getattr(self.model, "variables", None)
         if variables is not None and len(variables) == 0:
             raise ConfigError("model from the factory has no variables yet; build it before returning it")
+        if example_signature is not None:
+            from pipeline.examples import add_example_signature
+
+            add_example_signature(self.serving, example_signature)
 
     @classmethod
     def from_config(cls, cfg) -> "Exporter":
+        if not cfg.model.factory:
+            raise ConfigError(f"model.factory is required to export TF checkpoints (.keras files need none): "
+                              f"{cfg.source or cfg.training_dir}")
         factory = load_factory(cfg.model.factory, cfg.config_dir)
         try:
             model = factory()
         except Exception as err:
             raise ConfigError(f"model factory raised {type(err).__name__}: {err}: {cfg.model.factory}") from None
-        return cls(model, cfg.model.checkpoint_key)
+        try:
+            return cls(model, cfg.model.checkpoint_key, cfg.model.example_signature)
+        except ConfigError as err:
+            raise ConfigError(f"{err}: {cfg.source or cfg.model.factory}") from None
 
     def restore(self, prefix: str) -> None:
         """Load ``prefix`` into the model; every model variable must come from it."""
@@ -229,13 +253,24 @@ class Exporter:
         return {k: np.asarray(v) for k, v in out.items()}
 
     def write(self, directory: str) -> None:
-        """Write a SavedModel with the serving signatures into ``directory`` (local)."""
-        import tensorflow as tf
+        """Write a SavedModel with the serving signatures into ``directory`` (local).
 
+        The first write of this exporter is a full ``tf.saved_model.save``; later
+        ones reuse its graph and write only the variables (see
+        :mod:`pipeline.savedmodel_writer`).
+        """
+        if getattr(self, "_writer", None) is None:
+            from pipeline.savedmodel_writer import SavedModelWriter
+
+            self._writer = SavedModelWriter()
         try:
-            tf.saved_model.save(self.serving.root, directory, signatures=self.serving.signatures)
+            self._writer.write(self.serving.root, self.serving.signatures, directory)
         except Exception as err:
             raise PipelineError(f"writing the SavedModel failed ({type(err).__name__}: {_first_line(err)}): {directory}") from None
+        if getattr(self.serving, "example_spec", None):
+            from pipeline.examples import write_spec
+
+            write_spec(directory, self.serving.example_spec)
 
 
 def _first_line(err: BaseException) -> str:

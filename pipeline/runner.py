@@ -300,8 +300,12 @@ def _strip(store: Storage, url: str) -> str:
     return url if store.is_local else store.fs._strip_protocol(url)
 
 
-def stage_validate(cfg: Config, staged: dict) -> dict:
-    """Validate the staged SavedModel in a fresh process; on failure remove staging and raise."""
+def stage_validate(cfg: Config, staged: dict, session=None) -> dict:
+    """Validate the staged SavedModel in a fresh process; on failure remove staging and raise.
+
+    ``session`` (a :class:`pipeline.validate.ValidationSession`) lets a backfill
+    use one validation process for many versions.
+    """
     if staged.get("status") != "staged":
         return staged
     ctx = Context(cfg)
@@ -324,6 +328,7 @@ def stage_validate(cfg: Config, staged: dict) -> dict:
             rtol=cfg.validation.rtol,
             atol=cfg.validation.atol,
             timeout=cfg.validation.timeout_seconds,
+            session=session,
         )
         report["saved_model"] = staged["staging"]
         if report.get("ok"):
@@ -409,13 +414,32 @@ def public(record: dict) -> dict:
     return {k: record.get(k) for k in keys}
 
 
-def export_one(cfg: Config, checkpoint: str | dict | None = None, versioning: str | None = None,
-               guard_outrank: bool = False, force: bool = False) -> dict:
+def export_and_validate(cfg: Config, checkpoint: str | dict | None = None, force: bool = False,
+                        session=None) -> dict:
+    """Export and validate one checkpoint; the record carries ``timings`` in seconds."""
+    t0 = time.monotonic()
     staged = stage_export(cfg, checkpoint, force=force)
+    t1 = time.monotonic()
     if staged["status"] != "staged":
         return staged
-    validated = stage_validate(cfg, staged)
-    return stage_publish(cfg, validated, versioning=versioning, guard_outrank=guard_outrank)
+    validated = stage_validate(cfg, staged, session=session)
+    validated["timings"] = {"export": round(t1 - t0, 4), "validate": round(time.monotonic() - t1, 4)}
+    return validated
+
+
+def export_one(cfg: Config, checkpoint: str | dict | None = None, versioning: str | None = None,
+               guard_outrank: bool = False, force: bool = False, session=None) -> dict:
+    validated = export_and_validate(cfg, checkpoint, force=force, session=session)
+    if validated["status"] != "validated":
+        return validated
+    return _publish_timed(cfg, validated, versioning, guard_outrank)
+
+
+def _publish_timed(cfg: Config, validated: dict, versioning: str | None, guard_outrank: bool) -> dict:
+    t0 = time.monotonic()
+    record = stage_publish(cfg, validated, versioning=versioning, guard_outrank=guard_outrank)
+    record["timings"] = {**validated.get("timings", {}), "publish": round(time.monotonic() - t0, 4)}
+    return record
 
 
 def run_once(cfg: Config, checkpoint: str | None = None, versioning: str | None = None, force: bool = False) -> dict:
@@ -431,26 +455,87 @@ def run_once(cfg: Config, checkpoint: str | None = None, versioning: str | None 
 
 def backfill(cfg: Config, from_step: int | None = None, to_step: int | None = None,
              versioning: str = "checkpoint_time", allow_outrank: bool = False,
-             progress: Callable[[dict], None] | None = None) -> list[dict]:
+             progress: Callable[[dict], None] | None = None, jobs: int = 1) -> list[dict]:
     """Export every pending checkpoint in the step range, oldest first.
+
+    The model is built and traced once per worker process; each checkpoint then
+    costs a restore, a write of the variables (see
+    :mod:`pipeline.savedmodel_writer`) and a load in a shared validation process.
+    ``jobs`` > 1 exports and validates in that many worker processes, each with
+    its own model; versions are still published one by one in checkpoint order.
 
     A failure of one checkpoint is recorded and the backfill goes on. Retention
     is not applied: the point of a backfill is to keep what it writes. The
-    metric gate does not hold back a backfill (see the comment below).
+    metric gate does not hold back a backfill: historic checkpoints land below
+    the live version, and the gate guards what is served.
     """
-    records = []
-    for item in list_pending(cfg, from_step, to_step):
-        try:
-            # Historic checkpoints land below the live version, so the metric gate,
-            # which guards what is served, records their metric but does not hold them back.
-            record = export_one(cfg, item["prefix"], versioning, guard_outrank=not allow_outrank, force=True)
-        except PipelineError as err:
-            record = {"status": "failed", "version": None, "path": None, "checkpoint": item["prefix"],
-                      "step": item["step"], "error": str(err)}
+    pending = list_pending(cfg, from_step, to_step)
+    records: list[dict] = []
+
+    def finish(item: dict, validated: dict | BaseException) -> None:
+        if isinstance(validated, PipelineError):
+            record = _failed_record(item, validated)
+        elif isinstance(validated, BaseException):
+            raise validated
+        elif validated.get("status") != "validated":
+            record = validated
+        else:
+            try:
+                record = _publish_timed(cfg, validated, versioning, not allow_outrank)
+            except PipelineError as err:
+                record = _failed_record(item, err)
         records.append(record)
         if progress:
             progress(record)
+
+    if jobs <= 1 or len(pending) <= 1:
+        from pipeline.validate import ValidationSession
+
+        with ValidationSession() as session:
+            for item in pending:
+                try:
+                    validated = export_and_validate(cfg, item["prefix"], force=True, session=session)
+                except PipelineError as err:
+                    validated = err
+                finish(item, validated)
+        return records
+
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(processes=min(jobs, len(pending)), initializer=_worker_init) as pool:
+        results = pool.imap(_worker_export, [(cfg, item["prefix"]) for item in pending], chunksize=1)
+        for item, validated in zip(pending, results):
+            finish(item, validated)
     return records
+
+
+def _failed_record(item: dict, err: BaseException) -> dict:
+    return {"status": "failed", "version": None, "path": None, "checkpoint": item["prefix"],
+            "step": item["step"], "error": str(err)}
+
+
+_WORKER_SESSION = None
+
+
+def _worker_init() -> None:
+    import atexit
+
+    from pipeline.export import import_tensorflow_quietly
+    from pipeline.validate import ValidationSession
+
+    global _WORKER_SESSION
+    import_tensorflow_quietly()
+    _WORKER_SESSION = ValidationSession()
+    atexit.register(_WORKER_SESSION.close)
+
+
+def _worker_export(task: tuple) -> dict | BaseException:
+    cfg, prefix = task
+    try:
+        return export_and_validate(cfg, prefix, force=True, session=_WORKER_SESSION)
+    except PipelineError as err:
+        return err
 
 
 def status(cfg: Config) -> dict:

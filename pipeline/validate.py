@@ -26,12 +26,93 @@ from pipeline.errors import ValidationError
 PREDICT_METHOD = "tensorflow/serving/predict"
 
 
+def _worker_env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
+    return env
+
+
+class ValidationSession:
+    """One validation process that loads each SavedModel in turn (for backfills).
+
+    Each version is still loaded from disk by a process that never held the
+    exporter's objects; only Python's start-up and the TensorFlow import are
+    shared. The process is replaced after ``max_loads`` models, or when it dies
+    or times out.
+    """
+
+    def __init__(self, max_loads: int = 50):
+        self.max_loads = max_loads
+        self._proc: subprocess.Popen | None = None
+        self._loads = 0
+
+    def _start(self) -> None:
+        self._proc = subprocess.Popen([sys.executable, "-m", "pipeline.validate_worker", "--serve"],
+                                      env=_worker_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=subprocess.DEVNULL, text=True, bufsize=1)
+        self._loads = 0
+        ready = self._proc.stdout.readline()
+        if not ready.strip():
+            self.close()
+            raise RuntimeError("validation process did not start")
+
+    def validate(self, path: str, *, samples=None, expected=None, rtol=1e-5, atol=1e-6, timeout=300) -> dict:
+        import threading
+
+        if self._proc is None or self._proc.poll() is not None or self._loads >= self.max_loads:
+            self.close()
+            self._start()
+        started = time.monotonic()
+        request = {"saved_model": path, "samples": samples, "expected": expected, "rtol": rtol, "atol": atol}
+        proc = self._proc
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        try:
+            proc.stdin.write(json.dumps(request) + "\n")
+            proc.stdin.flush()
+            line = proc.stdout.readline()
+        except (BrokenPipeError, OSError):
+            line = ""
+        finally:
+            timer.cancel()
+        self._loads += 1
+        if not line.strip():
+            self.close()
+            timed_out = time.monotonic() - started >= timeout
+            return _failed(path, f"validation did not finish within {timeout:.0f} s" if timed_out
+                           else "validation process died")
+        report = json.loads(line)
+        report["seconds"] = round(time.monotonic() - started, 3)
+        return report
+
+    def close(self) -> None:
+        if self._proc is not None:
+            try:
+                self._proc.stdin.close()
+                self._proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self._proc.kill()
+            self._proc = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def validate_saved_model(path: str, *, samples: str | None = None, expected: str | None = None,
-                         rtol: float = 1e-5, atol: float = 1e-6, timeout: float = 300) -> dict:
+                         rtol: float = 1e-5, atol: float = 1e-6, timeout: float = 300,
+                         session: ValidationSession | None = None) -> dict:
     """Run the fresh-process checks on the SavedModel at ``path`` (a local directory).
 
     Returns the report; it has ``ok`` False and a ``reason`` when a check failed.
+    With a ``session``, its long-lived validation process does the loading.
     """
+    if session is not None:
+        return session.validate(path, samples=samples, expected=expected, rtol=rtol, atol=atol, timeout=timeout)
     with tempfile.TemporaryDirectory(prefix="tf-export-validate-") as tmp:
         report_path = os.path.join(tmp, "report.json")
         cmd = [sys.executable, "-m", "pipeline.validate_worker", path, "--report", report_path,
@@ -40,10 +121,7 @@ def validate_saved_model(path: str, *, samples: str | None = None, expected: str
             cmd += ["--samples", samples]
         if expected:
             cmd += ["--expected", expected]
-        env = dict(os.environ)
-        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
+        env = _worker_env()
         started = time.monotonic()
         try:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -168,7 +168,41 @@ def run(path: str, samples: str | None, expected: str | None, rtol: float, atol:
     return done()
 
 
+def _run_safely(path, samples, expected, rtol, atol) -> dict:
+    try:
+        return run(path, samples, expected, rtol, atol)
+    except Exception as err:
+        traceback.print_exc()
+        return {"ok": False, "saved_model": path,
+                "reason": f"validation crashed ({type(err).__name__}: {str(err)[:200]})", "checks": []}
+
+
+def serve() -> int:
+    """Validate one SavedModel per JSON request line on stdin; answer one line each on stdout.
+
+    Used by backfills: one process loads each version in turn, from disk, with
+    nothing of the exporting process in memory, and pays for Python and the
+    TensorFlow import once.
+    """
+    from pipeline.export import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
+    out = sys.stdout
+    sys.stdout = sys.stderr  # nothing but answers on the channel
+    print(json.dumps({"ready": True}), file=out, flush=True)
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        req = json.loads(line)
+        report = _run_safely(req["saved_model"], req.get("samples"), req.get("expected"),
+                             req.get("rtol", 1e-5), req.get("atol", 1e-6))
+        print(json.dumps(report), file=out, flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and sys.argv[1:] == ["--serve"]:
+        return serve()
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("saved_model")
     parser.add_argument("--report", required=True)
@@ -180,12 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.export import import_tensorflow_quietly
 
     import_tensorflow_quietly()
-    try:
-        report = run(args.saved_model, args.samples, args.expected, args.rtol, args.atol)
-    except Exception as err:
-        traceback.print_exc()
-        report = {"ok": False, "saved_model": args.saved_model,
-                  "reason": f"validation crashed ({type(err).__name__}: {str(err)[:200]})", "checks": []}
+    report = _run_safely(args.saved_model, args.samples, args.expected, args.rtol, args.atol)
     with open(args.report, "w", encoding="utf-8") as fh:
         json.dump(report, fh, indent=1)
     return 0

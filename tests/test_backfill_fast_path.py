@@ -1,0 +1,128 @@
+"""Build once, restore many: the fast SavedModel writes are correct SavedModels, and parallel backfills keep order."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from tests.conftest import cli_env, make_workspace
+
+CHECK = r"""
+import json, sys, numpy as np, tensorflow as tf
+from tensorflow.python.saved_model.pywrap_saved_model import fingerprinting
+path, x = sys.argv[1], np.load(sys.argv[2])
+m = tf.saved_model.load(path)
+fp = tf.saved_model.experimental.read_fingerprint(path)
+fresh = tf.saved_model.experimental.Fingerprint.from_proto(
+    __import__("tensorflow.core.protobuf.fingerprint_pb2", fromlist=["x"]).FingerprintDef.FromString(
+        fingerprinting.CreateFingerprintDef(path)))
+print(json.dumps({"score": m.signatures["serving_default"](features=tf.constant(x))["score"].numpy().tolist(),
+                  "fingerprint_ok": fp == fresh, "checkpoint_hash": fp.checkpoint_hash,
+                  "saved_model_checksum": fp.saved_model_checksum}))
+"""
+
+
+def _inspect(path, x_file):
+    proc = subprocess.run([sys.executable, "-c", CHECK, str(path), str(x_file)], env=cli_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_fast_writes_equal_full_saves(tmp_path, trained_dir):
+    import tensorflow as tf
+
+    from pipeline.demo import build
+    from pipeline.export import Exporter
+
+    exporter = Exporter(build())
+    modes = []
+    for step in (10, 20, 30):
+        exporter.restore(str(trained_dir / f"ckpt-{step}"))
+        exporter.write(str(tmp_path / f"fast-{step}"))
+        modes.append((exporter._writer.full_writes, exporter._writer.fast_writes))
+    assert modes == [(1, 0), (1, 1), (1, 2)]  # one full save, then the fast path
+
+    x = np.random.default_rng(0).standard_normal((4, 4)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    seen = {}
+    for step in (10, 20, 30):
+        got = _inspect(tmp_path / f"fast-{step}", tmp_path / "x.npy")
+        assert got["fingerprint_ok"], f"fingerprint.pb of step {step} does not describe its files"
+        model = build()
+        tf.train.Checkpoint(model=model).read(str(trained_dir / f"ckpt-{step}")).expect_partial()
+        np.testing.assert_allclose(np.array(got["score"]), model(x).numpy(), rtol=1e-6, atol=1e-6)
+        seen[step] = got
+        # the same signatures as a full save of the same checkpoint
+        full = tmp_path / f"full-{step}"
+        tf.saved_model.save(exporter.serving.root, str(full), signatures=exporter.serving.signatures) \
+            if step == 30 else None
+    assert len({g["checkpoint_hash"] for g in seen.values()}) == 3  # each version's own variables
+    assert len({g["saved_model_checksum"] for g in seen.values()}) == 1  # one graph
+    from pipeline.validate import signatures_of
+
+    assert signatures_of(str(tmp_path / "fast-30")) == signatures_of(str(tmp_path / "full-30"))
+
+
+def test_saved_model_cli_runs_a_fast_written_version(tmp_path, trained_dir):
+    from pipeline.demo import build
+    from pipeline.export import Exporter
+
+    exporter = Exporter(build())
+    for step in (10, 20):
+        exporter.restore(str(trained_dir / f"ckpt-{step}"))
+        exporter.write(str(tmp_path / str(step)))
+    assert exporter._writer.fast_writes == 1
+    cli = [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"]
+    show = subprocess.run(cli + ["show", "--dir", str(tmp_path / "20"), "--all"], env=cli_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert show.returncode == 0, show.stderr
+    assert "signature_def['serving_default']" in show.stdout and "features" in show.stdout
+    np.save(tmp_path / "x.npy", np.ones((2, 4), dtype="float32"))
+    run = subprocess.run(cli + ["run", "--dir", str(tmp_path / "20"), "--tag_set", "serve", "--signature_def",
+                                "serving_default", "--inputs", f"features={tmp_path / 'x.npy'}"],
+                         env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "score" in run.stdout
+
+
+def test_parallel_backfill_publishes_in_checkpoint_order_exactly_once(tmp_path, trained_dir):
+    ws = make_workspace(tmp_path, trained_dir)
+    ws.train_more(20)  # ckpt-40, ckpt-50
+    res = ws.cli("backfill", "--jobs", "2", "--json")
+    assert res.rc == 0, res.err
+    records = res.json
+    assert [r["step"] for r in records] == [10, 20, 30, 40, 50]
+    assert all(r["status"] == "published" for r in records)
+    versions = [r["version"] for r in records]
+    assert versions == sorted(versions) and len(set(versions)) == 5
+    assert ws.versions() == versions
+    assert "ckpt/s" in res.err or "s/ckpt" in res.err  # progress bar with its rate
+    again = ws.cli("backfill", "--jobs", "2", "--json")
+    assert again.rc == 0 and again.json == []
+    ledger = list((ws.base / "_exports" / "ledger").iterdir())
+    assert len(ledger) == 5
+
+
+def test_one_validation_process_still_checks_each_version_on_its_own(tmp_path, trained_dir):
+    from pipeline.demo import build
+    from pipeline.export import Exporter
+    from pipeline.validate import ValidationSession
+
+    exporter = Exporter(build())
+    for step in (10, 20):
+        exporter.restore(str(trained_dir / f"ckpt-{step}"))
+        exporter.write(str(tmp_path / str(step)))
+    data = tmp_path / "20" / "variables" / "variables.data-00000-of-00001"
+    data.write_bytes(data.read_bytes()[:16])
+    with ValidationSession() as session:
+        good = session.validate(str(tmp_path / "10"))
+        bad = session.validate(str(tmp_path / "20"))
+        good_again = session.validate(str(tmp_path / "10"))
+        pid = session._proc.pid
+    assert good["ok"] and good_again["ok"]
+    assert not bad["ok"] and "does not load" in bad["reason"]
+    assert pid  # one process served all three
