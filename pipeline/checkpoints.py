@@ -39,6 +39,8 @@ class Checkpoint:
     index_size: int = 0
     index_crc32c: str | None = None
     listed: bool = False        # named by the `checkpoint` state file
+    kind: str = "checkpoint"    # "checkpoint" (tf.train.Checkpoint) or "keras" (a .keras file; index_* are the file's)
+    writing: bool = False       # looks like a file still being written
 
     def identity(self) -> dict:
         """What makes this checkpoint this checkpoint: its path and its index's size and crc."""
@@ -90,17 +92,25 @@ def _step_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def discover_checkpoints(store: Storage, training_dir: str | None = None) -> list[Checkpoint]:
+def discover_checkpoints(store: Storage, training_dir: str | None = None, fmt: str = "auto",
+                         step_pattern: str | None = None) -> list[Checkpoint]:
     """Every checkpoint in ``training_dir`` (default: the store's root), sorted by step.
 
     One directory listing, one read of the state file, and one read of each
-    index whose checksum the storage does not report itself.
+    index whose checksum the storage does not report itself. ``fmt`` "keras"
+    (or "auto" on a folder of ``*.keras`` files only) lists Keras files instead
+    (see :mod:`pipeline.keras_files`).
     """
     directory = training_dir or store.root
     entries = store.list_dir(directory)
     if not entries and not store.isdir(directory):
         raise CheckpointError(f"training directory does not exist: {store.url(directory)}")
     by_name: dict[str, Entry] = {e.name: e for e in entries if not e.is_dir}
+    if fmt != "checkpoint":
+        from pipeline import keras_files
+
+        if fmt == "keras" or keras_files.is_keras_dir(by_name):
+            return keras_files.discover(store, directory, list(by_name.values()), step_pattern)
 
     listed: list[str] = []
     times: dict[str, float] = {}

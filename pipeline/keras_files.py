@@ -1,0 +1,180 @@
+"""Keras ``.keras`` files as checkpoints: what ``keras.callbacks.ModelCheckpoint`` writes.
+
+Example (config)::
+
+    training_dir: ./train            # model-1.keras, model-2.keras, ... from ModelCheckpoint
+    export_base: ./serving/my_model
+    model:
+      format: keras                  # or auto: detected from the files
+      step_pattern: 'model-(\\d+)'    # the epoch or step in the file name (default: its first number)
+
+A ``.keras`` file carries the architecture with the weights, so no factory is
+needed: each file is loaded with ``keras.saving.load_model`` and exported.
+Its identity is its path plus its size and CRC32C; its step is the number the
+pattern finds in its name (else none, and files are ordered by write time).
+
+``ModelCheckpoint`` writes a local file in place, so a file being written is
+seen before it is whole: a ``.keras`` file is a zip archive whose directory is
+written last. A local file without it is taken to be still being written while
+it is younger than :data:`WRITING_GRACE_SECONDS`, and is broken after that.
+Object stores show an object only once it is whole.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import zipfile
+from typing import Any
+
+from pipeline.checkpoints import Checkpoint, crc32c_b64
+from pipeline.errors import CheckpointError, ConfigError, PipelineError
+from pipeline.storage import Entry, Storage
+
+SUFFIX = ".keras"
+DEFAULT_STEP_PATTERN = r"(\d+)"
+WRITING_GRACE_SECONDS = 120.0
+
+
+def is_keras_dir(names: set[str] | list[str]) -> bool:
+    """``format: auto``: .keras files and no TF checkpoint (no ``checkpoint`` state file, no ``*.index``)."""
+    names = set(names)
+    return any(n.endswith(SUFFIX) for n in names) and "checkpoint" not in names and \
+        not any(n.endswith(".index") for n in names)
+
+
+def step_of(name: str, pattern: str | None) -> int | None:
+    stem = name[: -len(SUFFIX)] if name.endswith(SUFFIX) else name
+    m = re.search(pattern or DEFAULT_STEP_PATTERN, stem)
+    if not m:
+        return None
+    group = m.groupdict().get("step") or next((g for g in m.groups() if g is not None), None)
+    try:
+        return int(group) if group is not None else None
+    except ValueError:
+        return None
+
+
+def _archive_problem(path: str) -> str | None:
+    """Why a local .keras file is not a whole Keras archive, or None."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = set(zf.namelist())
+    except zipfile.BadZipFile:
+        return "a zip directory (the file is truncated, still being written, or not a .keras file)"
+    except OSError as err:
+        return f"a readable file ({err.strerror or err})"
+    if "config.json" not in names:
+        return "config.json in the archive (not a Keras model file)"
+    if not any(n.startswith("model.weights.") for n in names):
+        return "model.weights.* in the archive (saved without weights)"
+    return None
+
+
+def discover(store: Storage, directory: str, entries: list[Entry], step_pattern: str | None = None,
+             now: float | None = None) -> list[Checkpoint]:
+    """The ``.keras`` files among ``entries`` as checkpoints, sorted by step, then write time."""
+    now = time.time() if now is None else now
+    found = []
+    for e in entries:
+        if e.is_dir or not e.name.endswith(SUFFIX):
+            continue
+        missing: list[str] = []
+        writing = False
+        crc = e.crc32c
+        if store.is_local:
+            problem = _archive_problem(e.path)
+            if problem:
+                missing.append(problem)
+                writing = e.mtime is not None and now - e.mtime < WRITING_GRACE_SECONDS
+            if crc is None:
+                from pipeline.storage import crc32c_of_file
+
+                try:
+                    crc = crc32c_of_file(e.path)
+                except FileNotFoundError:
+                    continue  # removed since the listing (ModelCheckpoint's save_best_only, max files)
+        elif crc is None:
+            crc = crc32c_b64(store.read_bytes(e.path))
+        found.append(Checkpoint(
+            prefix=store.url(store.join(directory, e.name)),
+            name=e.name,
+            step=step_of(e.name, step_pattern),
+            written_at=e.mtime,
+            complete=not missing,
+            missing=missing,
+            index_size=e.size,
+            index_crc32c=crc,
+            kind="keras",
+            writing=writing,
+        ))
+    found.sort(key=lambda c: (c.step if c.step is not None else -1, c.written_at or 0.0, c.name))
+    return found
+
+
+def local_copy(store: Storage, ckpt: Checkpoint, scratch: str) -> str:
+    """A local path of the .keras file; downloaded (checked against the server's crc32c) from object stores."""
+    if store.is_local:
+        return ckpt.prefix
+    from pipeline.storage import ChecksumMismatch
+
+    remote = store.strip(ckpt.prefix)
+    try:
+        entry = store.info(remote)
+    except FileNotFoundError:
+        raise CheckpointError(f"Keras file vanished while reading: {ckpt.prefix}") from None
+    if ckpt.index_crc32c and entry.crc32c and entry.crc32c != ckpt.index_crc32c:
+        raise CheckpointError(f"Keras file changed since it was discovered (another crc32c): {ckpt.prefix}")
+    local_dir = os.path.join(scratch, "keras")
+    try:
+        store.download_files([entry], local_dir)
+    except FileNotFoundError:
+        raise CheckpointError(f"Keras file vanished while reading: {ckpt.prefix}") from None
+    except ChecksumMismatch:
+        raise CheckpointError(f"Keras file does not match its crc32c after retries: {ckpt.prefix}") from None
+    return os.path.join(local_dir, ckpt.name)
+
+
+class KerasFileExporter:
+    """The :class:`pipeline.export.Exporter` interface for ``.keras`` files: ``restore`` loads the file."""
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+        self._inner = None
+
+    def restore(self, path: str) -> None:
+        from pipeline.export import Exporter
+
+        problem = _archive_problem(path)
+        if problem:
+            raise CheckpointError(f"not a whole Keras model file, missing {problem}: {path}")
+        import keras
+
+        try:
+            model = keras.saving.load_model(path, compile=False)
+        except Exception as err:  # whatever Keras raises for a file it cannot revive
+            text = " ".join(str(err).split())[:240]
+            raise CheckpointError(f"cannot load Keras model file ({type(err).__name__}: {text}): {path}") from None
+        if not getattr(model, "inputs", None):
+            raise CheckpointError(f"the Keras model in the file has no defined inputs (a subclassed model?); "
+                                  f"export it with a factory instead: {path}")
+        try:
+            self._inner = Exporter(model, example_signature=self.cfg.model.example_signature)
+        except ConfigError as err:
+            raise ConfigError(f"{err}: {self.cfg.source or path}") from None
+
+    @property
+    def serving(self):
+        return self._loaded().serving
+
+    def reference_outputs(self, inputs):
+        return self._loaded().reference_outputs(inputs)
+
+    def write(self, directory: str) -> None:
+        self._loaded().write(directory)
+
+    def _loaded(self):
+        if self._inner is None:
+            raise PipelineError("no Keras file was loaded before export")
+        return self._inner
