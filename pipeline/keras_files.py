@@ -10,8 +10,10 @@ Example (config)::
 
 A ``.keras`` file carries the architecture with the weights, so no factory is
 needed: each file is loaded with ``keras.saving.load_model`` and exported.
-Its identity is its path plus its size and CRC32C; its step is the number the
-pattern finds in its name (else none, and files are ordered by write time).
+Its identity is its path plus its size and a CRC32C: the object's on object
+stores, that of its zip directory (which holds every member's CRC-32) on local
+disk. Its step is the number the pattern finds in its name (else none, and
+files are ordered by write time).
 
 ``ModelCheckpoint`` writes a local file in place, so a file being written is
 seen before it is whole: a ``.keras`` file is a zip archive whose directory is
@@ -56,20 +58,32 @@ def step_of(name: str, pattern: str | None) -> int | None:
         return None
 
 
-def _archive_problem(path: str) -> str | None:
-    """Why a local .keras file is not a whole Keras archive, or None."""
+def _inspect(path: str) -> tuple[str | None, str | None]:
+    """(why a local .keras file is not a whole Keras archive or None, a CRC32C of its zip directory).
+
+    The zip directory lists every member with its CRC-32 and sizes, so its
+    checksum changes whenever any content does; reading it costs a few hundred
+    bytes where a checksum of the whole file would read every weight.
+    """
     try:
         with zipfile.ZipFile(path) as zf:
-            names = set(zf.namelist())
+            members = zf.infolist()
     except zipfile.BadZipFile:
-        return "a zip directory (the file is truncated, still being written, or not a .keras file)"
+        return "a zip directory (the file is truncated, still being written, or not a .keras file)", None
     except OSError as err:
-        return f"a readable file ({err.strerror or err})"
+        return f"a readable file ({err.strerror or err})", None
+    listing = "\n".join(f"{m.filename}|{m.CRC}|{m.file_size}|{m.compress_size}" for m in members)
+    crc = "zipdir:" + crc32c_b64(listing.encode())
+    names = {m.filename for m in members}
     if "config.json" not in names:
-        return "config.json in the archive (not a Keras model file)"
+        return "config.json in the archive (not a Keras model file)", crc
     if not any(n.startswith("model.weights.") for n in names):
-        return "model.weights.* in the archive (saved without weights)"
-    return None
+        return "model.weights.* in the archive (saved without weights)", crc
+    return None, crc
+
+
+def _archive_problem(path: str) -> str | None:
+    return _inspect(path)[0]
 
 
 def discover(store: Storage, directory: str, entries: list[Entry], step_pattern: str | None = None,
@@ -84,17 +98,12 @@ def discover(store: Storage, directory: str, entries: list[Entry], step_pattern:
         writing = False
         crc = e.crc32c
         if store.is_local:
-            problem = _archive_problem(e.path)
+            if not os.path.exists(e.path):
+                continue  # removed since the listing
+            problem, crc = _inspect(e.path)
             if problem:
                 missing.append(problem)
                 writing = e.mtime is not None and now - e.mtime < WRITING_GRACE_SECONDS
-            if crc is None:
-                from pipeline.storage import crc32c_of_file
-
-                try:
-                    crc = crc32c_of_file(e.path)
-                except FileNotFoundError:
-                    continue  # removed since the listing (ModelCheckpoint's save_best_only, max files)
         elif crc is None:
             crc = crc32c_b64(store.read_bytes(e.path))
         found.append(Checkpoint(
