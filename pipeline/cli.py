@@ -198,6 +198,10 @@ def cmd_backfill(args, cfg) -> int:
                        allow_outrank=args.allow_outrank, progress=progress, jobs=args.jobs)
     if bar is not None:
         bar.close()
+    timings_file = os.environ.get("TF_EXPORT_TIMINGS")
+    if timings_file:  # per-stage seconds of each checkpoint, for bench/backfill.py
+        with open(timings_file, "w", encoding="utf-8") as fh:
+            json.dump([{"step": r.get("step"), "status": r["status"], **(r.get("timings") or {})} for r in records], fh)
     out = [public(r) | ({"error": r["error"]} if "error" in r else {}) for r in records]
     human = "\n".join(_run_line(r) for r in records) or "nothing to backfill: every checkpoint in range has a version"
     _emit(args, out, human)
@@ -330,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore")
         logging.getLogger("tensorflow").setLevel(logging.ERROR)
         os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-        if args.command in ("run", "backfill", "demo", "validate"):
+        if args.command in ("run", "demo", "validate"):  # backfill imports it itself, later
             from pipeline.export import import_tensorflow_quietly
 
             import_tensorflow_quietly()

@@ -489,15 +489,37 @@ def backfill(cfg: Config, from_step: int | None = None, to_step: int | None = No
             progress(record)
 
     if jobs <= 1 or len(pending) <= 1:
+        from collections import deque
+        from concurrent.futures import Future, ThreadPoolExecutor
+
+        from pipeline.export import import_tensorflow_quietly
         from pipeline.validate import ValidationSession
 
-        with ValidationSession() as session:
+        # The validation process starts first so that its TensorFlow import
+        # overlaps this one's; then checkpoint i+1 is exported while version i
+        # is being validated (the thread only waits on the other process).
+        with ValidationSession().start() as session, ThreadPoolExecutor(1) as validator:
+            import_tensorflow_quietly()
+            inflight: deque = deque()
             for item in pending:
+                t0 = time.monotonic()
                 try:
-                    validated = export_and_validate(cfg, item["prefix"], force=True, session=session)
+                    staged = stage_export(cfg, item["prefix"], force=True)
+                    staged["timings"] = {"export": round(time.monotonic() - t0, 4)}
                 except PipelineError as err:
-                    validated = err
-                finish(item, validated)
+                    staged = err
+                if isinstance(staged, dict) and staged.get("status") == "staged":
+                    ticket = validator.submit(_validate_timed, cfg, staged, session)
+                else:
+                    ticket = Future()
+                    ticket.set_result(staged)
+                inflight.append((item, ticket))
+                while len(inflight) > 1:
+                    done_item, done = inflight.popleft()
+                    finish(done_item, done.result())
+            while inflight:
+                done_item, done = inflight.popleft()
+                finish(done_item, done.result())
         return records
 
     import multiprocessing
@@ -508,6 +530,16 @@ def backfill(cfg: Config, from_step: int | None = None, to_step: int | None = No
         for item, validated in zip(pending, results):
             finish(item, validated)
     return records
+
+
+def _validate_timed(cfg: Config, staged: dict, session) -> dict | PipelineError:
+    t0 = time.monotonic()
+    try:
+        validated = stage_validate(cfg, staged, session=session)
+    except PipelineError as err:
+        return err
+    validated["timings"] = {**staged.get("timings", {}), "validate": round(time.monotonic() - t0, 4)}
+    return validated
 
 
 def _failed_record(item: dict, err: BaseException) -> dict:
@@ -525,9 +557,9 @@ def _worker_init() -> None:
     from pipeline.validate import ValidationSession
 
     global _WORKER_SESSION
-    import_tensorflow_quietly()
-    _WORKER_SESSION = ValidationSession()
+    _WORKER_SESSION = ValidationSession().start()
     atexit.register(_WORKER_SESSION.close)
+    import_tensorflow_quietly()
 
 
 def _worker_export(task: tuple) -> dict | BaseException:

@@ -47,23 +47,32 @@ class ValidationSession:
         self.max_loads = max_loads
         self._proc: subprocess.Popen | None = None
         self._loads = 0
+        self._ready = False
 
-    def _start(self) -> None:
-        self._proc = subprocess.Popen([sys.executable, "-m", "pipeline.validate_worker", "--serve"],
-                                      env=_worker_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=subprocess.DEVNULL, text=True, bufsize=1)
-        self._loads = 0
-        ready = self._proc.stdout.readline()
-        if not ready.strip():
+    def start(self) -> "ValidationSession":
+        """Start the process without waiting for it, so its start-up overlaps other work."""
+        if self._proc is None:
+            self._proc = subprocess.Popen([sys.executable, "-m", "pipeline.validate_worker", "--serve"],
+                                          env=_worker_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          stderr=subprocess.DEVNULL, text=True, bufsize=1)
+            self._loads = 0
+            self._ready = False
+        return self
+
+    def _ensure_ready(self) -> None:
+        if self._proc is None or self._proc.poll() is not None or self._loads >= self.max_loads:
             self.close()
-            raise RuntimeError("validation process did not start")
+            self.start()
+        if not self._ready:
+            if not self._proc.stdout.readline().strip():
+                self.close()
+                raise RuntimeError("validation process did not start")
+            self._ready = True
 
     def validate(self, path: str, *, samples=None, expected=None, rtol=1e-5, atol=1e-6, timeout=300) -> dict:
         import threading
 
-        if self._proc is None or self._proc.poll() is not None or self._loads >= self.max_loads:
-            self.close()
-            self._start()
+        self._ensure_ready()
         started = time.monotonic()
         request = {"saved_model": path, "samples": samples, "expected": expected, "rtol": rtol, "atol": atol}
         proc = self._proc
