@@ -169,18 +169,31 @@ class Publisher:
             return self.store.isdir(final)
         return self.store.isfile(self.store.join(final, "saved_model.pb"))
 
+    def taken(self) -> set[int]:
+        """Numbers already claimed or published, from one listing of each."""
+        claims = {int(e.name) for e in self.store.list_dir(self.path(EXPORTS_DIR, "claims")) if e.name.isdigit()}
+        return claims | set(self.versions())
+
     def claim(self, start: int, attempts: int, note: dict) -> tuple[int, int]:
-        """Claim the first free number from ``start``; returns (version, attempts used)."""
+        """Claim the first free number from ``start``; returns (version, attempts used).
+
+        Numbers that the listings show as taken are skipped without a try, so a
+        run of checkpoints written within one second (``checkpoint_time``) gets
+        consecutive numbers; ``attempts`` bounds the create-only writes lost to
+        writers racing for the same number.
+        """
+        taken = self.taken()
+        version = start
         for i in range(attempts):
-            version = start + i
-            if self.store.exists(self.version_path(version)):
-                continue
-            if self.store.create_only(self.claim_path(version), json.dumps(note).encode()):
+            while version in taken:
+                version += 1
+            if not self.store.exists(self.version_path(version)) and \
+                    self.store.create_only(self.claim_path(version), json.dumps(note).encode()):
                 # A claim file is written after the version directory only by a
                 # foreign writer; never promote over one that is there.
-                if self.store.exists(self.version_path(version)):
-                    continue
-                return version, i + 1
+                if not self.store.exists(self.version_path(version)):
+                    return version, i + 1
+            taken.add(version)
         raise PublishError(
             f"could not claim a version number in {attempts} attempts from {start} "
             f"(raise max_claim_attempts, or look for a stuck writer): {self.store.url(self.path(EXPORTS_DIR, 'claims'))}"
@@ -202,17 +215,18 @@ class Publisher:
         live = self.live_version()
         now = time.time() if now is None else now
         start = first_candidate(versioning, checkpoint, now, live)
-        if guard_outrank and live is not None and start > live:
+        note = {"owner": owner(), "staging": staging, "checkpoint": checkpoint.prefix, "claimed_at": time.time()}
+        version, attempts = self.claim(start, max_claim_attempts, note)
+        if guard_outrank and live is not None and version > live:
             live_manifest = self.manifest(live) or {}
             live_written = (live_manifest.get("checkpoint") or {}).get("written_at")
             if live_written is not None and checkpoint.written_at is not None and checkpoint.written_at < live_written:
+                self.release(version)
                 self._discard(staging)
                 raise PublishError(
                     f"versioning '{versioning}' would serve an older checkpoint ({checkpoint.name}) above the live "
                     f"version {live}; use versioning 'checkpoint_time' or allow it explicitly: {checkpoint.prefix}"
                 )
-        note = {"owner": owner(), "staging": staging, "checkpoint": checkpoint.prefix, "claimed_at": time.time()}
-        version, attempts = self.claim(start, max_claim_attempts, note)
         faults.hold("claimed")
 
         manifest = {

@@ -96,15 +96,33 @@ def test_create_only_is_exclusive(tmp_path):
     assert (tmp_path / "_exports" / "claims" / "7").read_bytes() == b"first"
 
 
-def test_claim_moves_past_taken_numbers_and_gives_up_after_the_limit(tmp_path):
+def test_claim_skips_numbers_the_listing_shows_taken(tmp_path):
     pub = Publisher(open_storage(str(tmp_path)))
     for v in (100, 101):
         assert pub.store.create_only(pub.claim_path(v), b"other writer")
     (tmp_path / "102").mkdir()  # a version published without a claim (e.g. by the seed exporter)
     version, attempts = pub.claim(100, 10, {"who": "me"})
-    assert (version, attempts) == (103, 4)
+    assert (version, attempts) == (103, 1)
+    assert json.loads((tmp_path / "_exports" / "claims" / "103").read_text()) == {"who": "me"}
+    # twenty checkpoints written within one second get twenty consecutive numbers
+    got = [pub.claim(200, 2, {"n": i})[0] for i in range(20)]
+    assert got == list(range(200, 220))
+
+
+class _RacedStorage(type(open_storage("/"))):
+    """A storage whose create-only writes always lose to another writer: a race no
+    real process can be made to lose on demand every time."""
+
+    def create_only(self, path, data):
+        super().create_only(path, b"the other writer")
+        return False
+
+
+def test_claim_gives_up_after_the_limit_of_lost_races(tmp_path):
+    pub = Publisher(_RacedStorage(str(tmp_path)))
     with pytest.raises(PublishError, match="could not claim a version number in 3 attempts from 100"):
         pub.claim(100, 3, {"who": "me"})
+    assert sorted(p.name for p in (tmp_path / "_exports" / "claims").iterdir()) == ["100", "101", "102"]
 
 
 def test_first_candidate_per_policy():
