@@ -155,3 +155,11 @@ class PartialVersionWatcher:
 def assert_no_partial_versions_one(child: Path) -> None:
     for rel in ("saved_model.pb", "variables/variables.index", "assets.extra/export_manifest.json"):
         assert (child / rel).is_file(), f"partial version {child}: no {rel}"
+
+
+def one_line_error(res) -> str:
+    """The single stderr line of a failed command; fails the test if there is more, or a traceback."""
+    lines = [line for line in res.err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{res.err}"
+    assert lines[0].startswith("tf-export: error: ") and "Traceback" not in res.err
+    return lines[0]

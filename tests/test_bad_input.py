@@ -9,15 +9,8 @@ import textwrap
 import pytest
 import yaml
 
-from tests.conftest import make_workspace, run_cli
+from tests.conftest import make_workspace, run_cli, one_line_error
 
-
-def _one_line(res) -> str:
-    lines = [l for l in res.err.strip().splitlines() if l.strip()]
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{res.err}"
-    assert lines[0].startswith("tf-export: error: ")
-    assert "Traceback" not in res.err
-    return lines[0]
 
 
 def _nothing_changed(ws, before):
@@ -37,7 +30,7 @@ def test_training_dir_missing(workspace):
     shutil.rmtree(workspace.train)
     res = workspace.cli("run")
     assert res.rc == 1
-    assert "training directory does not exist" in _one_line(res) and str(workspace.train) in res.err
+    assert "training directory does not exist" in one_line_error(res) and str(workspace.train) in res.err
     _nothing_changed(workspace, [])
 
 
@@ -46,7 +39,7 @@ def test_training_dir_empty(workspace):
     workspace.train.mkdir()
     res = workspace.cli("run")
     assert res.rc == 1
-    assert "holds no checkpoints" in _one_line(res) and str(workspace.train) in res.err
+    assert "holds no checkpoints" in one_line_error(res) and str(workspace.train) in res.err
     _nothing_changed(workspace, [])
 
 
@@ -56,7 +49,7 @@ def test_missing_data_shard_of_newest_checkpoint(live):
     os.remove(live.train / "ckpt-40.data-00000-of-00001")
     res = live.cli("run")
     assert res.rc == 1
-    line = _one_line(res)
+    line = one_line_error(res)
     assert "incomplete" in line and "ckpt-40.data-00000-of-00001" in line and str(live.train / "ckpt-40") in line
     _nothing_changed(live, before)
     listing = live.cli("discover", "--json").json
@@ -71,7 +64,7 @@ def test_truncated_data_shard(live):
     shard.write_bytes(data[: len(data) // 3])
     res = live.cli("run")
     assert res.rc == 1
-    line = _one_line(res)
+    line = one_line_error(res)
     assert "truncated or corrupt" in line and str(live.train / "ckpt-40") in line
     _nothing_changed(live, before)
 
@@ -82,7 +75,7 @@ def test_missing_index_of_a_listed_checkpoint(live):
     os.remove(live.train / "ckpt-40.index")
     res = live.cli("run")
     assert res.rc == 1
-    assert "ckpt-40.index" in _one_line(res)
+    assert "ckpt-40.index" in one_line_error(res)
     _nothing_changed(live, before)
 
 
@@ -95,7 +88,7 @@ def test_checkpoint_of_a_different_model(tmp_path, trained_dir):
     train(str(ws.train), steps=10, checkpoint_every=10, start_step=40, factory=build_wide, resume=False)
     res = ws.cli("run", "--checkpoint", "ckpt-50")
     assert res.rc == 1
-    line = _one_line(res)
+    line = one_line_error(res)
     assert "different model" in line and str(ws.train / "ckpt-50") in line
     _nothing_changed(ws, before)
 
@@ -104,7 +97,7 @@ def test_checkpoint_saved_under_another_key(tmp_path, trained_dir):
     ws = make_workspace(tmp_path, trained_dir, model={"checkpoint_key": "net"})
     res = ws.cli("run")
     assert res.rc == 1
-    assert "does not hold this model under key 'net'" in _one_line(res)
+    assert "does not hold this model under key 'net'" in one_line_error(res)
     _nothing_changed(ws, [])
 
 
@@ -112,7 +105,7 @@ def test_factory_cannot_be_imported(tmp_path, trained_dir):
     ws = make_workspace(tmp_path, trained_dir, model={"factory": "no_such_pkg.models:build"})
     res = ws.cli("run")
     assert res.rc == 2
-    assert "cannot import model factory module 'no_such_pkg.models'" in _one_line(res)
+    assert "cannot import model factory module 'no_such_pkg.models'" in one_line_error(res)
     _nothing_changed(ws, [])
 
 
@@ -124,7 +117,7 @@ def test_factory_raises(tmp_path, trained_dir):
     """))
     res = ws.cli("run")
     assert res.rc == 2
-    line = _one_line(res)
+    line = one_line_error(res)
     assert "model factory raised RuntimeError: weights layout unknown" in line and "broken_factory:build" in line
     _nothing_changed(ws, [])
 
@@ -147,7 +140,7 @@ def test_savedmodel_without_serving_signature(tmp_path):
     tf.saved_model.save(module, str(path), signatures={})
     res = run_cli("validate", str(path))
     assert res.rc == 1
-    line = _one_line(res)
+    line = one_line_error(res)
     assert "no 'serving_default' signature" in line and str(path) in line
 
 
@@ -156,7 +149,7 @@ def test_module_factory_without_serving_function(tmp_path, trained_dir):
     (tmp_path / "bare_module.py").write_text("import tensorflow as tf\n\ndef build():\n    m = tf.Module()\n    m.v = tf.Variable(1.0)\n    return m\n")
     res = ws.cli("run")
     assert res.rc == 2
-    assert "no serving function" in _one_line(res)
+    assert "no serving function" in one_line_error(res)
     _nothing_changed(ws, [])
 
 
@@ -165,7 +158,7 @@ def test_export_base_is_a_file(workspace):
     workspace.base.write_text("not a directory")
     res = workspace.cli("run")
     assert res.rc == 2
-    assert "export_base is a file" in _one_line(res) and str(workspace.base) in res.err
+    assert "export_base is a file" in one_line_error(res) and str(workspace.base) in res.err
     assert workspace.base.read_text() == "not a directory"
 
 
@@ -183,25 +176,25 @@ def test_config_errors(workspace, mutate, expected):
     for cmd in ("run", "discover", "status"):
         res = workspace.cli(cmd)
         assert res.rc == 2
-        line = _one_line(res)
+        line = one_line_error(res)
         assert expected in line and str(workspace.config) in line
     _nothing_changed(workspace, [])
 
 
 def test_config_file_missing_or_not_yaml(tmp_path):
     res = run_cli("run", "--config", str(tmp_path / "nope.yaml"))
-    assert res.rc == 2 and "config file not found" in _one_line(res)
+    assert res.rc == 2 and "config file not found" in one_line_error(res)
     bad = tmp_path / "bad.yaml"
     bad.write_text("training_dir: [unclosed\n")
     res = run_cli("status", "--config", str(bad))
-    assert res.rc == 2 and "not valid YAML" in _one_line(res) and str(bad) in res.err
+    assert res.rc == 2 and "not valid YAML" in one_line_error(res) and str(bad) in res.err
 
 
 def test_checkpoint_that_does_not_exist(live):
     before = live.versions()
     res = live.cli("run", "--checkpoint", "ckpt-999")
     assert res.rc == 2
-    assert "checkpoint not found: ckpt-999" in _one_line(res)
+    assert "checkpoint not found: ckpt-999" in one_line_error(res)
     _nothing_changed(live, before)
 
 

@@ -15,14 +15,8 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import assert_no_partial_versions, cli_env, make_workspace, run_cli
+from tests.conftest import assert_no_partial_versions, cli_env, make_workspace, run_cli, one_line_error
 
-
-def _one_line(res) -> str:
-    lines = [line for line in res.err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{res.err}"
-    assert lines[0].startswith("tf-export: error: ") and "Traceback" not in res.err
-    return lines[0]
 
 
 def _write_config(root: Path, **data) -> Path:
@@ -213,7 +207,7 @@ def test_predict_on_published_version_with_arrays_and_with_examples(published, t
     assert human.out.startswith("Result for output key score:\n[[")
 
 
-def test_predict_bad_input_is_one_line(published, tmp_path):
+def test_predict_bad_input_isone_line_error(published, tmp_path):
     ws, rec = published
     np.savez(tmp_path / "pickled.npz", features=np.array([{"a": 1}], dtype=object))
     np.savez(tmp_path / "wrong.npz", feature=np.zeros((2, 4), "float32"))
@@ -226,7 +220,7 @@ def test_predict_bad_input_is_one_line(published, tmp_path):
     for args, with_config, expected in cases:
         res = ws.cli(*args, config=with_config)
         assert res.rc == 2, (args, res.err)
-        assert expected in _one_line(res), res.err
+        assert expected in one_line_error(res), res.err
 
 
 def test_feature_spec_that_does_not_match_the_model_fails_and_publishes_nothing(workspace):
@@ -236,7 +230,7 @@ def test_feature_spec_that_does_not_match_the_model_fails_and_publishes_nothing(
         "      feature: {dtype: float32, shape: [4]}\n"))
     res = workspace.cli("run")
     assert res.rc == 2
-    line = _one_line(res)
+    line = one_line_error(res)
     assert "example_signature does not match the inputs of serving_default" in line
     assert "['feature']" in line and str(workspace.config) in line
     assert workspace.versions() == [] and _staging(workspace.base) == []
@@ -328,7 +322,7 @@ def test_bad_keras_file_fails_with_one_line_and_publishes_nothing(tmp_path, kera
     os.utime(bad, (old, old))
     res = run_cli("run", "--config", str(config))
     assert res.rc == 1
-    line = _one_line(res)
+    line = one_line_error(res)
     assert "truncated" in line and str(bad) in line
     assert _versions(base) == [] and _staging(base) == []
 
@@ -337,7 +331,7 @@ def test_bad_keras_file_fails_with_one_line_and_publishes_nothing(tmp_path, kera
         zf.writestr("model.weights.h5", b"not hdf5")
     res = run_cli("run", "--config", str(config))
     assert res.rc == 1
-    line = _one_line(res)
+    line = one_line_error(res)
     assert "cannot load Keras model file" in line and "model-4.keras" in line
     assert _versions(base) == [] and _staging(base) == []
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import assert_no_partial_versions, cli_cmd, cli_env, make_workspace, run_cli
+from tests.conftest import assert_no_partial_versions, cli_cmd, cli_env, make_workspace, run_cli, one_line_error
 from tests.models import save_checkpoints
 
 CONTRACT = {
@@ -23,15 +23,10 @@ CONTRACT = {
 }
 
 
-def _one_line(res) -> str:
-    lines = [l for l in res.err.strip().splitlines() if l.strip()]
-    assert len(lines) == 1, res.err
-    return lines[0]
-
 
 def _failed_cleanly(ws, res, before):
     assert res.rc == 1, res.err
-    line = _one_line(res)
+    line = one_line_error(res)
     assert line.startswith("tf-export: error: validation failed: ")
     assert ws.versions() == before
     assert not [e for e in ws.entries() if e.startswith("temp-")]
@@ -129,7 +124,7 @@ def test_parity_break_between_serving_function_and_restored_model(tmp_path):
     config = write_config(str(tmp_path), model={"factory": "tests.models:noisy_serving"})
     res = run_cli("run", "--config", config)
     assert res.rc == 1, res.err
-    line = _one_line(res)
+    line = one_line_error(res)
     assert "output 'python_noise' differs from the restored checkpoint by up to" in line
     assert not (tmp_path / "serving" / "demo_regressor").exists() or not [
         p for p in (tmp_path / "serving" / "demo_regressor").iterdir() if p.name.isdigit() or p.name.startswith("temp-")]
@@ -243,7 +238,7 @@ def test_samples_that_do_not_fit_the_model_are_a_config_error(tmp_path, trained_
     ws = make_workspace(tmp_path, trained_dir, validation={"samples": "samples.npz"})
     res = ws.cli("run")
     assert res.rc == 2
-    assert "missing ['features'], extra ['feature']" in _one_line(res)
+    assert "missing ['features'], extra ['feature']" in one_line_error(res)
     assert ws.versions() == []
 
 
