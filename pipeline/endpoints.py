@@ -211,10 +211,11 @@ def build_endpoint_signatures(serving: Any, obj: Any) -> None:
         raise ConfigError("the endpoints track no model to restore the checkpoint into: pass the model to "
                           "Endpoints(model) or call track(model)")
     serving.model = model
-    serving.root.model = model
     # Keras 3 keeps some state (e.g. a dropout's seed) outside what tf.Module tracking finds;
     # an endpoint with training=True captures it. Track every variable, as ExportArchive does.
-    serving.root.model_variables = list(getattr(model, "variables", None) or [])
+    from pipeline.export import track_model
+
+    track_model(serving.root, model)
     serving.signatures = {}
     functions = []
     calls: dict[str, Callable] = {}

@@ -54,6 +54,32 @@ def _clean_name(name: str, fallback: str) -> str:
     return name or fallback
 
 
+def plain_variables(model: Any) -> list:
+    """The model's variables as plain ``tf.Variable`` objects (Keras 3 wraps its own)."""
+    import tensorflow as tf
+
+    out = []
+    for var in getattr(model, "variables", None) or []:
+        inner = var if isinstance(var, tf.Variable) else getattr(var, "value", None)
+        if isinstance(inner, tf.Variable):
+            out.append(inner)
+    return out
+
+
+def track_model(root: Any, model: Any) -> None:
+    """Make ``root`` (the SavedModel's root object) carry the model's state.
+
+    A Keras 3 model is tracked through its plain variables only: tracked as a
+    Keras object as well, each variable would be written twice (once through its
+    Keras wrapper), doubling the size of every version. A ``tf.Module`` is
+    tracked as it is.
+    """
+    if _is_keras_model(model) or hasattr(model, "_tracker"):
+        root.model_variables = plain_variables(model)
+    else:
+        root.model = model
+
+
 def _is_keras_model(obj: Any) -> bool:
     return hasattr(obj, "inputs") and hasattr(obj, "outputs") and hasattr(obj, "layers")
 
@@ -90,7 +116,7 @@ class ServingModel:
 
         self.model = model
         self.root = tf.Module()
-        self.root.model = model
+        track_model(self.root, model)
         from pipeline.endpoints import build_endpoint_signatures, is_endpoints
 
         if is_endpoints(model):

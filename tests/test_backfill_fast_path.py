@@ -126,3 +126,18 @@ def test_one_validation_process_still_checks_each_version_on_its_own(tmp_path, t
     assert good["ok"] and good_again["ok"]
     assert not bad["ok"] and "does not load" in bad["reason"]
     assert pid  # one process served all three
+
+
+def test_each_variable_is_stored_once(tmp_path, trained_dir):
+    import tensorflow as tf
+
+    from pipeline.demo import build
+    from pipeline.export import Exporter
+
+    exporter = Exporter(build())
+    for step in (10, 20):  # a full save, then a fast one
+        exporter.restore(str(trained_dir / f"ckpt-{step}"))
+        exporter.write(str(tmp_path / str(step)))
+        names = [n for n, _ in tf.train.list_variables(str(tmp_path / str(step) / "variables" / "variables"))
+                 if n != "_CHECKPOINTABLE_OBJECT_GRAPH"]
+        assert len(names) == len(exporter.model.variables), names  # no variable twice (Keras wrapper + value)
