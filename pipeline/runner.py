@@ -133,6 +133,21 @@ def _work_dir(ctx: Context, staging_name: str) -> str:
     return ctx.base.join(ctx.base.root, EXPORTS_DIR, "work", staging_name)
 
 
+def _from_discovery(record) -> Checkpoint | None:
+    """The checkpoint a discovery record describes, so a backfill does not list the
+    training directory again for each checkpoint."""
+    import dataclasses
+
+    if not isinstance(record, dict):
+        return None
+    names = [f.name for f in dataclasses.fields(Checkpoint)]
+    if not all(n in record for n in names):
+        return None
+    ckpt = Checkpoint(**{n: record[n] for n in names})
+    _require_complete(ckpt)
+    return ckpt
+
+
 def _gate(ctx: Context, ckpt: Checkpoint) -> dict | None:
     """The metric gate's verdict for ``ckpt`` against the live version (None without a gate)."""
     gate = ctx.cfg.gate
@@ -187,9 +202,11 @@ def stage_export(cfg: Config, checkpoint: str | dict | None = None, force: bool 
     import numpy as np
 
     ctx = Context(cfg)
-    if isinstance(checkpoint, dict):
-        checkpoint = checkpoint.get("prefix") or checkpoint.get("checkpoint")
-    ckpt = _choose(ctx, checkpoint)
+    ckpt = _from_discovery(checkpoint)
+    if ckpt is None:
+        if isinstance(checkpoint, dict):
+            checkpoint = checkpoint.get("prefix") or checkpoint.get("checkpoint")
+        ckpt = _choose(ctx, checkpoint)
     if ckpt is None:
         return _record("no_new_checkpoint")
     key = ckpt.ledger_key(cfg.config_hash)
@@ -504,7 +521,7 @@ def backfill(cfg: Config, from_step: int | None = None, to_step: int | None = No
             for item in pending:
                 t0 = time.monotonic()
                 try:
-                    staged = stage_export(cfg, item["prefix"], force=True)
+                    staged = stage_export(cfg, item, force=True)
                     staged["timings"] = {"export": round(time.monotonic() - t0, 4)}
                 except PipelineError as err:
                     staged = err
@@ -526,7 +543,7 @@ def backfill(cfg: Config, from_step: int | None = None, to_step: int | None = No
 
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(processes=min(jobs, len(pending)), initializer=_worker_init) as pool:
-        results = pool.imap(_worker_export, [(cfg, item["prefix"]) for item in pending], chunksize=1)
+        results = pool.imap(_worker_export, [(cfg, item) for item in pending], chunksize=1)
         for item, validated in zip(pending, results):
             finish(item, validated)
     return records
@@ -563,9 +580,9 @@ def _worker_init() -> None:
 
 
 def _worker_export(task: tuple) -> dict | BaseException:
-    cfg, prefix = task
+    cfg, item = task
     try:
-        return export_and_validate(cfg, prefix, force=True, session=_WORKER_SESSION)
+        return export_and_validate(cfg, item, force=True, session=_WORKER_SESSION)
     except PipelineError as err:
         return err
 
