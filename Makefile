@@ -20,6 +20,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+airflow: $(STAMP)
+	VENV=$(VENV) deploy/airflow_local.sh
+
 bench: $(STAMP)
 	$(PY) bench/backfill.py
 

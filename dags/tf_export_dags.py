@@ -1,0 +1,211 @@
+"""Three Airflow DAGs per model config: nightly, after training, backfill.
+
+Every ``<model>.yaml`` in the config folder (``dags/configs/`` beside this
+file, or ``$TF_EXPORT_CONFIG_DIR``) yields:
+
+``export_nightly__<model>``
+    on the config's ``airflow.schedule`` (default ``@daily``, no catch-up):
+    discover -> export -> validate -> publish -> prune. No new checkpoint
+    skips the run's tasks; it is not a failure.
+``export_after_training__<model>``
+    scheduled on the Asset of the training directory, so a training DAG
+    with that Asset as an outlet, or a training job posting an asset event
+    (``POST /api/v2/assets/events``, optionally with ``{"checkpoint": PREFIX}``
+    in its extra), starts it at once; a manual run takes ``{"checkpoint": PREFIX}``
+    as its conf. A deferrable sensor waits for the checkpoint to be complete;
+    then every complete checkpoint newer than the newest exported one is
+    exported (in parallel, up to ``airflow.max_active_tis_per_dagrun``) and
+    published in order, oldest first and newest last, so coalesced events
+    lose nothing and the newest model is the one served. Older unexported
+    checkpoints are left to the backfill DAG.
+``export_backfill__<model>``
+    manual, with params ``from_step``, ``to_step``, ``versioning`` (default
+    ``checkpoint_time``) and ``allow_outrank``: lists the checkpoints, then
+    exports them with dynamic task mapping, at most
+    ``airflow.max_active_tis_per_dagrun`` at a time.
+
+Every publish emits an event for the Asset of the export base.
+
+Parsing this file reads the YAML files and nothing else: TensorFlow and
+storage are only touched when a task runs. A config that does not load is
+logged and its DAGs are left out; the other models' DAGs are unaffected.
+
+Tuning through the environment (read when the file is parsed):
+``TF_EXPORT_RETRIES`` (2), ``TF_EXPORT_RETRY_DELAY_SECONDS`` (60),
+``TF_EXPORT_POKE_SECONDS`` (30: the sensor's poll interval),
+``TF_EXPORT_WAIT_SECONDS`` (3600: how long the sensor waits),
+``TF_EXPORT_POOL`` (``default_pool``: the pool of the export and validate tasks).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import pendulum
+from airflow.sdk import DAG, AssetAlias, Param, task_group
+
+from operators.assets import export_asset, requested_checkpoint, training_asset
+from operators.export import (
+    DiscoverCheckpointsOperator,
+    ExportCheckpointOperator,
+    PruneVersionsOperator,
+    PublishVersionOperator,
+    ValidateExportOperator,
+)
+from operators.sensors import NewCheckpointSensor
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(os.environ.get("TF_EXPORT_CONFIG_DIR") or Path(__file__).resolve().parent / "configs")
+START = pendulum.datetime(2024, 1, 1, tz="UTC")
+POKE_SECONDS = float(os.environ.get("TF_EXPORT_POKE_SECONDS", "30"))
+WAIT_SECONDS = float(os.environ.get("TF_EXPORT_WAIT_SECONDS", "3600"))
+POOL = os.environ.get("TF_EXPORT_POOL") or "default_pool"
+DEFAULT_ARGS = {
+    "owner": "tf-export",
+    "retries": int(os.environ.get("TF_EXPORT_RETRIES", "2")),
+    "retry_delay": timedelta(seconds=float(os.environ.get("TF_EXPORT_RETRY_DELAY_SECONDS", "60"))),
+}
+VERSIONING = ["checkpoint_time", "timestamp", "step"]
+
+
+def config_files(folder: Path = CONFIG_DIR) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+
+
+def nightly(model: str, path: str, cfg) -> DAG:
+    with DAG(
+        dag_id=f"export_nightly__{model}",
+        description=f"Export the newest new checkpoint of {model}, validate, publish, prune",
+        schedule=cfg.airflow.schedule or None,
+        start_date=START,
+        catchup=False,
+        max_active_runs=1,
+        default_args=DEFAULT_ARGS,
+        tags=["tf-export", model],
+        doc_md=f"Config: `{path}`. Exports the newest complete checkpoint of `{cfg.training_dir}` unless it "
+               f"has a version already (then every task is skipped), into `{cfg.export_base}`.",
+    ) as dag:
+        found = DiscoverCheckpointsOperator(task_id="discover", config_path=path)
+        staged = ExportCheckpointOperator(task_id="export", config_path=path, checkpoint=found.output, pool=POOL)
+        validated = ValidateExportOperator(task_id="validate", config_path=path, staged=staged.output, pool=POOL)
+        published = PublishVersionOperator(task_id="publish", config_path=path, validated=validated.output,
+                                           outlets=[export_asset(cfg)])
+        PruneVersionsOperator(task_id="prune", config_path=path, published=published.output)
+    return dag
+
+
+def after_training(model: str, path: str, cfg) -> DAG:
+    limit = cfg.airflow.max_active_tis_per_dagrun
+    with DAG(
+        dag_id=f"export_after_training__{model}",
+        description=f"Export {model}'s new checkpoints as soon as training announces one",
+        schedule=[training_asset(cfg)],
+        start_date=START,
+        catchup=False,
+        max_active_runs=1,
+        default_args=DEFAULT_ARGS,
+        params={"checkpoint": Param(None, type=["null", "string"],
+                                    description="prefix, name or step of the checkpoint to wait for")},
+        user_defined_macros={"requested_checkpoint": requested_checkpoint},
+        tags=["tf-export", model],
+        doc_md=f"Config: `{path}`. Runs on each event of the Asset `{training_asset(cfg).uri}`, or by hand "
+               f"with conf `{{\"checkpoint\": PREFIX}}`.",
+    ) as dag:
+        wait = NewCheckpointSensor(
+            task_id="wait_for_checkpoint",
+            config_path=path,
+            checkpoint="{{ requested_checkpoint(params, triggering_asset_events) }}",
+            poke_interval=POKE_SECONDS,
+            timeout=WAIT_SECONDS,
+        )
+        pending = DiscoverCheckpointsOperator(task_id="list_new", config_path=path, select="new")
+
+        @task_group(group_id="export_each")
+        def export_each(checkpoint):
+            staged = ExportCheckpointOperator(task_id="export", config_path=path, checkpoint=checkpoint,
+                                              max_active_tis_per_dagrun=limit, pool=POOL)
+            return ValidateExportOperator(task_id="validate", config_path=path, staged=staged.output,
+                                          max_active_tis_per_dagrun=limit, pool=POOL)
+
+        validated = export_each.expand(checkpoint=pending.output)
+        # One task publishes them all, in list order: the newest checkpoint is published last, so it is
+        # the one served, whatever order the exports finished in. The checkpoints that validated are
+        # published even if another failed; the run still fails (prune does not run). Each version
+        # gets its own event for the export base's Asset, through the alias.
+        publish = PublishVersionOperator(task_id="publish", config_path=path, validated=validated.output,
+                                         guard_outrank=True, outlets=[AssetAlias(f"tf_export__{model}__publish")],
+                                         trigger_rule="all_done_min_one_success")
+        prune = PruneVersionsOperator(task_id="prune", config_path=path,
+                                      trigger_rule="none_failed_min_one_success")
+        wait >> pending
+        [validated, publish] >> prune
+    return dag
+
+
+def backfill(model: str, path: str, cfg) -> DAG:
+    limit = cfg.airflow.max_active_tis_per_dagrun
+    with DAG(
+        dag_id=f"export_backfill__{model}",
+        description=f"Re-export a range of {model}'s historic checkpoints, {limit} at a time",
+        schedule=None,
+        start_date=START,
+        catchup=False,
+        max_active_runs=1,
+        default_args=DEFAULT_ARGS,
+        render_template_as_native_obj=True,
+        params={
+            "from_step": Param(None, type=["null", "integer"], description="first step (inclusive)"),
+            "to_step": Param(None, type=["null", "integer"], description="last step (inclusive)"),
+            "versioning": Param("checkpoint_time", enum=VERSIONING,
+                                description="checkpoint_time keeps history below the live version"),
+            "allow_outrank": Param(False, type="boolean",
+                                   description="allow an older checkpoint above the live version"),
+        },
+        tags=["tf-export", model],
+        doc_md=f"Config: `{path}`. Exports every complete checkpoint with no version in the step range, "
+               f"at most {limit} at a time. Retention is not applied.",
+    ) as dag:
+        listed = DiscoverCheckpointsOperator(task_id="list_checkpoints", config_path=path, select="pending",
+                                             from_step="{{ params.from_step }}", to_step="{{ params.to_step }}")
+
+        @task_group(group_id="export_each")
+        def export_each(checkpoint):
+            # Historic checkpoints: the metric gate records their metric but does not hold them back.
+            staged = ExportCheckpointOperator(task_id="export", config_path=path, checkpoint=checkpoint,
+                                              force=True, max_active_tis_per_dagrun=limit, pool=POOL)
+            validated = ValidateExportOperator(task_id="validate", config_path=path, staged=staged.output,
+                                               max_active_tis_per_dagrun=limit, pool=POOL)
+            return PublishVersionOperator(task_id="publish", config_path=path, validated=validated.output,
+                                          versioning="{{ params.versioning }}",
+                                          guard_outrank="{{ not params.allow_outrank }}",
+                                          outlets=[export_asset(cfg)], max_active_tis_per_dagrun=limit)
+
+        export_each.expand(checkpoint=listed.output)
+    return dag
+
+
+def build_all(folder: Path = CONFIG_DIR) -> dict[str, DAG]:
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+
+    dags: dict[str, DAG] = {}
+    for file in config_files(folder):
+        model = file.stem
+        try:
+            cfg = load_config(str(file))
+        except ConfigError as err:
+            log.error("no DAGs for %s: %s", model, err)
+            continue
+        for build in (nightly, after_training, backfill):
+            dag = build(model, str(file), cfg)
+            dags[dag.dag_id] = dag
+    return dags
+
+
+globals().update(build_all())

@@ -1,0 +1,82 @@
+"""What every operator over a pipeline stage shares: the config, its connection, skips and errors."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+from airflow.sdk import BaseOperator, Context
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+# Records with one of these statuses carry nothing for the next stage to do.
+NOTHING_TO_DO = ("skipped", "no_new_checkpoint", "gated")
+
+
+def load(config_path: str, conn_id: str | None = None):
+    """The config at ``config_path``, with the storage options of its connection."""
+    from operators.connections import config_with_connection
+    from pipeline.config import load_config
+
+    return config_with_connection(load_config(str(config_path)), conn_id or None)
+
+
+def as_int(value: Any) -> int | None:
+    """A rendered template or a param as an optional int ("", "None" and None are None)."""
+    if value is None or (isinstance(value, str) and value.strip() in ("", "None", "null")):
+        return None
+    return int(value)
+
+
+def as_bool(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+@contextlib.contextmanager
+def stage_errors() -> Iterator[None]:
+    """Errors no retry can mend fail the task at once; the rest are left to the retries.
+
+    A bad config, and a model that failed validation (its staging is removed),
+    end the task without retrying; storage and other errors are raised as they
+    are, so Airflow retries the task (each stage is idempotent).
+    """
+    from operators.connections import ConnectionOptionsError
+    from pipeline.errors import ConfigError, ValidationError
+
+    try:
+        yield
+    except (ConfigError, ValidationError, ConnectionOptionsError) as err:
+        raise AirflowFailException(str(err)) from err
+
+
+class PipelineOperator(BaseOperator):
+    """Base of the stage operators: ``config_path`` (templated) and an optional connection id.
+
+    ``conn_id`` overrides the config's ``airflow.conn_id``. Nothing is read in
+    ``__init__``; the config is loaded when the task runs.
+    """
+
+    template_fields: tuple[str, ...] = ("config_path",)
+    ui_color = "#e8f0fe"
+
+    def __init__(self, *, config_path: str, conn_id: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.config_path = config_path
+        self.conn_id = conn_id
+
+    def config(self):
+        with stage_errors():
+            return load(self.config_path, self.conn_id)
+
+    def skip_with(self, context: Context, record: dict, reason: str) -> None:
+        """Keep ``record`` as the task's XCom, then end the task as skipped."""
+        context["ti"].xcom_push(key="return_value", value=record)
+        raise AirflowSkipException(reason)
+
+    def pass_through(self, context: Context, record: Any) -> None:
+        """Skip when the stage before had nothing for this one (no new checkpoint, already published, gated)."""
+        if isinstance(record, dict) and record.get("status") in NOTHING_TO_DO:
+            from pipeline.runner import public
+
+            self.skip_with(context, public(record), f"{record['status']}: {record.get('checkpoint')}")

@@ -1,0 +1,86 @@
+"""Which checkpoint counts as new: pure functions over :func:`pipeline.runner.discover`'s records.
+
+A record is a checkpoint's ``to_dict()`` plus ``version`` (None when it has no
+version under the config yet). Nothing here reads storage.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+RECORD_KEYS = ("prefix", "name", "step", "written_at", "version")
+
+
+def small(record: dict[str, Any]) -> dict[str, Any]:
+    """What a task hands on about a checkpoint (XCom stays small)."""
+    return {k: record.get(k) for k in RECORD_KEYS}
+
+
+def in_progress(record: dict[str, Any]) -> bool:
+    """A checkpoint still being written: data but no index yet, not listed by the state file.
+
+    TensorFlow writes the data shards, then the index, then the state file;
+    the same rule as the one ``pipeline.runner`` uses to leave such a
+    checkpoint to a later run.
+    """
+    if record.get("writing"):
+        return True
+    missing = record.get("missing") or []
+    return (not record.get("complete") and not record.get("listed") and record.get("index_crc32c") is None
+            and all(m.endswith(".index") for m in missing))
+
+
+def newest(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The newest checkpoint not being written (as ``tf-export run`` picks it), or None."""
+    settled = [r for r in records if not in_progress(r)]
+    return settled[-1] if settled else None
+
+
+def new_since_exported(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Complete checkpoints with no version that are newer than every checkpoint with one, oldest first.
+
+    Older unexported checkpoints are left to a backfill, which numbers them
+    below the live version; exported after the live one under the config's
+    versioning, they would be served in place of a newer model.
+    """
+    start = 0
+    for i, record in enumerate(records):
+        if record.get("version") is not None:
+            start = i + 1
+    return [r for r in records[start:] if r.get("complete") and r.get("version") is None]
+
+
+def matches(record: dict[str, Any], wanted: str) -> bool:
+    """Whether ``wanted`` (a prefix, a base name or a step) names ``record``."""
+    wanted = wanted.strip().rstrip("/")
+    if wanted.endswith(".index"):
+        wanted = wanted[: -len(".index")]
+    prefix, name = record.get("prefix") or "", record.get("name")
+    if wanted in (prefix, name) or prefix.endswith("/" + wanted):
+        return True
+    return wanted.isdigit() and record.get("step") == int(wanted)
+
+
+def new_checkpoint(records: list[dict[str, Any]], wanted: str | None = None) -> dict[str, Any] | None:
+    """What the sensor waits for; None while there is nothing yet.
+
+    With ``wanted``: that checkpoint, once complete (exported or not: an event
+    for a checkpoint exported meanwhile is not a reason to wait).
+    Without: a complete checkpoint with no version, newer than every one with
+    a version (:func:`new_since_exported`), once no newer one is still being
+    written (coalesced events are then served by one run). A partial
+    checkpoint older than a complete one was abandoned and is ignored.
+    ``pending`` in the result counts the checkpoints :func:`new_since_exported` lists.
+    """
+    pending = new_since_exported(records)
+    if wanted:
+        for record in records:
+            if matches(record, wanted) and record.get("complete"):
+                return {**small(record), "pending": len(pending)}
+        return None
+    if not pending:
+        return None
+    newest_complete = max((r.get("step") or -1) for r in records if r.get("complete"))
+    if any(in_progress(r) and (r.get("step") or -1) > newest_complete for r in records):
+        return None
+    return {**small(pending[-1]), "pending": len(pending)}

@@ -1,0 +1,98 @@
+"""``NewCheckpointSensor``: waits for a complete checkpoint that has no version yet.
+
+Deferrable by default: after one look of its own it hands the wait to
+:class:`operators.triggers.NewCheckpointTrigger` in the triggerer and frees
+its worker slot. ``deferrable=False`` waits in the worker instead, in the
+``poke`` or ``reschedule`` mode of any sensor.
+
+With ``checkpoint`` (a prefix, a name or a step) it waits for that one to be
+complete; it fails if it is not within ``timeout``. Without, it waits for a
+complete checkpoint with no version, once no newer one is still being
+written; a wait that ends with nothing new skips the task, since no new
+checkpoint is not a failure. It returns the checkpoint it found:
+``{"prefix", "name", "step", "written_at", "version", "pending"}``
+(``pending``: how many complete checkpoints have no version).
+
+Example::
+
+    NewCheckpointSensor(task_id="wait_for_checkpoint", config_path=CONFIG,
+                        checkpoint="{{ params.checkpoint or '' }}", poke_interval=10, timeout=3600)
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from airflow.sdk import BaseSensorOperator, Context, PokeReturnValue
+from airflow.sdk.exceptions import AirflowException, AirflowSensorTimeout, AirflowSkipException
+
+from operators.base import load, stage_errors
+from operators.triggers import NewCheckpointTrigger, look
+
+
+class NewCheckpointSensor(BaseSensorOperator):
+    template_fields = ("config_path", "checkpoint")
+    ui_color = "#fef7e0"
+
+    def __init__(self, *, config_path: str, checkpoint: str | None = None, conn_id: str | None = None,
+                 deferrable: bool = True, poke_interval: float | timedelta = 30,
+                 timeout: float | timedelta = 3600, **kwargs: Any) -> None:
+        super().__init__(poke_interval=poke_interval, timeout=timeout, **kwargs)
+        self.config_path = config_path
+        self.checkpoint = checkpoint
+        self.conn_id = conn_id
+        self.deferrable = deferrable
+
+    @property
+    def wanted(self) -> str | None:
+        if self.checkpoint in (None, "", "None"):
+            return None
+        return str(self.checkpoint).strip() or None
+
+    def _config(self):
+        with stage_errors():
+            return load(self.config_path, self.conn_id)
+
+    def poke(self, context: Context) -> bool | PokeReturnValue:
+        found, reason = look(self._config(), self.wanted)
+        if found is None:
+            self.log.info("not yet: %s", reason)
+            return False
+        return PokeReturnValue(is_done=True, xcom_value=found)
+
+    def execute(self, context: Context) -> Any:
+        if not self.deferrable:
+            try:
+                return super().execute(context)
+            except AirflowSensorTimeout as err:
+                self._timed_out(str(err))
+        cfg = self._config()
+        found, reason = look(cfg, self.wanted)
+        if found is not None:  # there already: no need to bother the triggerer
+            return found
+        self.log.info("deferring: %s", reason)
+        max_polls = max(1, int(self.timeout // max(self.poke_interval, 0.001)))
+        self.defer(
+            trigger=NewCheckpointTrigger(config_path=str(self.config_path), checkpoint=self.wanted,
+                                         conn_id=self.conn_id or cfg.airflow.conn_id,
+                                         poll_interval=self.poke_interval, max_polls=max_polls),
+            method_name="execute_complete",
+            # The trigger ends itself after max_polls; this deadline only covers a triggerer that is gone.
+            timeout=timedelta(seconds=self.timeout + 2 * self.poke_interval + 60),
+        )
+
+    def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> Any:
+        event = event or {}
+        status = event.get("status")
+        if status == "found":
+            self.log.info("found %s after %s poll(s)", event["checkpoint"]["prefix"], event.get("polls"))
+            return event["checkpoint"]
+        if status == "timeout":
+            self._timed_out(f"waited {self.timeout:.0f} s ({event.get('polls')} polls): {event.get('reason')}")
+        raise AirflowException(f"waiting for a checkpoint failed: {event.get('message') or event!r}")
+
+    def _timed_out(self, detail: str) -> None:
+        if self.wanted is None or self.soft_fail:
+            raise AirflowSkipException(f"no new checkpoint: {detail}")
+        raise AirflowSensorTimeout(f"checkpoint {self.wanted} is not complete: {detail}")

@@ -1,0 +1,115 @@
+"""``NewCheckpointTrigger``: polls a training directory, on local disk or gs://, from the triggerer.
+
+The triggerer runs many triggers on one event loop, so every blocking call
+(reading the config, listing the directory, reading the ledger) runs in a
+thread with :func:`asyncio.to_thread`. The trigger ends itself after
+``max_polls`` polls: a deadline that does not depend on the scheduler
+enforcing the deferral's timeout (``dag.test()`` does not).
+
+Example::
+
+    self.defer(trigger=NewCheckpointTrigger(config_path=path, poll_interval=10, max_polls=360),
+               method_name="execute_complete")
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+# Storage errors in a row after which the trigger gives up (single ones are retried at the next poll).
+MAX_ERRORS_IN_A_ROW = 5
+
+
+def look(cfg, wanted: str | None = None) -> tuple[dict | None, str | None]:
+    """One poll: ``(checkpoint, None)`` when there is one to export, else ``(None, why not yet)``."""
+    from operators.selection import in_progress, new_checkpoint
+    from pipeline import runner
+    from pipeline.errors import CheckpointError
+
+    try:
+        records = runner.discover(cfg)
+    except CheckpointError as err:  # nothing there yet, or a checkpoint still arriving
+        return None, str(err)
+    found = new_checkpoint(records, wanted)
+    if found is not None:
+        return found, None
+    writing = [r["name"] for r in records if in_progress(r)]
+    if wanted:
+        return None, f"checkpoint {wanted} is not complete yet" + (f" (being written: {writing})" if writing else "")
+    if writing:
+        return None, f"checkpoint(s) still being written: {', '.join(writing)}"
+    return None, f"no complete checkpoint in {cfg.training_dir} is newer than the newest one with a version"
+
+
+def look_at(config_path: str, wanted: str | None, options: dict[str, Any]) -> tuple[dict | None, str | None]:
+    """:func:`look` for a config file, with the connection's storage options already resolved."""
+    from operators.connections import with_options
+    from pipeline.config import load_config
+
+    return look(with_options(load_config(config_path), options), wanted)
+
+
+class NewCheckpointTrigger(BaseTrigger):
+    """Fires once there is a checkpoint to export (see :func:`operators.selection.new_checkpoint`).
+
+    Events: ``{"status": "found", "checkpoint": {...}, "polls": n}``;
+    ``{"status": "timeout", "reason": ..., "polls": n}`` after ``max_polls``;
+    ``{"status": "error", "message": ...}`` for a bad config or connection, or
+    storage failing ``MAX_ERRORS_IN_A_ROW`` polls in a row.
+    """
+
+    def __init__(self, config_path: str, checkpoint: str | None = None, conn_id: str | None = None,
+                 poll_interval: float = 30.0, max_polls: int | None = 120) -> None:
+        super().__init__()
+        self.config_path = config_path
+        self.checkpoint = checkpoint
+        self.conn_id = conn_id
+        self.poll_interval = float(poll_interval)
+        self.max_polls = max_polls
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (f"{type(self).__module__}.{type(self).__qualname__}",
+                {"config_path": self.config_path, "checkpoint": self.checkpoint, "conn_id": self.conn_id,
+                 "poll_interval": self.poll_interval, "max_polls": self.max_polls})
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        from operators.connections import ConnectionOptionsError, astorage_options
+        from pipeline.errors import ConfigError
+
+        try:
+            options = await astorage_options(self.conn_id) if self.conn_id else {}
+        except Exception as err:  # noqa: BLE001 - any lookup failure ends the wait with its reason
+            yield TriggerEvent({"status": "error", "message": f"connection '{self.conn_id}': {err}"})
+            return
+        polls = errors = 0
+        reason: str | None = None
+        while True:
+            polls += 1
+            try:
+                found, reason = await asyncio.to_thread(look_at, self.config_path, self.checkpoint, options)
+                errors = 0
+            except (ConfigError, ConnectionOptionsError) as err:
+                yield TriggerEvent({"status": "error", "message": str(err), "polls": polls})
+                return
+            except Exception as err:  # noqa: BLE001 - storage hiccups are retried at the next poll
+                errors += 1
+                reason = f"{type(err).__name__}: {err}"
+                self.log.warning("poll %d failed (%d in a row): %s", polls, errors, reason)
+                if errors >= MAX_ERRORS_IN_A_ROW:
+                    yield TriggerEvent({"status": "error", "message": reason, "polls": polls})
+                    return
+                found = None
+            if found is not None:
+                self.log.info("found %s after %d poll(s)", found["prefix"], polls)
+                yield TriggerEvent({"status": "found", "checkpoint": found, "polls": polls})
+                return
+            if self.max_polls is not None and polls >= self.max_polls:
+                yield TriggerEvent({"status": "timeout", "reason": reason, "polls": polls,
+                                    "checkpoint": self.checkpoint})
+                return
+            self.log.info("poll %d: %s", polls, reason)
+            await asyncio.sleep(self.poll_interval)

@@ -1,0 +1,225 @@
+"""A real Airflow on loopback: api-server, scheduler, dag-processor and triggerer as four processes.
+
+LocalExecutor, SQLite, a temporary AIRFLOW_HOME. Each component runs in its
+own session (process group), killed at :meth:`LiveAirflow.stop`. The
+scheduler and the triggerer start without their log servers (which would
+listen on every interface); the api-server listens on 127.0.0.1 only.
+Every wait is bounded and says what it waited for.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from tests.airflow.conftest import AIRFLOW, airflow_env
+
+COMPONENTS = {
+    "api-server": ["api-server"],
+    "scheduler": ["scheduler", "--skip-serve-logs"],
+    "dag-processor": ["dag-processor"],
+    "triggerer": ["triggerer", "--skip-serve-logs"],
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(what: str, predicate: Callable[[], Any], limit: float, interval: float = 0.25,
+             on_timeout: Callable[[], str] | None = None) -> Any:
+    deadline = time.monotonic() + limit
+    while True:
+        got = predicate()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            detail = on_timeout() if on_timeout else ""
+            raise AssertionError(f"timed out after {limit:.0f} s waiting for {what}\n{detail}")
+        time.sleep(interval)
+
+
+class LiveAirflow:
+    def __init__(self, home: Path, extra_env: dict[str, str]):
+        self.home = home
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            **airflow_env(home),
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(self.port),
+            "AIRFLOW__API__WORKERS": "1",
+            "AIRFLOW__API__BASE_URL": self.base_url,
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.base_url}/execution/",
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__PARALLELISM": "4",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+            "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "5",
+            "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
+            "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
+            "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.5",
+            "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "1",
+            **extra_env,
+        }
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.logs = home / "component-logs"
+        self._client = None
+
+    # -- processes ---------------------------------------------------------------
+    def start(self, limit: float = 180) -> "LiveAirflow":
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(exist_ok=True)
+        migrate = subprocess.run([AIRFLOW, "db", "migrate"], env=self.env, capture_output=True, text=True,
+                                 timeout=300)
+        assert migrate.returncode == 0, migrate.stdout[-2000:] + migrate.stderr[-2000:]
+        for name, args in COMPONENTS.items():
+            out = open(self.logs / f"{name}.log", "wb")
+            self.procs[name] = subprocess.Popen([AIRFLOW, *args], env=self.env, stdout=out,
+                                                stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for("all four components healthy", self._healthy, limit, interval=0.5, on_timeout=self.tails)
+        return self
+
+    def _healthy(self) -> bool:
+        import httpx
+
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise AssertionError(f"{name} exited with {proc.returncode}\n{self.tails()}")
+        try:
+            health = httpx.get(f"{self.base_url}/api/v2/monitor/health", timeout=2).json()
+        except (httpx.HTTPError, ValueError):
+            return False
+        return all((health.get(k) or {}).get("status") == "healthy"
+                   for k in ("metadatabase", "scheduler", "triggerer", "dag_processor"))
+
+    def pids(self) -> list[int]:
+        """Every process of the four components' sessions (their workers and task processes too)."""
+        import psutil
+
+        out = []
+        for proc in psutil.process_iter(["pid"]):
+            try:
+                if os.getsid(proc.pid) in {p.pid for p in self.procs.values()}:
+                    out.append(proc.pid)
+            except (ProcessLookupError, PermissionError):
+                continue
+        return out
+
+    def listening(self) -> set[str]:
+        """The addresses the components listen on."""
+        import psutil
+
+        found = set()
+        for pid in self.pids():
+            try:
+                conns = psutil.Process(pid).net_connections(kind="inet")
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            found |= {f"{c.laddr.ip}:{c.laddr.port}" for c in conns if c.status == psutil.CONN_LISTEN}
+        return found
+
+    def stop(self) -> None:
+        """SIGTERM to each component's process group, then SIGKILL to whatever is left in their sessions
+        (task processes run in process groups of their own)."""
+        if self._client is not None:
+            self._client.close()
+        for proc in self.procs.values():
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 8
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for pid in self.pids():  # by session id, which a process keeps when its parent is gone
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for proc in self.procs.values():
+            proc.wait(timeout=10)
+
+    def tails(self, lines: int = 25) -> str:
+        out = []
+        for path in sorted(self.logs.glob("*.log")):
+            text = path.read_text(errors="replace").splitlines()[-lines:]
+            out.append(f"--- {path.name}\n" + "\n".join(text))
+        return "\n".join(out)
+
+    def task_log(self, dag_id: str, run_id: str, task_id: str, lines: int = 60) -> str:
+        out = []
+        for path in sorted((self.home / "logs").glob(f"dag_id={dag_id}/run_id={run_id}/task_id={task_id}/**/*.log")):
+            out.append(f"--- {path}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
+        return "\n".join(out)
+
+    # -- REST ----------------------------------------------------------------------
+    @property
+    def client(self):
+        import httpx
+
+        if self._client is None:
+            token = httpx.get(f"{self.base_url}/auth/token", timeout=10).json()["access_token"]
+            self._client = httpx.Client(base_url=self.base_url, timeout=15,
+                                        headers={"Authorization": f"Bearer {token}"})
+        return self._client
+
+    def get(self, path: str, **params) -> Any:
+        r = self.client.get(path, params=params or None)
+        r.raise_for_status()
+        return r.json()
+
+    def post(self, path: str, body: dict) -> Any:
+        r = self.client.post(path, json=body)
+        assert r.status_code in (200, 201), f"POST {path}: {r.status_code} {r.text[:500]}"
+        return r.json()
+
+    def wait_dag(self, dag_id: str, limit: float = 120) -> dict:
+        def registered():
+            r = self.client.get(f"/api/v2/dags/{dag_id}")
+            return r.json() if r.status_code == 200 else None
+
+        return wait_for(f"DAG {dag_id} to be parsed", registered, limit, interval=0.5, on_timeout=self.tails)
+
+    def asset_id(self, uri: str) -> int:
+        assets = self.get("/api/v2/assets", uri_pattern=uri)["assets"]
+        [asset] = [a for a in assets if a["uri"] == uri]
+        return asset["id"]
+
+    def runs(self, dag_id: str) -> list[dict]:
+        return self.get(f"/api/v2/dags/{dag_id}/dagRuns", order_by="-run_after", limit=20)["dag_runs"]
+
+    def task_instance(self, dag_id: str, run_id: str, task_id: str, map_index: int | None = None) -> dict:
+        path = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}"
+        if map_index is not None:
+            path += f"/{map_index}"
+        r = self.client.get(path)
+        return r.json() if r.status_code == 200 else {}
+
+    def xcom(self, dag_id: str, run_id: str, task_id: str, map_index: int | None = None) -> Any:
+        params = {"map_index": map_index} if map_index is not None else {}
+        return self.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/return_value",
+                        **params)["value"]
+
+    def wait_run_done(self, dag_id: str, run_id: str, limit: float) -> dict:
+        def done():
+            run = self.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")
+            return run if run["state"] in ("success", "failed") else None
+
+        def why() -> str:
+            tis = self.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]
+            states = ", ".join(f"{t['task_id']}[{t['map_index']}]={t['state']}" for t in tis)
+            return f"task states: {states}\n{self.tails()}"
+
+        return wait_for(f"run {run_id} of {dag_id} to finish", done, limit, interval=0.5, on_timeout=why)
