@@ -209,8 +209,10 @@ class Publisher:
         faults.hold("publishing")
         done = self.resolve(ledger_key)
         if done is not None:
-            self._discard(staging)
-            return {"status": "skipped", "version": done["version"], "path": done["path"], "claim_attempts": 0}
+            self._discard(staging)  # gone already if it was the staging just rolled forward
+            # A publish that died after its ledger entry was just finished by this run.
+            status = "published" if done["state"] == "rolled_forward" else "skipped"
+            return {"status": status, "version": done["version"], "path": done["path"], "claim_attempts": 0}
 
         live = self.live_version()
         now = time.time() if now is None else now
