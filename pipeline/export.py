@@ -76,8 +76,36 @@ def track_model(root: Any, model: Any) -> None:
     """
     if _is_keras_model(model) or hasattr(model, "_tracker"):
         root.model_variables = plain_variables(model)
+        resources = _resources(model)
+        if resources:  # lookup tables of StringLookup, TextVectorization, ...
+            root.model_resources = resources
     else:
         root.model = model
+
+
+def _resources(obj: Any) -> list:
+    """Resources (e.g. lookup tables) reachable from ``obj``, which the serving functions may capture."""
+    from tensorflow.python.trackable.resource import CapturableResource
+
+    found: list = []
+    seen: set[int] = set()
+    stack = [obj]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, CapturableResource):
+            found.append(node)
+        try:
+            children = node._trackable_children(save_type="savedmodel")
+        except Exception:  # some Keras objects cannot list SavedModel children; their checkpoint ones do
+            try:
+                children = node._trackable_children()
+            except Exception:
+                continue
+        stack.extend(children.values())
+    return found
 
 
 def _is_keras_model(obj: Any) -> bool:
@@ -208,7 +236,7 @@ def sample_inputs(specs: list[Any], seed: int = 0, batch: int = 2) -> dict[str, 
         elif dtype.is_bool:
             arr = rng.integers(0, 2, size=shape).astype(bool)
         elif dtype.name == "string":
-            arr = np.array([b"sample"] * int(np.prod(shape)), dtype=object).reshape(shape)
+            arr = np.array([b"sample"] * int(np.prod(shape)), dtype="S6").reshape(shape)
         else:
             raise PipelineError(f"cannot generate sample input of dtype {dtype.name} for '{name}'")
         out[name] = arr

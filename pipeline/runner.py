@@ -188,7 +188,14 @@ def _sample_inputs(cfg: Config, exporter) -> dict:
     if missing or extra:
         raise ConfigError(f"validation samples do not match the inputs of serving_default {names} "
                           f"(missing {missing}, extra {extra}): {path}")
-    return {s.name: given[s.name].astype(s.dtype.as_numpy_dtype) for s in specs}
+    return _plain_arrays({s.name: given[s.name].astype(s.dtype.as_numpy_dtype) for s in specs})
+
+
+def _plain_arrays(arrays: dict) -> dict:
+    """String tensors as fixed-width bytes arrays: object arrays cannot be read back with allow_pickle=False."""
+    import numpy as np
+
+    return {k: (np.asarray(v).astype(bytes) if np.asarray(v).dtype == object else v) for k, v in arrays.items()}
 
 
 def stage_export(cfg: Config, checkpoint: str | dict | None = None, force: bool = False) -> dict:
@@ -247,8 +254,8 @@ def stage_export(cfg: Config, checkpoint: str | dict | None = None, force: bool 
             write_warmup(os.path.join(local_model, "assets.extra"), inputs)
         local_work = work if ctx.base.is_local else os.path.join(scratch, "work")
         os.makedirs(local_work, exist_ok=True)
-        np.savez(os.path.join(local_work, "samples.npz"), **inputs)
-        np.savez(os.path.join(local_work, "expected.npz"), **expected)
+        np.savez(os.path.join(local_work, "samples.npz"), **_plain_arrays(inputs))
+        np.savez(os.path.join(local_work, "expected.npz"), **_plain_arrays(expected))
         if not ctx.base.is_local:
             # Uploaded once, each file checked against the crc32c the server computed.
             ctx.base.upload_dir(local_work, work)

@@ -85,3 +85,13 @@ def save_checkpoints(factory, training_dir: str, steps=(10,), seed: int = 0, per
             perturb(model)
         out.append(manager.save(checkpoint_number=step))
     return out
+
+
+def lookup_model():
+    """A model with a lookup table (StringLookup): a resource the SavedModel must carry besides variables."""
+    import keras
+
+    word = keras.Input(shape=(1,), dtype="string", name="word")
+    index = keras.layers.StringLookup(vocabulary=["a", "b", "c"])(word)
+    embedded = keras.layers.Flatten()(keras.layers.Embedding(5, 2)(index))
+    return keras.Model(word, keras.layers.Dense(1, name="score")(embedded))

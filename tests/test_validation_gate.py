@@ -245,6 +245,7 @@ def test_samples_that_do_not_fit_the_model_are_a_config_error(tmp_path, trained_
 @pytest.mark.parametrize("factory, inputs", [
     ("tests.models:two_inputs", {"age": "float32", "tokens": "int32"}),
     ("tests.models:scorer_module", {"x": "float32"}),
+    ("tests.models:lookup_model", {"word": "string"}),
 ])
 def test_other_model_shapes_pass(tmp_path, factory, inputs):
     import importlib
