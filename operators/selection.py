@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipeline.checkpoints import being_written
+
 RECORD_KEYS = ("prefix", "name", "step", "written_at", "version")
 
 
@@ -17,17 +19,8 @@ def small(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def in_progress(record: dict[str, Any]) -> bool:
-    """A checkpoint still being written: data but no index yet, not listed by the state file.
-
-    TensorFlow writes the data shards, then the index, then the state file;
-    the same rule as the one ``pipeline.runner`` uses to leave such a
-    checkpoint to a later run.
-    """
-    if record.get("writing"):
-        return True
-    missing = record.get("missing") or []
-    return (not record.get("complete") and not record.get("listed") and record.get("index_crc32c") is None
-            and all(m.endswith(".index") for m in missing))
+    """A checkpoint still being written (the rule ``tf-export run`` applies too)."""
+    return being_written(record)
 
 
 def newest(records: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -55,6 +55,20 @@ class Checkpoint:
         return asdict(self)
 
 
+def being_written(record: dict) -> bool:
+    """Whether a checkpoint (its ``to_dict()`` record) is still being written.
+
+    TensorFlow writes the data shards, then the index, then the state file: data
+    with no index that the state file does not list yet is in progress, to be
+    left to a later run. A ``.keras`` file without its zip directory is too.
+    """
+    if record.get("writing"):
+        return True
+    missing = record.get("missing") or []
+    return (not record.get("complete") and not record.get("listed") and record.get("index_crc32c") is None
+            and all(m.endswith(".index") for m in missing))
+
+
 def crc32c_b64(data: bytes) -> str:
     """CRC32C as GCS reports it: base64 of the big-endian 4 bytes."""
     import google_crc32c

@@ -23,7 +23,7 @@ import time
 from typing import Any, Callable
 
 from pipeline import faults
-from pipeline.checkpoints import Checkpoint, discover_checkpoints, find_checkpoint
+from pipeline.checkpoints import Checkpoint, being_written, discover_checkpoints, find_checkpoint
 from pipeline.config import Config
 from pipeline.errors import CheckpointError, ConfigError, PipelineError
 from pipeline.publish import EXPORTS_DIR, STAGING_PREFIX, Publisher
@@ -71,11 +71,7 @@ def _record(status: str, ckpt: Checkpoint | None = None, version: int | None = N
 
 
 def _in_progress(ckpt: Checkpoint) -> bool:
-    """A checkpoint being written: data but no index yet (TF writes the index last, then the state file)."""
-    if ckpt.writing:  # a .keras file without its zip directory yet
-        return True
-    return not ckpt.complete and not ckpt.listed and ckpt.index_crc32c is None and \
-        all(m.endswith(".index") for m in ckpt.missing)
+    return being_written(ckpt.to_dict())
 
 
 def _require_complete(ckpt: Checkpoint) -> None:
