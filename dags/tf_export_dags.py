@@ -139,9 +139,9 @@ def after_training(model: str, path: str, cfg) -> DAG:
         # published even if another failed; the run still fails (prune does not run). Each version
         # gets its own event for the export base's Asset, through the alias.
         publish = PublishVersionOperator(task_id="publish", config_path=path, validated=validated.output,
-                                         guard_outrank=True, outlets=[AssetAlias(f"tf_export__{model}__publish")],
+                                         outlets=[AssetAlias(f"tf_export__{model}__publish")],
                                          trigger_rule="all_done_min_one_success")
-        prune = PruneVersionsOperator(task_id="prune", config_path=path,
+        prune = PruneVersionsOperator(task_id="prune", config_path=path, published=publish.output,
                                       trigger_rule="none_failed_min_one_success")
         wait >> pending
         [validated, publish] >> prune
@@ -183,7 +183,7 @@ def backfill(model: str, path: str, cfg) -> DAG:
                                                max_active_tis_per_dagrun=limit, pool=POOL)
             return PublishVersionOperator(task_id="publish", config_path=path, validated=validated.output,
                                           versioning="{{ params.versioning }}",
-                                          guard_outrank="{{ not params.allow_outrank }}",
+                                          allow_outrank="{{ params.allow_outrank }}",
                                           outlets=[export_asset(cfg)], max_active_tis_per_dagrun=limit)
 
         export_each.expand(checkpoint=listed.output)

@@ -43,12 +43,22 @@ class Checkpoint:
     writing: bool = False       # looks like a file still being written
 
     def identity(self) -> dict:
-        """What makes this checkpoint this checkpoint: its path and its index's size and crc."""
-        return {"path": self.prefix, "index_size": self.index_size, "index_crc32c": self.index_crc32c}
+        """What makes this checkpoint this checkpoint: its index's size and crc32c.
+
+        Not its path: the same files reached through a symlink, a relative path
+        or a moved mount are the same checkpoint. The index of a
+        ``tf.train.Checkpoint`` records the crc32c of every tensor it saved
+        (and the save counter), so two different saves never share it; for a
+        ``.keras`` file it is the zip directory's checksum (see
+        :mod:`pipeline.keras_files`).
+        """
+        return {"kind": self.kind, "index_size": self.index_size, "index_crc32c": self.index_crc32c}
 
     def ledger_key(self, config_hash: str) -> str:
         ident = self.identity()
-        blob = f"{ident['path']}|{ident['index_size']}|{ident['index_crc32c']}|{config_hash}".encode()
+        if not ident["index_crc32c"]:
+            raise CheckpointError(f"checkpoint has no index checksum to identify it by: {self.prefix}")
+        blob = f"{ident['kind']}|{ident['index_size']}|{ident['index_crc32c']}|{config_hash}".encode()
         return hashlib.sha256(blob).hexdigest()[:40]
 
     def to_dict(self) -> dict:

@@ -13,10 +13,10 @@ directory appears only when it is complete (on a flat object store: it holds
 - :class:`ObjectMove`: flat object stores. Each object is copied server-side
   (GCS rewrite, no byte through the client), concurrently, each destination
   create-only where the server honours it and checked explicitly besides;
-  ``saved_model.pb`` strictly last; the sources are deleted after. A failure
-  before ``saved_model.pb`` lands removes what was copied, so nothing partial
-  stays; a promotion cut short (the process killed) is finished by running it
-  again, which skips what was already copied.
+  ``saved_model.pb`` strictly last; the sources are deleted after. It runs
+  only after the ledger entry, so a promotion cut short (an error, a kill) is
+  finished by running it again, by any process, which skips what was already
+  copied; nothing is undone that a concurrent finisher may rely on.
 
 Example::
 
@@ -144,39 +144,21 @@ class ObjectMove:
             self._record(started, sources, 0)
             return
 
-        created: list[Entry] = []
+        # No undo on failure: promotion runs only after the ledger entry, so the
+        # next run (or a concurrent finisher) completes it, skipping what landed;
+        # deleting those objects here could pull them from under that finisher.
         copied = 0
-        try:
-            body = [(e, store.join(final, e.name)) for n, e in sorted(by_name.items())
-                    if n != MARKER and n not in present]
-            copied += store.copy_objects(body, created, limit=self.concurrency)
-            faults.hold("promoting")
-            marker_dst = store.join(final, MARKER)
-            if store.isfile(marker_dst):
-                raise VersionExistsError(f"{MARKER} appeared in the version directory meanwhile: {store.url(final)}")
-            copied += store.copy_objects([(by_name[MARKER], marker_dst)], created)
-        except BaseException:
-            self._undo(store, final, created)
-            raise
+        body = [(e, store.join(final, e.name)) for n, e in sorted(by_name.items())
+                if n != MARKER and n not in present]
+        copied += store.copy_objects(body, limit=self.concurrency)
+        faults.hold("promoting")
+        copied += store.copy_objects([(by_name[MARKER], store.join(final, MARKER))])
         self._delete_sources(store, sources)
         self._record(started, sources, copied)
 
     def _record(self, started: float, sources: list[Entry], copied: int) -> None:
         self.stats = {"strategy": self.name, "objects": len(sources), "bytes_copied": copied,
                       "seconds": round(time.monotonic() - started, 4)}
-
-    @staticmethod
-    def _undo(store: Storage, final: str, created: list[Entry]) -> None:
-        """Remove what this attempt copied, unless the version became whole after all."""
-        if not created:
-            return
-        try:
-            if store.isfile(store.join(final, MARKER)):
-                return
-            store.delete_objects(created)
-        except Exception as err:  # noqa: BLE001 - the original error matters more; a rerun resumes
-            log.warning("could not remove a partial copy in %s (%s); the next run finishes it",
-                        store.url(final), type(err).__name__)
 
     @staticmethod
     def _delete_sources(store: Storage, sources: list[Entry]) -> None:

@@ -11,53 +11,45 @@ The export base holds, besides the integer version directories TF Serving loads:
 
     _exports/claims/<version>        create-only: who owns a version number
     _exports/ledger/<ledger-key>     create-only: checkpoint identity + config -> version
+    _exports/leases/<staging name>   renewed while staging is in use (see pipeline.staging)
 
-The order of a publish is: claim a number, write the manifest into staging,
-record the ledger entry (the commit point), promote. A process that dies after
-the ledger entry is finished by the next run ("roll forward"); one that dies
-before it leaves only staging, which the next run ignores and ``gc`` removes.
+The order of a publish is: renew the staging lease, check staging against its
+file list, claim a number (and check the serving order against the other
+claims), write the manifest into staging, check staging again, record the
+ledger entry (the commit point), promote.
+
+The ledger entry is the commit record. Once it exists, any process on any
+host may finish the publish, at any time and concurrently with others: every
+promotion step is idempotent (a rename that already happened, a create-only
+copy that already landed), and nothing undoes what another finisher relies
+on. No step guesses whether another process is alive. Before the ledger entry
+nothing is visible; the staging of a publish that died there is collected by
+``gc`` once its lease has run out.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from typing import Any
 
 from pipeline import __version__, faults
 from pipeline.checkpoints import Checkpoint
 from pipeline.errors import PublishError
-from pipeline.promotion import PromotionStrategy, VersionExistsError, choose_strategy
-from pipeline.storage import Storage
+from pipeline.promotion import MARKER, PromotionStrategy, VersionExistsError, choose_strategy
+from pipeline.staging import EXPORTS_DIR, StagingGone, claim_lease_for_publish, drop_lease, verify_staging
+from pipeline.storage import TEMP_MARK, Storage
 
 MANIFEST = "assets.extra/export_manifest.json"
-EXPORTS_DIR = "_exports"
 STAGING_PREFIX = "temp-"
-# A publisher on another machine that wrote its ledger entry this long ago and
-# has not promoted is taken for dead; promotion itself takes seconds.
-PUBLISH_LEASE_SECONDS = 900
-
-
-def owner() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid()}
-
-
-def _owner_alive(entry: dict) -> bool:
-    who = entry.get("owner") or {}
-    if who.get("host") == socket.gethostname():
-        pid = who.get("pid")
-        if not isinstance(pid, int) or pid == os.getpid():
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    return time.time() - float(entry.get("created_at", 0)) < PUBLISH_LEASE_SECONDS
+CLAIMS_DIR = "claims"
+LEDGER_DIR = "ledger"
+# A claim with neither a ledger entry nor a version directory this long after
+# it was taken belongs to a publish that died before its commit: it no longer
+# counts for the serving order, and gc removes it. A publish takes seconds
+# from its claim to its ledger entry.
+CLAIM_TTL_SECONDS = 600.0
 
 
 def first_candidate(policy: str, checkpoint: Checkpoint, now: float, live: int | None) -> int:
@@ -76,6 +68,41 @@ def first_candidate(policy: str, checkpoint: Checkpoint, now: float, live: int |
     raise PublishError(f"unknown versioning policy '{policy}'")
 
 
+def training_order(step: Any, written_at: Any) -> tuple[int, float]:
+    """How checkpoints are ordered in training, as discovery orders them: step, then write time."""
+    return (int(step) if step is not None else -1, float(written_at) if written_at is not None else 0.0)
+
+
+def _is_torn(data: bytes) -> bool:
+    try:
+        entry = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return True
+    return not isinstance(entry, dict) or not isinstance(entry.get("version"), int)
+
+
+def _meta(values: dict[str, Any]) -> dict[str, str]:
+    """Values for object metadata (strings), which listings return on GCS."""
+    return {k: str(v) for k, v in values.items() if v is not None}
+
+
+def _from_meta(meta: dict[str, str] | None, ints=("version", "step"), floats=("written_at", "claimed_at")) -> dict:
+    out: dict[str, Any] = dict(meta or {})
+    for k in ints:
+        if k in out:
+            try:
+                out[k] = int(out[k])
+            except ValueError:
+                return {}
+    for k in floats:
+        if k in out:
+            try:
+                out[k] = float(out[k])
+            except ValueError:
+                return {}
+    return out
+
+
 class Publisher:
     """Claims, ledger and promotion for one export base."""
 
@@ -89,10 +116,10 @@ class Publisher:
         return self.store.join(self.base, *parts)
 
     def claim_path(self, version: int) -> str:
-        return self.path(EXPORTS_DIR, "claims", str(version))
+        return self.path(EXPORTS_DIR, CLAIMS_DIR, str(version))
 
     def ledger_path(self, key: str) -> str:
-        return self.path(EXPORTS_DIR, "ledger", key)
+        return self.path(EXPORTS_DIR, LEDGER_DIR, key)
 
     def version_path(self, version: int) -> str:
         return self.path(str(version))
@@ -117,61 +144,102 @@ class Publisher:
             return None
 
     def ledger_entry(self, key: str) -> dict | None:
-        try:
-            return json.loads(self.store.read_text(self.ledger_path(key)))
-        except FileNotFoundError:
-            return None
-        except (ValueError, OSError):
-            return {"version": None, "corrupt": True}
+        """The ledger entry of ``key``, or None. A torn entry (left by an older writer
+        or a damaged disk) is removed, so the checkpoint can be published again."""
+        path = self.ledger_path(key)
+        for _ in range(3):
+            try:
+                data = self.store.read_bytes(path)
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            except IsADirectoryError:
+                raise PublishError(f"ledger entry is a directory, not a file: {self.store.url(path)}") from None
+            except PermissionError:
+                raise PublishError(f"permission denied reading the ledger entry: {self.store.url(path)}") from None
+            if not _is_torn(data):
+                return json.loads(data)
+            self.store.remove_if_torn(path, _is_torn)
+        raise PublishError(f"ledger entry keeps coming back torn: {self.store.url(path)}")
 
     def ledger(self) -> dict[str, dict]:
+        """Every ledger entry by key: one listing on GCS (versions ride in the object metadata)."""
         out = {}
-        for entry in self.store.list_dir(self.path(EXPORTS_DIR, "ledger")):
-            got = self.ledger_entry(entry.name)
+        for entry in self.store.list_dir(self.path(EXPORTS_DIR, LEDGER_DIR)):
+            if entry.is_dir or entry.name.startswith("."):
+                continue
+            got = _from_meta(entry.metadata)
+            if "version" not in got:
+                got = self.ledger_entry(entry.name)
             if got is not None:
                 out[entry.name] = got
         return out
 
+    def claims(self) -> dict[int, dict]:
+        """Every claim by version number, with its note (one listing on GCS)."""
+        out = {}
+        for entry in self.store.list_dir(self.path(EXPORTS_DIR, CLAIMS_DIR)):
+            if entry.is_dir or not entry.name.isdigit():
+                continue
+            note = _from_meta(entry.metadata)
+            if "claimed_at" not in note:
+                try:
+                    note = json.loads(self.store.read_bytes(entry.path))
+                except (FileNotFoundError, ValueError, UnicodeDecodeError):
+                    note = {}
+            note.setdefault("mtime", entry.mtime)
+            out[int(entry.name)] = note if isinstance(note, dict) else {}
+        return out
+
     # -- exactly once ----------------------------------------------------------
     def resolve(self, key: str) -> dict | None:
-        """What the ledger says of ``key``, finishing a publish whose process died.
+        """What the ledger says of ``key``, finishing a committed publish if it is not whole.
 
         Returns None when the checkpoint has not been published under this
-        config, else ``{"version": V, "path": ..., "state": "published"|"in_progress"|"rolled_forward"}``.
+        config, else ``{"version": V, "path": ..., "state": "published"|"rolled_forward"}``
+        for a version directory that is whole.
         """
         entry = self.ledger_entry(key)
         if entry is None:
             return None
-        version = entry.get("version")
-        if version is None:
-            raise PublishError(f"ledger entry is unreadable; remove it to re-export: {self.store.url(self.ledger_path(key))}")
+        version = int(entry["version"])
         final = self.version_path(version)
         if self.is_whole(final):
             return {"version": version, "path": self.store.url(final), "state": "published"}
-        if _owner_alive(entry):
-            return {"version": version, "path": self.store.url(final), "state": "in_progress"}
+        if self._finish(entry):
+            return {"version": version, "path": self.store.url(final), "state": "rolled_forward"}
+        raise PublishError(
+            f"the ledger names version {version} for this checkpoint, but neither that version nor its staging "
+            f"exists (removed by hand?); remove the ledger entry to export it again: "
+            f"{self.store.url(self.ledger_path(key))}")
+
+    def _finish(self, entry: dict) -> bool:
+        """Promote the staging of a committed entry; True once its version is whole.
+
+        Safe to run by any number of processes at once: each step either
+        happens or finds it happened already.
+        """
+        version = int(entry["version"])
+        final = self.version_path(version)
         staging = entry.get("staging")
-        if staging and self.store.exists(self.store.join(staging, MANIFEST)):
+        if staging:
+            staging = self.store.strip(staging)
             try:
                 self.strategy.promote(self.store, staging, final)
             except (FileNotFoundError, VersionExistsError):
-                if not self.is_whole(final):
-                    raise
-            return {"version": version, "path": self.store.url(final), "state": "rolled_forward"}
-        # The process died after its ledger entry, and its staging is gone (or
-        # the version was pruned): the entry stands, the version was published.
-        return {"version": version, "path": self.store.url(final), "state": "published"}
+                pass  # another finisher got there first, or is moving the last objects
+            drop_lease(self.store, staging.rstrip("/").rsplit("/", 1)[-1])
+        return self.is_whole(final)
 
     def is_whole(self, final: str) -> bool:
         """Whether a version directory is complete. On object stores a version
         being moved is listed before it is whole; ``saved_model.pb`` moves last."""
         if self.store.is_local:
             return self.store.isdir(final)
-        return self.store.isfile(self.store.join(final, "saved_model.pb"))
+        return self.store.isfile(self.store.join(final, MARKER))
 
     def taken(self) -> set[int]:
         """Numbers already claimed or published, from one listing of each."""
-        claims = {int(e.name) for e in self.store.list_dir(self.path(EXPORTS_DIR, "claims")) if e.name.isdigit()}
+        claims = {int(e.name) for e in self.store.list_dir(self.path(EXPORTS_DIR, CLAIMS_DIR)) if e.name.isdigit()}
         return claims | set(self.versions())
 
     def claim(self, start: int, attempts: int, note: dict) -> tuple[int, int]:
@@ -188,7 +256,7 @@ class Publisher:
             while version in taken:
                 version += 1
             if not self.store.exists(self.version_path(version)) and \
-                    self.store.create_only(self.claim_path(version), json.dumps(note).encode()):
+                    self.store.create_only(self.claim_path(version), json.dumps(note).encode(), metadata=_meta(note)):
                 # A claim file is written after the version directory only by a
                 # foreign writer; never promote over one that is there.
                 if not self.store.exists(self.version_path(version)):
@@ -196,61 +264,133 @@ class Publisher:
             taken.add(version)
         raise PublishError(
             f"could not claim a version number in {attempts} attempts from {start} "
-            f"(raise max_claim_attempts, or look for a stuck writer): {self.store.url(self.path(EXPORTS_DIR, 'claims'))}"
+            f"(raise max_claim_attempts, or look for a stuck writer): {self.store.url(self.path(EXPORTS_DIR, CLAIMS_DIR))}"
         )
 
     def release(self, version: int) -> None:
-        self.store.rm(self.claim_path(version))
+        try:
+            self.store.rm(self.claim_path(version))
+        except OSError:
+            pass  # gc collects claims that no ledger entry and no version use
 
-    def publish(self, *, staging: str, checkpoint: Checkpoint, ledger_key: str, config_hash: str,
-                versioning: str, max_claim_attempts: int, validation: dict | None,
-                guard_outrank: bool = False, extra: dict | None = None, now: float | None = None) -> dict:
-        """Claim, manifest, ledger, promote. Returns the run record."""
+    def check_serving_order(self, version: int, checkpoint: Checkpoint, config_hash: str, versioning: str) -> None:
+        """Refuse ``version`` if it would put ``checkpoint`` out of training order under this config.
+
+        Compared with every other claim of this config that is published, committed or
+        still fresh (a publish racing this one): an older checkpoint must not
+        end above a newer one, nor a newer one below an older one, or the
+        highest version would not come from the newest checkpoint. Two racing
+        publishes each see the other's claim, so at least one of them refuses.
+        """
+        mine = training_order(checkpoint.step, checkpoint.written_at)
+        versions = set(self.versions())
+        now = time.time()
+        seen: set[int] = set()
+        others: list[tuple[int, tuple[int, float], str]] = []
+        for v, note in self.claims().items():
+            if v == version or note.get("config_hash") is None:
+                continue
+            seen.add(v)
+            if note.get("config_hash") != config_hash:
+                continue
+            claimed = float(note.get("claimed_at") or note.get("mtime") or 0)
+            if v not in versions and now - claimed > CLAIM_TTL_SECONDS:
+                continue  # abandoned before its commit, or its version was removed
+            others.append((v, training_order(note.get("step"), note.get("written_at")),
+                           str(note.get("checkpoint_name") or note.get("checkpoint"))))
+        for v in versions - seen - {version}:  # versions whose claims carry no checkpoint (older layouts)
+            manifest = self.manifest(v) or {}
+            ck = manifest.get("checkpoint") or {}
+            if manifest.get("config_hash") == config_hash:
+                others.append((v, training_order(ck.get("step"), ck.get("written_at")), str(ck.get("name"))))
+        for v, theirs, name in sorted(others):
+            if v < version and theirs > mine:
+                hint = ("--versioning checkpoint_time (numbers follow training time), or "
+                        if versioning == "timestamp" else "")
+                raise PublishError(
+                    f"versioning '{versioning}' would give {checkpoint.name} version {version}, above version {v} "
+                    f"of the newer checkpoint {name}, so TF Serving would serve the older model; use {hint}"
+                    f"--allow-outrank (DAG param allow_outrank) to publish it anyway: {checkpoint.prefix}")
+            if v > version and theirs < mine:
+                raise PublishError(
+                    f"versioning '{versioning}' would give {checkpoint.name} version {version}, below version {v} "
+                    f"of the older checkpoint {name}, which TF Serving would go on serving; use the versioning "
+                    f"that numbered {v}, or --allow-outrank (DAG param allow_outrank) to publish it anyway: "
+                    f"{checkpoint.prefix}")
+
+    def publish(self, *, staging: str, files: dict[str, dict], checkpoint: Checkpoint, ledger_key: str,
+                config_hash: str, versioning: str, max_claim_attempts: int, validation: dict | None,
+                allow_outrank: bool = False, lease_seconds: float = 86400, extra: dict | None = None,
+                now: float | None = None) -> dict:
+        """Check staging, claim, manifest, check again, ledger, promote. Returns the run record.
+
+        ``files`` is the file list made when staging was written
+        (:func:`pipeline.staging.file_list`); nothing that does not match it
+        is committed. Raises :class:`pipeline.staging.StagingGone` when
+        staging is gone, incomplete or past its lease: nothing was published,
+        and the next run exports the checkpoint again.
+        """
         faults.hold("publishing")
         done = self.resolve(ledger_key)
         if done is not None:
-            self._discard(staging)  # gone already if it was the staging just rolled forward
+            self._discard(staging)
             # A publish that died after its ledger entry was just finished by this run.
             status = "published" if done["state"] == "rolled_forward" else "skipped"
             return {"status": status, "version": done["version"], "path": done["path"], "claim_attempts": 0}
 
+        claim_lease_for_publish(self.store, staging, lease_seconds)
+        verify_staging(self.store, staging, files)
         live = self.live_version()
         now = time.time() if now is None else now
         start = first_candidate(versioning, checkpoint, now, live)
-        note = {"owner": owner(), "staging": staging, "checkpoint": checkpoint.prefix, "claimed_at": time.time()}
+        note = {"staging": staging, "checkpoint": checkpoint.prefix, "checkpoint_name": checkpoint.name,
+                "step": checkpoint.step, "written_at": checkpoint.written_at, "config_hash": config_hash,
+                "ledger_key": ledger_key, "claimed_at": time.time()}
         version, attempts = self.claim(start, max_claim_attempts, note)
-        if guard_outrank and live is not None and version > live:
-            live_manifest = self.manifest(live) or {}
-            live_written = (live_manifest.get("checkpoint") or {}).get("written_at")
-            if live_written is not None and checkpoint.written_at is not None and checkpoint.written_at < live_written:
-                self.release(version)
-                self._discard(staging)
-                raise PublishError(
-                    f"versioning '{versioning}' would serve an older checkpoint ({checkpoint.name}) above the live "
-                    f"version {live}; use versioning 'checkpoint_time' or allow it explicitly: {checkpoint.prefix}"
-                )
-        faults.hold("claimed")
-
-        manifest = {
-            "format": 1,
-            "version": version,
-            "checkpoint": {**checkpoint.identity(), "name": checkpoint.name, "step": checkpoint.step,
-                           "written_at": checkpoint.written_at},
-            "config_hash": config_hash,
-            "ledger_key": ledger_key,
-            "versioning": versioning,
-            "validation": validation,
-            "tool": {"name": "tf-export-pipeline", "version": __version__},
-            "times": {"claimed_at": note["claimed_at"], **((extra or {}).get("times") or {})},
-        }
-        for key, value in (extra or {}).items():
-            if key != "times":
-                manifest[key] = value
-        self.store.write_bytes(self.store.join(staging, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode())
+        try:
+            if not allow_outrank:
+                self.check_serving_order(version, checkpoint, config_hash, versioning)
+            faults.hold("claimed")
+            manifest = {
+                "format": 1,
+                "version": version,
+                "checkpoint": {**checkpoint.identity(), "path": checkpoint.prefix, "name": checkpoint.name,
+                               "step": checkpoint.step, "written_at": checkpoint.written_at},
+                "config_hash": config_hash,
+                "ledger_key": ledger_key,
+                "versioning": versioning,
+                "validation": validation,
+                "files": files,
+                "tool": {"name": "tf-export-pipeline", "version": __version__},
+                "times": {"claimed_at": note["claimed_at"], **((extra or {}).get("times") or {})},
+            }
+            for key, value in (extra or {}).items():
+                if key != "times":
+                    manifest[key] = value
+            self._write_manifest(staging, json.dumps(manifest, indent=1, sort_keys=True).encode())
+            verify_staging(self.store, staging, files)
+            if not self.store.exists(self.claim_path(version)):
+                raise PublishError(f"the claim on version {version} vanished before the commit (gc after a "
+                                   f"pause longer than {CLAIM_TTL_SECONDS:.0f} s?); run again: "
+                                   f"{self.store.url(self.claim_path(version))}")
+        except BaseException:
+            self.release(version)
+            raise
 
         entry = {"version": version, "staging": staging, "checkpoint": checkpoint.prefix, "step": checkpoint.step,
-                 "config_hash": config_hash, "owner": owner(), "created_at": time.time()}
-        if not self.store.create_only(self.ledger_path(ledger_key), json.dumps(entry).encode()):
+                 "written_at": checkpoint.written_at, "config_hash": config_hash, "created_at": time.time()}
+        try:
+            committed = self.store.create_only(
+                self.ledger_path(ledger_key), json.dumps(entry).encode(),
+                metadata=_meta({"version": version, "staging": staging, "step": checkpoint.step}))
+        except BaseException:
+            # The entry may have landed before the error (an fsync, a lost answer): then it
+            # stands and the version is finished by the next run; else the claim is freed.
+            mine = self._entry_or_none(ledger_key)
+            if not mine or mine.get("staging") != staging:
+                self.release(version)
+            raise
+        if not committed:
             # Another process published this checkpoint while we exported it.
             self._discard(staging)
             self.release(version)
@@ -259,11 +399,54 @@ class Publisher:
                     "claim_attempts": attempts}
         faults.hold("ledgered")
         final = self.version_path(version)
-        self.strategy.promote(self.store, staging, final)
+        if not self._finish(entry):
+            raise PublishError(f"version {version} was committed but is not whole after promotion; the next run "
+                               f"finishes it: {self.store.url(final)}")
         return {"status": "published", "version": version, "path": self.store.url(final), "claim_attempts": attempts}
+
+    def _entry_or_none(self, key: str) -> dict | None:
+        try:
+            return self.ledger_entry(key)
+        except Exception:  # noqa: BLE001 - only used to decide whether to free a claim
+            return None
+
+    def _write_manifest(self, staging: str, data: bytes) -> None:
+        """Write the manifest into staging, never re-creating a staging directory that is gone."""
+        target = self.store.join(staging, MANIFEST)
+        if self.store.is_local:
+            try:
+                os.mkdir(os.path.dirname(target))
+            except FileExistsError:
+                pass
+            except FileNotFoundError:
+                raise StagingGone(f"staging is gone (removed by gc or by hand?); the next run exports the "
+                                  f"checkpoint again: {staging}") from None
+        self.store.write_bytes(target, data)
+
+    def retire(self, version: int) -> list[str]:
+        """Forget ``version`` after retention removed it: its ledger entries and its claim.
+
+        The checkpoint can then be exported again (a backfill), and discovery
+        no longer names a version that does not exist. Returns the keys removed.
+        """
+        removed = []
+        for key, entry in self.ledger().items():
+            if entry.get("version") == version:
+                try:
+                    self.store.rm(self.ledger_path(key))
+                    removed.append(key)
+                except FileNotFoundError:
+                    pass
+        self.release(version)
+        return removed
 
     def _discard(self, staging: str) -> None:
         try:
             self.store.rm(staging, recursive=True)
         except OSError:
             pass  # gc removes it after the lease
+        drop_lease(self.store, staging.rstrip("/").rsplit("/", 1)[-1])
+
+
+__all__ = ["Publisher", "StagingGone", "first_candidate", "training_order", "MANIFEST", "EXPORTS_DIR",
+           "STAGING_PREFIX", "TEMP_MARK"]

@@ -1,23 +1,32 @@
-"""Retention: keep the newest versions, every pinned one and the live one; clear abandoned staging.
+"""Retention: keep the newest versions, every pinned one and the live one; collect what no publish needs.
 
 Example::
 
     from pipeline.retention import prune
     from pipeline.storage import open_storage
     print(prune(open_storage("/srv/models/m"), keep=5, dry_run=True))
+
+Any number of prunes (``tf-export gc``, the prune after each run) may run at
+once with each other and with publishes: whatever another process removed
+first counts as removed. Staging is removed only when its lease has run out
+and no ledger entry still needs it to finish a publish.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import time
 
-from pipeline.publish import EXPORTS_DIR, STAGING_PREFIX, Publisher
-from pipeline.storage import Storage
+from pipeline.promotion import MARKER
+from pipeline.publish import CLAIM_TTL_SECONDS, CLAIMS_DIR, EXPORTS_DIR, LEDGER_DIR, STAGING_PREFIX, Publisher
+from pipeline.staging import LEASES_DIR, last_renewed, lease_times
+from pipeline.storage import TEMP_MARK, Storage
 
-_STAGING = re.compile(r"^temp-(?P<ts>\d+)-[0-9a-z]+$")
 _DELETING = re.compile(r"^temp-deleting-\d+-[0-9a-z]+$")
+# A create-only write's temporary name lives for milliseconds; one this old was left by a kill.
+TEMP_FILE_SECONDS = 3600.0
 
 
 def versions_to_remove(versions: list[int], keep: int, pinned: list[int] | tuple[int, ...] = ()) -> list[int]:
@@ -29,21 +38,17 @@ def versions_to_remove(versions: list[int], keep: int, pinned: list[int] | tuple
     return [v for v in ordered if v not in kept]
 
 
-def staging_age(name: str, mtime: float | None, now: float) -> float | None:
-    m = _STAGING.match(name)
-    if m:
-        return now - int(m.group("ts"))
-    if name.startswith(STAGING_PREFIX) and mtime is not None:
-        return now - mtime
-    return None
-
-
 def prune(store: Storage, *, keep: int, pinned: list[int] | tuple[int, ...] = (), lease_seconds: float = 86400,
           dry_run: bool = False, now: float | None = None) -> dict:
     """Apply retention to the export base at ``store.root``. Returns what was (or would be) removed."""
     now = time.time() if now is None else now
     pub = Publisher(store)
-    doomed = versions_to_remove(pub.versions(), keep, pinned)
+    versions = pub.versions()
+    doomed = versions_to_remove(versions, keep, pinned)
+    ledger = pub.ledger()
+    needed_by = {_name(str(e.get("staging") or "")): int(e["version"]) for e in ledger.values() if e.get("staging")}
+    leases = lease_times(store)
+
     stale: list[str] = []
     for entry in store.list_dir(store.root):
         if not entry.name.startswith(STAGING_PREFIX):
@@ -51,32 +56,77 @@ def prune(store: Storage, *, keep: int, pinned: list[int] | tuple[int, ...] = ()
         if _DELETING.match(entry.name):
             stale.append(entry.name)
             continue
-        age = staging_age(entry.name, entry.mtime, now)
-        if age is not None and age > lease_seconds:
-            stale.append(entry.name)
+        renewed = last_renewed(store, entry.name, leases)
+        if renewed is None and entry.mtime is not None:
+            renewed = entry.mtime
+        if renewed is None or now - renewed <= lease_seconds:
+            continue
+        version = needed_by.get(entry.name)
+        if version is not None and not pub.is_whole(pub.version_path(version)):
+            continue  # committed: the next run (or any) promotes it
+        stale.append(entry.name)
+
+    removed_claims: list[int] = []
+    live_claims = set(versions) | {int(e["version"]) for e in ledger.values()}
+    for version, note in pub.claims().items():
+        claimed = float(note.get("claimed_at") or note.get("mtime") or now)
+        if version not in live_claims and now - claimed > CLAIM_TTL_SECONDS:
+            removed_claims.append(version)
+
     if not dry_run:
         for version in doomed:
             _remove_version(store, pub, version)
+            pub.retire(version)
         for name in stale:
             store.rm(store.join(store.root, name), recursive=True)
             store.rm(store.join(store.root, EXPORTS_DIR, "work", name), recursive=True)
-    return {"removed_versions": doomed, "removed_staging": sorted(stale), "dry_run": dry_run}
+            store.rm(store.join(store.root, EXPORTS_DIR, LEASES_DIR, name))
+        for version in removed_claims:
+            if not pub.is_whole(pub.version_path(version)):
+                pub.release(version)
+        _collect_leftovers(store, leases, lease_seconds, now)
+    return {"removed_versions": doomed, "removed_staging": sorted(stale), "removed_claims": sorted(removed_claims),
+            "dry_run": dry_run}
+
+
+def _name(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _collect_leftovers(store: Storage, leases: dict[str, float], lease_seconds: float, now: float) -> None:
+    """Work files and leases whose staging is gone, and temporary names of killed create-only writes."""
+    staging = {e.name for e in store.list_dir(store.root) if e.name.startswith(STAGING_PREFIX)}
+    work_dir = store.join(store.root, EXPORTS_DIR, "work")
+    for e in store.list_dir(work_dir):
+        renewed = last_renewed(store, e.name, leases)
+        if e.name not in staging and renewed is not None and now - renewed > lease_seconds:
+            store.rm(store.join(work_dir, e.name), recursive=True)
+    for name, renewed in leases.items():
+        if name not in staging and now - renewed > lease_seconds:
+            store.rm(store.join(store.root, EXPORTS_DIR, LEASES_DIR, name))
+    for sub in (CLAIMS_DIR, LEDGER_DIR, LEASES_DIR):
+        directory = store.join(store.root, EXPORTS_DIR, sub)
+        for e in store.list_dir(directory):
+            if (TEMP_MARK in e.name or ".renew-" in e.name) and e.mtime is not None \
+                    and now - e.mtime > TEMP_FILE_SECONDS:
+                store.rm(e.path)
 
 
 def _remove_version(store: Storage, pub: Publisher, version: int) -> None:
     path = pub.version_path(version)
     if store.is_local:
         # Renamed out of TF Serving's sight first, so it never sees a half-deleted version.
-        import os
-
         hidden = store.join(store.root, f"temp-deleting-{version}-{secrets.token_hex(4)}")
-        os.rename(path, hidden)
+        try:
+            os.rename(path, hidden)
+        except FileNotFoundError:
+            return  # removed by a concurrent prune
         store.rm(hidden, recursive=True)
         return
     # Object stores: one listing, then deletes matched to the listed generations.
     # The SavedModel marker goes first, so the remains never load as a model.
     objects = store.walk(path)
-    marker = [e for e in objects if e.name == "saved_model.pb"]
+    marker = [e for e in objects if e.name == MARKER]
     if marker:
         store.delete_objects(marker)
-    store.delete_objects([e for e in objects if e.name != "saved_model.pb"])
+    store.delete_objects([e for e in objects if e.name != MARKER])

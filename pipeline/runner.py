@@ -28,6 +28,7 @@ from pipeline.config import Config
 from pipeline.errors import CheckpointError, ConfigError, PipelineError
 from pipeline.publish import EXPORTS_DIR, STAGING_PREFIX, Publisher
 from pipeline.retention import prune
+from pipeline.staging import FILES_NAME, LeaseHeartbeat, StagingGone, drop_lease, file_list
 from pipeline.storage import Storage, open_storage
 from pipeline.validate import require_ok, validate_saved_model
 
@@ -86,8 +87,8 @@ def discover(cfg: Config) -> list[dict]:
     out = []
     ledger = ctx.publisher.ledger()
     for ckpt in ctx.checkpoints():
-        key = ckpt.ledger_key(cfg.config_hash)
-        entry = ledger.get(key)
+        key = ckpt.ledger_key(cfg.config_hash) if ckpt.index_crc32c else None
+        entry = ledger.get(key) if key else None
         out.append({**ckpt.to_dict(), "ledger_key": key, "version": entry.get("version") if entry else None})
     return out
 
@@ -238,24 +239,8 @@ def stage_export(cfg: Config, checkpoint: str | dict | None = None, force: bool 
     work = _work_dir(ctx, name)
     scratch = tempfile.mkdtemp(prefix="tf-export-")
     try:
-        local_prefix = _local_checkpoint(ctx.train, ckpt, scratch)
-        exporter.restore(local_prefix)
-        inputs = _sample_inputs(cfg, exporter)
-        expected = exporter.reference_outputs(inputs)
-        local_model = staging if ctx.base.is_local else os.path.join(scratch, "saved_model")
-        exporter.write(local_model)
-        if cfg.validation.warmup:
-            from pipeline.warmup import write_warmup
-
-            write_warmup(os.path.join(local_model, "assets.extra"), inputs)
-        local_work = work if ctx.base.is_local else os.path.join(scratch, "work")
-        os.makedirs(local_work, exist_ok=True)
-        np.savez(os.path.join(local_work, "samples.npz"), **_plain_arrays(inputs))
-        np.savez(os.path.join(local_work, "expected.npz"), **_plain_arrays(expected))
-        if not ctx.base.is_local:
-            # Uploaded once, each file checked against the crc32c the server computed.
-            ctx.base.upload_dir(local_work, work)
-            ctx.base.upload_dir(local_model, staging)
+        with LeaseHeartbeat(ctx.base, name):
+            _export_into(ctx, cfg, ckpt, exporter, staging, work, scratch)
     except BaseException:
         _discard(ctx.base, staging, work)
         raise
@@ -265,6 +250,36 @@ def stage_export(cfg: Config, checkpoint: str | dict | None = None, force: bool 
     return _record("staged", ckpt, staging=ctx.base.url(staging), work=ctx.base.url(work), ledger_key=key,
                    checkpoint_info=ckpt.to_dict(), exported_at=started, export_seconds=round(time.time() - started, 3),
                    gate=gate)
+
+
+def _export_into(ctx: Context, cfg: Config, ckpt: Checkpoint, exporter, staging: str, work: str,
+                 scratch: str) -> None:
+    """Restore, write the SavedModel and its file list, the samples and the reference outputs."""
+    import json
+
+    import numpy as np
+
+    local_prefix = _local_checkpoint(ctx.train, ckpt, scratch)
+    exporter.restore(local_prefix)
+    inputs = _sample_inputs(cfg, exporter)
+    expected = exporter.reference_outputs(inputs)
+    local_model = staging if ctx.base.is_local else os.path.join(scratch, "saved_model")
+    exporter.write(local_model)
+    if cfg.validation.warmup:
+        from pipeline.warmup import write_warmup
+
+        write_warmup(os.path.join(local_model, "assets.extra"), inputs)
+    local_work = work if ctx.base.is_local else os.path.join(scratch, "work")
+    os.makedirs(local_work, exist_ok=True)
+    np.savez(os.path.join(local_work, "samples.npz"), **_plain_arrays(inputs))
+    np.savez(os.path.join(local_work, "expected.npz"), **_plain_arrays(expected))
+    # What staging must hold when it is committed: checked just before the ledger entry.
+    with open(os.path.join(local_work, FILES_NAME), "w", encoding="utf-8") as fh:
+        json.dump(file_list(local_model), fh)
+    if not ctx.base.is_local:
+        # Uploaded once, each file checked against the crc32c the server computed.
+        ctx.base.upload_dir(local_work, work)
+        ctx.base.upload_dir(local_model, staging)
 
 
 def _local_checkpoint(store: Storage, ckpt: Checkpoint, scratch: str) -> str:
@@ -314,6 +329,11 @@ def _discard(store: Storage, staging: str, work: str) -> None:
             store.rm(path, recursive=True)
         except OSError:
             pass
+    drop_lease(store, _name_of(staging))
+
+
+def _name_of(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
 
 
 def _strip(store: Storage, url: str) -> str:
@@ -332,7 +352,9 @@ def stage_validate(cfg: Config, staged: dict, session=None) -> dict:
     staging = _strip(ctx.base, staged["staging"])
     work = _strip(ctx.base, staged["work"])
     scratch = tempfile.mkdtemp(prefix="tf-export-validate-")
+    heartbeat = LeaseHeartbeat(ctx.base, _name_of(staging))
     try:
+        heartbeat.__enter__()
         if ctx.base.is_local:
             local_model, local_work = staging, work
         else:
@@ -353,7 +375,11 @@ def stage_validate(cfg: Config, staged: dict, session=None) -> dict:
         report["saved_model"] = staged["staging"]
         if report.get("ok"):
             _check_signatures(ctx, report)
+    except FileNotFoundError as err:
+        raise StagingGone(f"staging is gone (removed by gc or by hand?); the next run exports the checkpoint "
+                          f"again: {staged['staging']}") from err
     finally:
+        heartbeat.__exit__(None, None, None)
         shutil.rmtree(scratch, ignore_errors=True)
     if not report.get("ok"):
         _discard(ctx.base, staging, work)
@@ -380,8 +406,12 @@ def _check_signatures(ctx: Context, report: dict) -> None:
                            allow_breaking=ctx.cfg.validation.allow_breaking)
 
 
-def stage_publish(cfg: Config, validated: dict, versioning: str | None = None, guard_outrank: bool = False) -> dict:
-    """Claim a version, write the manifest, record the ledger entry, promote."""
+def stage_publish(cfg: Config, validated: dict, versioning: str | None = None, allow_outrank: bool = False) -> dict:
+    """Check staging, claim a version, write the manifest, record the ledger entry, promote.
+
+    ``allow_outrank`` lets the checkpoint's version break training order (an
+    older checkpoint above a newer one); without it such a publish is refused.
+    """
     if validated.get("status") in ("skipped", "no_new_checkpoint", "gated"):
         return public(validated)
     if validated.get("status") != "validated":
@@ -389,16 +419,19 @@ def stage_publish(cfg: Config, validated: dict, versioning: str | None = None, g
     ctx = Context(cfg)
     ckpt = Checkpoint(**validated["checkpoint_info"])
     staging = _strip(ctx.base, validated["staging"])
+    work = _strip(ctx.base, validated["work"])
     try:
         result = ctx.publisher.publish(
             staging=staging,
+            files=_file_list_of(ctx, staging, work),
             checkpoint=ckpt,
             ledger_key=validated["ledger_key"],
             config_hash=cfg.config_hash,
             versioning=versioning or cfg.versioning,
             max_claim_attempts=cfg.max_claim_attempts,
             validation=validated.get("validation"),
-            guard_outrank=guard_outrank,
+            allow_outrank=allow_outrank,
+            lease_seconds=cfg.retention.lease_seconds,
             extra={"times": {"exported_at": validated.get("exported_at"),
                              "validated_at": time.time()},
                    "model": {"factory": cfg.model.factory, "checkpoint_key": cfg.model.checkpoint_key},
@@ -406,18 +439,33 @@ def stage_publish(cfg: Config, validated: dict, versioning: str | None = None, g
         )
     except BaseException:
         # Staging that made it into the ledger is finished by the next run; any other is garbage.
-        key_entry = ctx.publisher.ledger_entry(validated["ledger_key"])
-        if not key_entry or key_entry.get("staging") != staging:
-            _discard(ctx.base, staging, _strip(ctx.base, validated["work"]))
+        key_entry = ctx.publisher._entry_or_none(validated["ledger_key"])
+        if not key_entry or ctx.base.strip(key_entry.get("staging") or "") != staging:
+            _discard(ctx.base, staging, work)
         raise
-    ctx.base.rm(_strip(ctx.base, validated["work"]), recursive=True)
+    try:
+        ctx.base.rm(work, recursive=True)
+    except OSError:
+        pass  # published; gc removes the work files after the lease
     return _record(result["status"], ckpt, result["version"], result["path"],
                    claim_attempts=result.get("claim_attempts", 0))
 
 
-def stage_prune(cfg: Config, dry_run: bool = False) -> dict:
+def _file_list_of(ctx: Context, staging: str, work: str) -> dict:
+    """The file list written at export time, from the work directory."""
+    import json
+
+    try:
+        return json.loads(ctx.base.read_text(ctx.base.join(work, FILES_NAME)))
+    except (FileNotFoundError, ValueError):
+        raise StagingGone(f"the file list of staging is gone or unreadable (staging removed by gc or by hand?); "
+                          f"the next run exports the checkpoint again: {ctx.base.url(staging)}") from None
+
+
+def stage_prune(cfg: Config, dry_run: bool = False, keep_versions: tuple[int, ...] = ()) -> dict:
+    """Apply retention; ``keep_versions`` are kept whatever their rank (the version a run just published)."""
     ctx = Context(cfg)
-    return prune(ctx.base, keep=cfg.retention.keep, pinned=cfg.retention.pinned,
+    return prune(ctx.base, keep=cfg.retention.keep, pinned=(*cfg.retention.pinned, *keep_versions),
                  lease_seconds=cfg.retention.lease_seconds, dry_run=dry_run)
 
 
@@ -448,28 +496,37 @@ def export_and_validate(cfg: Config, checkpoint: str | dict | None = None, force
 
 
 def export_one(cfg: Config, checkpoint: str | dict | None = None, versioning: str | None = None,
-               guard_outrank: bool = False, force: bool = False, session=None) -> dict:
+               allow_outrank: bool = False, force: bool = False, session=None) -> dict:
     validated = export_and_validate(cfg, checkpoint, force=force, session=session)
     if validated["status"] != "validated":
         return validated
-    return _publish_timed(cfg, validated, versioning, guard_outrank)
+    return _publish_timed(cfg, validated, versioning, allow_outrank)
 
 
-def _publish_timed(cfg: Config, validated: dict, versioning: str | None, guard_outrank: bool) -> dict:
+def _publish_timed(cfg: Config, validated: dict, versioning: str | None, allow_outrank: bool) -> dict:
     t0 = time.monotonic()
-    record = stage_publish(cfg, validated, versioning=versioning, guard_outrank=guard_outrank)
+    record = stage_publish(cfg, validated, versioning=versioning, allow_outrank=allow_outrank)
     record["timings"] = {**validated.get("timings", {}), "publish": round(time.monotonic() - t0, 4)}
     return record
 
 
-def run_once(cfg: Config, checkpoint: str | None = None, versioning: str | None = None, force: bool = False) -> dict:
+def run_once(cfg: Config, checkpoint: str | None = None, versioning: str | None = None, force: bool = False,
+             allow_outrank: bool = False) -> dict:
     """Export the newest unexported complete checkpoint (or the one named), then prune.
 
-    ``force`` publishes a checkpoint the metric gate would hold back.
+    ``force`` publishes a checkpoint the metric gate would hold back;
+    ``allow_outrank`` one whose version would break training order. The
+    version this run publishes is kept by its own prune, whatever its rank
+    (the next prune applies retention to it as to any other).
+    A prune that fails after a publish does not undo it: the record says
+    ``published`` and carries the prune's error.
     """
-    record = export_one(cfg, checkpoint, versioning, force=force)
+    record = export_one(cfg, checkpoint, versioning, allow_outrank=allow_outrank, force=force)
     if record["status"] == "published":
-        record["pruned"] = stage_prune(cfg)["removed_versions"]
+        try:
+            record["pruned"] = stage_prune(cfg, keep_versions=(record["version"],))["removed_versions"]
+        except (PipelineError, OSError) as err:
+            record["prune_error"] = str(err)
     return record
 
 
@@ -501,7 +558,7 @@ def backfill(cfg: Config, from_step: int | None = None, to_step: int | None = No
             record = validated
         else:
             try:
-                record = _publish_timed(cfg, validated, versioning, not allow_outrank)
+                record = _publish_timed(cfg, validated, versioning, allow_outrank)
             except PipelineError as err:
                 record = _failed_record(item, err)
         records.append(record)

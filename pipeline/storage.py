@@ -68,6 +68,11 @@ RETRY_BASE_DELAY = 0.5  # seconds, doubled per attempt, with jitter
 RENAME_TIMEOUT = 600.0
 
 _GOOGLE_HOSTS = ("googleapis.com", "storage.mtls.googleapis.com")
+# fsspec backends whose ``pipe_file(mode="create")`` is one conditional request
+# (S3's If-None-Match). Elsewhere fsspec emulates it with exists-then-write,
+# which two writers can both pass.
+ATOMIC_CREATE_PROTOCOLS = ("s3", "s3a")
+TEMP_MARK = ".tmp-"
 _LAYOUTS: dict[tuple[str, str], str] = {}
 
 
@@ -445,23 +450,12 @@ class Storage:
         listings return: a reader can learn it without one request per object.
         """
         if self.is_local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                return False
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            fsync_dir(os.path.dirname(path))
-            return True
+            return _create_only_local(path, data)
         if self.is_gcs:
             nonce = secrets.token_hex(16)
             try:
                 with self._errors("writing (create-only)", path, write=True):
-                    self.fs.pipe_file(path, data, mode="create", metadata={**(metadata or {}), NONCE_KEY: nonce})
+                    self._gcs_create(path, data, {**(metadata or {}), NONCE_KEY: nonce})
             except FileExistsError:
                 try:
                     meta = self._gcs_object(path).get("metadata") or {}
@@ -469,14 +463,15 @@ class Storage:
                     return False  # released by its owner in the meantime: not ours either
                 return meta.get(NONCE_KEY) == nonce
             return True
+        if self.protocol not in ATOMIC_CREATE_PROTOCOLS:
+            raise PipelineError(
+                f"storage '{self.protocol}' offers no atomic create-only write, which version claims and the "
+                f"ledger need (use local disk, gs:// or s3://): {self.url(path)}")
         try:
             with self._errors("writing (create-only)", path, write=True):
                 self.fs.pipe_file(path, data, mode="create")
         except FileExistsError:
-            try:
-                return self.read_bytes(path) == data
-            except FileNotFoundError:
-                return False
+            return False
         except TypeError:
             raise PipelineError(
                 f"storage '{self.protocol}' offers no create-only write, which claims need: {self.url(path)}"
@@ -485,6 +480,62 @@ class Storage:
             if _is_precondition_failure(err):
                 return False
             raise
+        return True
+
+    def _gcs_create(self, path: str, data: bytes, metadata: dict[str, str]) -> None:
+        """One JSON API upload with ``ifGenerationMatch=0``.
+
+        Called on gcsfs's plain class even when the filesystem is its extended
+        (zonal/HNS) subclass, whose ``_pipe_file`` takes a gRPC path for zonal
+        buckets that does not honour ``mode="create"``: the request is then
+        either exclusive or refused by the server, never a silent overwrite.
+        """
+        from gcsfs.core import GCSFileSystem
+
+        self._sync(lambda: GCSFileSystem._pipe_file(self.fs, path, data, metadata=metadata, mode="create"))
+
+    def remove_if_torn(self, path: str, torn: Callable[[bytes], bool]) -> bool:
+        """Remove the create-only object at ``path`` if its content is ``torn``; True when removed.
+
+        New create-only writes appear whole or not at all; a torn one is left
+        by an older writer or a damaged disk, and blocks its key for ever.
+        The removal is matched to what was read (the generation on GCS, the
+        inode locally), so an entry written since is left alone.
+        """
+        if self.is_local:
+            try:
+                with open(path, "rb") as fh:
+                    seen = os.fstat(fh.fileno()).st_ino
+                    data = fh.read()
+            except FileNotFoundError:
+                return False
+            if not torn(data):
+                return False
+            try:
+                if os.stat(path).st_ino == seen:
+                    os.unlink(path)
+                    fsync_dir(os.path.dirname(path))
+                    return True
+            except FileNotFoundError:
+                return False
+            return False
+        if self.is_gcs:
+            try:
+                obj = self._gcs_object(path)
+                data = self.read_bytes(path)
+            except FileNotFoundError:
+                return False
+            if not torn(data):
+                return False
+            entry = self._entry(self._split(path)[0], obj)
+            return not self.delete_objects([entry])
+        try:
+            data = self.read_bytes(path)
+        except FileNotFoundError:
+            return False
+        if not torn(data):
+            return False
+        self.rm(path)
         return True
 
     # -- whole directories -------------------------------------------------------
@@ -724,11 +775,7 @@ class Storage:
 
     def rm(self, path: str, recursive: bool = False) -> None:
         if self.is_local:
-            if os.path.isdir(path):
-                import shutil
-                shutil.rmtree(path, ignore_errors=False)
-            elif os.path.exists(path):
-                os.remove(path)
+            _rm_local(path)
             return
         if self.is_gcs:
             if recursive:
@@ -898,6 +945,59 @@ def _mtime(info: dict[str, Any]) -> float | None:
 def _is_precondition_failure(err: OSError) -> bool:
     code = getattr(err, "code", None) or getattr(err, "errno", None)
     return code in (412, errno.EEXIST) or "412" in str(err) or "precondition" in str(err).lower()
+
+
+def _rm_local(path: str) -> None:
+    """Remove a file or a tree; what another process removed meanwhile counts as removed."""
+    import shutil
+
+    def gone_already(_func, _path, exc):
+        err = exc[1] if isinstance(exc, tuple) else exc
+        if not isinstance(err, FileNotFoundError):
+            raise err
+
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, onerror=gone_already)
+        return
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _create_only_local(path: str, data: bytes) -> bool:
+    """Create ``path`` with ``data`` unless it exists: whole or not at all.
+
+    The bytes go to a temporary name in the same directory first, are flushed,
+    then linked to ``path`` (``link(2)`` never replaces). A full disk or a
+    kill leaves at most the temporary name, which no reader lists and ``gc``
+    removes; never an empty or torn entry.
+    """
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    if os.path.lexists(path):
+        return False
+    tmp = os.path.join(directory, f".{os.path.basename(path)}{TEMP_MARK}{secrets.token_hex(6)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        fsync_dir(directory)
+        return True
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
 
 
 def fsync_dir(path: str) -> None:

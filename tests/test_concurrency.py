@@ -34,22 +34,45 @@ def test_four_processes_same_checkpoint_exactly_one_version(workspace):
     assert watcher.violations == []
 
 
-def test_four_checkpoints_in_the_same_second_get_four_distinct_versions(workspace, tmp_path):
+def _race_four_checkpoints(workspace, tmp_path, *extra):
+    """ckpt-10..40 exported and validated by four processes, released into publish at one instant."""
     workspace.train_more(10)  # ckpt-40: four checkpoints in all
     release = tmp_path / "release"
     env = {"TF_EXPORT_TEST_HOLD": f"publishing@{release}"}
-    procs = [_spawn(workspace, "--checkpoint", f"ckpt-{s}", env=env) for s in (10, 20, 30, 40)]
+    procs = [_spawn(workspace, "--checkpoint", f"ckpt-{s}", *extra, env=env) for s in (10, 20, 30, 40)]
     for p in procs:  # all four exported and validated, waiting at the start of publish
         line = p.stderr.readline()
         while line and "holding at publishing" not in line:
             line = p.stderr.readline()
         assert "holding at publishing" in line, p.communicate()[1]
     release.touch()  # released together: they claim within the same second
-    results = []
+    outcomes = []
     for p in procs:
         out, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err
-        results.append(json.loads(out))
+        outcomes.append((p.returncode, json.loads(out) if p.returncode == 0 else None, err))
+    return outcomes
+
+
+def test_racing_runs_under_timestamp_never_serve_an_older_checkpoint_above_a_newer(workspace, tmp_path):
+    with PartialVersionWatcher(workspace.base) as watcher:
+        outcomes = _race_four_checkpoints(workspace, tmp_path)
+    published = [rec for rc, rec, _ in outcomes if rc == 0]
+    assert published and all(r["status"] == "published" for r in published)
+    for rc, _, err in outcomes:
+        if rc != 0:  # refused, naming the option that overrides it; nothing of it published
+            assert rc == 1 and "--allow-outrank" in err and len(err.strip().splitlines()) == 1, err
+    by_version = sorted((r["version"], r["step"]) for r in published)
+    assert [s for _, s in by_version] == sorted(s for _, s in by_version), f"out of training order: {by_version}"
+    assert workspace.versions() == [v for v, _ in by_version]
+    assert watcher.violations == []
+    assert_no_partial_versions(workspace.base)
+
+
+def test_four_checkpoints_in_the_same_second_get_four_distinct_versions(workspace, tmp_path):
+    outcomes = _race_four_checkpoints(workspace, tmp_path, "--allow-outrank")
+    for rc, _, err in outcomes:
+        assert rc == 0, err
+    results = [rec for _, rec, _ in outcomes]
     assert all(r["status"] == "published" for r in results)
     versions = sorted(r["version"] for r in results)
     assert len(set(versions)) == 4

@@ -109,8 +109,8 @@ def test_gc_clears_staging_of_killed_runs_after_the_lease(tmp_path, trained_dir)
     from tests.conftest import make_workspace
 
     ws = make_workspace(tmp_path, trained_dir, retention={"keep": 5, "lease_seconds": 0})
-    proc = _start(ws, {"TF_EXPORT_TEST_HOLD": "claimed"})
-    _wait_hold(proc, "claimed")
+    proc = _start(ws, {"TF_EXPORT_TEST_HOLD": "exported"})
+    _wait_hold(proc, "exported")
     _kill(proc)
     assert any(e.startswith("temp-") for e in ws.entries())
     time.sleep(1.1)

@@ -136,7 +136,8 @@ def test_backfill_refuses_to_outrank_live_with_an_older_checkpoint(workspace):
     workspace.cli("run", "--checkpoint", "ckpt-30", "--versioning", "checkpoint_time")
     res = workspace.cli("backfill", "--versioning", "timestamp", "--to-step", "20", "--json")
     assert res.rc == 1
-    assert "older checkpoint" in res.err and "ckpt-10" in res.err
+    assert "newer checkpoint ckpt-30" in res.err and "ckpt-10" in res.err
+    assert "--versioning checkpoint_time" in res.err and "--allow-outrank" in res.err
     assert len(workspace.versions()) == 1
     forced = workspace.cli("backfill", "--versioning", "timestamp", "--to-step", "20", "--allow-outrank", "--json")
     assert forced.rc == 0, forced.err

@@ -113,7 +113,7 @@ class _RacedStorage(type(open_storage("/"))):
     """A storage whose create-only writes always lose to another writer: a race no
     real process can be made to lose on demand every time."""
 
-    def create_only(self, path, data):
+    def create_only(self, path, data, metadata=None):
         super().create_only(path, b"the other writer")
         return False
 
