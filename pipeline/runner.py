@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import sys
 import tempfile
 import time
 from typing import Any, Callable
@@ -44,6 +45,12 @@ class Context:
         self.base = open_storage(cfg.export_base, cfg.storage_options)
         if self.base.isfile(self.base.root):
             raise ConfigError(f"export_base is a file, not a directory: {cfg.export_base}")
+        if self.base.is_local:
+            parent = os.path.dirname(os.path.abspath(self.base.root))
+            while parent and not os.path.exists(parent):
+                parent = os.path.dirname(parent)
+            if parent and not os.path.isdir(parent):
+                raise ConfigError(f"export_base lies below a file ({parent}), not a directory: {cfg.export_base}")
         self.publisher = Publisher(self.base, promotion=cfg.promotion)
 
     def checkpoints(self) -> list[Checkpoint]:
@@ -379,7 +386,7 @@ def stage_validate(cfg: Config, staged: dict, session=None) -> dict:
         raise StagingGone(f"staging is gone (removed by gc or by hand?); the next run exports the checkpoint "
                           f"again: {staged['staging']}") from err
     finally:
-        heartbeat.__exit__(None, None, None)
+        heartbeat.__exit__(*sys.exc_info())
         shutil.rmtree(scratch, ignore_errors=True)
     if not report.get("ok"):
         _discard(ctx.base, staging, work)

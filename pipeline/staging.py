@@ -172,6 +172,9 @@ class LeaseHeartbeat:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type=None, *exc) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        if exc_type is None:
+            # The lease counts from the end of the stage: the next stage may run elsewhere, later.
+            renew_lease(self.store, self.name)

@@ -108,12 +108,14 @@ def test_killed_while_the_validation_process_runs(workspace):
 def test_gc_clears_staging_of_killed_runs_after_the_lease(tmp_path, trained_dir):
     from tests.conftest import make_workspace
 
-    ws = make_workspace(tmp_path, trained_dir, retention={"keep": 5, "lease_seconds": 0})
+    ws = make_workspace(tmp_path, trained_dir, retention={"keep": 5, "lease_seconds": 6})
     proc = _start(ws, {"TF_EXPORT_TEST_HOLD": "exported"})
     _wait_hold(proc, "exported")
     _kill(proc)
     assert any(e.startswith("temp-") for e in ws.entries())
-    time.sleep(1.1)
+    kept = ws.cli("gc", "--json")
+    assert kept.rc == 0 and kept.json["removed_staging"] == [], "gc must not take staging within its lease"
+    time.sleep(6.1)
     res = ws.cli("gc", "--json")
     assert res.rc == 0, res.err
     assert len(res.json["removed_staging"]) == 1
