@@ -320,6 +320,9 @@ class Exporter:
         try:
             self._writer.write(self.serving.root, self.serving.signatures, directory)
         except Exception as err:
+            if "No space left on device" in str(err):
+                raise PipelineError(f"disk full (no space left on device) while writing the SavedModel: "
+                                    f"{directory}") from None
             raise PipelineError(f"writing the SavedModel failed ({type(err).__name__}: {_first_line(err)}): {directory}") from None
         if getattr(self.serving, "example_spec", None):
             from pipeline.examples import write_spec

@@ -95,9 +95,13 @@ def renew_lease(store: Storage, staging_name: str) -> None:
     if store.is_local:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.renew-{os.getpid()}-{threading.get_ident()}"
-        with open(tmp, "wb") as fh:
-            fh.write(body)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(body)
+            os.replace(tmp, path)
+        finally:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
         return
     store.write_bytes(path, body)
 
@@ -174,7 +178,8 @@ class LeaseHeartbeat:
 
     def __exit__(self, exc_type=None, *exc) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
         if exc_type is None:
             # The lease counts from the end of the stage: the next stage may run elsewhere, later.
             renew_lease(self.store, self.name)

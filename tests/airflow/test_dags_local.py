@@ -119,7 +119,7 @@ def test_nightly_publishes_newest_checkpoint_then_skips(tmp_path, trained_dir):
     version = published["version"]
     assert published["status"] == "published" and published["step"] == 30
     assert published["path"] == str(base / str(version))
-    assert xcom(dr, "prune") == {"removed_versions": [], "removed_staging": [], "dry_run": False}
+    assert xcom(dr, "prune") == {"removed_versions": [], "removed_staging": [], "removed_claims": [], "dry_run": False}
     assert versions(base) == [version]
     assert not Path(staged["staging"]).exists()
     assert_no_partial_versions(base)
