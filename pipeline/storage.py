@@ -483,16 +483,36 @@ class Storage:
         return True
 
     def _gcs_create(self, path: str, data: bytes, metadata: dict[str, str]) -> None:
-        """One JSON API upload with ``ifGenerationMatch=0``.
+        self._gcs_upload(path, data, metadata, if_generation_match=0)
 
-        Called on gcsfs's plain class even when the filesystem is its extended
-        (zonal/HNS) subclass, whose ``_pipe_file`` takes a gRPC path for zonal
-        buckets that does not honour ``mode="create"``: the request is then
-        either exclusive or refused by the server, never a silent overwrite.
+    def _gcs_upload(self, path: str, data: bytes, metadata: dict[str, str] | None = None,
+                    if_generation_match: int | str | None = None) -> dict:
+        """One JSON API multipart upload, conditional on the object's generation (0: must not exist).
+
+        Built here rather than through gcsfs's ``pipe_file``: its extended
+        (zonal/HNS) class routes uploads to zonal buckets over gRPC, where
+        ``mode="create"`` is not honoured. This request is either conditional
+        or refused by the server, never a silent overwrite. A precondition
+        failure raises FileExistsError.
         """
-        from gcsfs.core import GCSFileSystem
+        import json as _json
+        from urllib.parse import quote
 
-        self._sync(lambda: GCSFileSystem._pipe_file(self.fs, path, data, metadata=metadata, mode="create"))
+        bucket, key = self._split(path)
+        head = {"name": key, **({"metadata": metadata} if metadata else {})}
+        body = (b"--==0==\nContent-Type: application/json; charset=UTF-8\n\n" + _json.dumps(head).encode()
+                + b"\n--==0==\nContent-Type: application/octet-stream\n\n" + data + b"\n--==0==--")
+        kw = {} if if_generation_match is None else {"ifGenerationMatch": str(if_generation_match)}
+        fs = self.fs
+
+        async def upload():
+            return await fs._call("POST", f"{fs._location}/upload/storage/v1/b/{quote(bucket)}/o",
+                                  uploadType="multipart", headers={"Content-Type": 'multipart/related; boundary="==0=="'},
+                                  data=body, json_out=True, **kw)
+
+        out = self._sync(upload)
+        self.invalidate(path)
+        return out
 
     def remove_if_torn(self, path: str, torn: Callable[[bytes], bool]) -> bool:
         """Remove the create-only object at ``path`` if its content is ``torn``; True when removed.
