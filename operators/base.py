@@ -1,4 +1,20 @@
-"""What every operator over a pipeline stage shares: the config, its connection, skips and errors."""
+"""What every operator over a pipeline stage shares: the config, its connection, skips and errors.
+
+No secret leaves a task: the config's storage options and the connection's
+fields are registered for redaction when they are read (:func:`load`), errors
+are raised without them (:func:`stage_errors`), and what goes to XCom is
+redacted (:func:`xcom`).
+
+Example::
+
+    from operators.base import load, stage_errors, xcom
+    from pipeline import runner
+
+    cfg = load("/opt/airflow/dags/configs/demo.yaml", "google_cloud_default")
+    with stage_errors():
+        result = runner.stage_prune(cfg, dry_run=True)
+    print(xcom(result))
+"""
 
 from __future__ import annotations
 
@@ -14,10 +30,18 @@ NOTHING_TO_DO = ("skipped", "no_new_checkpoint", "gated")
 
 def load(config_path: str, conn_id: str | None = None):
     """The config at ``config_path``, with the storage options of its connection."""
-    from operators.connections import config_with_connection
+    from operators.connections import config_with_connection, protect
     from pipeline.config import load_config
 
+    protect()
     return config_with_connection(load_config(str(config_path)), conn_id or None)
+
+
+def xcom(value: Any) -> Any:
+    """``value`` as it may go to XCom: every string in it redacted."""
+    from pipeline.redaction import redact_value
+
+    return redact_value(value)
 
 
 def as_int(value: Any) -> int | None:
@@ -40,14 +64,28 @@ def stage_errors() -> Iterator[None]:
     A bad config, and a model that failed validation (its staging is removed),
     end the task without retrying; storage and other errors are raised as they
     are, so Airflow retries the task (each stage is idempotent).
+
+    Neither kind carries a secret: an error that shows one (in its message or
+    in a cause's, such as a URL with ``access_token=``) is replaced by a
+    redacted stand-in, raised outside the ``except`` block so that the
+    original is not attached as its context either.
     """
     from operators.connections import ConnectionOptionsError
     from pipeline.errors import ConfigError, ValidationError
+    from pipeline.redaction import redact, scrub_exception
 
     try:
         yield
+        return
     except (ConfigError, ValidationError, ConnectionOptionsError) as err:
-        raise AirflowFailException(str(err)) from err
+        failure: BaseException = AirflowFailException(redact(str(err)))
+        cause: BaseException | None = scrub_exception(err)
+    except Exception as err:  # noqa: BLE001 - re-raised, as it is when it shows no secret
+        safe = scrub_exception(err)
+        if safe is err:
+            raise
+        failure, cause = safe, None
+    raise failure from cause
 
 
 class PipelineOperator(BaseOperator):
@@ -71,8 +109,10 @@ class PipelineOperator(BaseOperator):
 
     def skip_with(self, context: Context, record: dict, reason: str) -> None:
         """Keep ``record`` as the task's XCom, then end the task as skipped."""
-        context["ti"].xcom_push(key="return_value", value=record)
-        raise AirflowSkipException(reason)
+        from pipeline.redaction import redact
+
+        context["ti"].xcom_push(key="return_value", value=xcom(record))
+        raise AirflowSkipException(redact(reason))
 
     def pass_through(self, context: Context, record: Any) -> None:
         """Skip when the stage before had nothing for this one (no new checkpoint, already published, gated)."""

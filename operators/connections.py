@@ -28,6 +28,11 @@ any type
     an extra ``storage_options`` object is passed through as is, last, so it
     can set whatever the filesystem accepts (for example an emulator's
     ``endpoint_url`` and ``token: anon``).
+
+Every secret of a connection (its password, login and extras, and the
+options made of them, by the rules of :mod:`pipeline.redaction`) is
+registered for redaction as the connection is read, and handed to Airflow's
+own log masker (:func:`protect`).
 """
 
 from __future__ import annotations
@@ -115,11 +120,16 @@ def _aws(conn_type: str, login: str | None, password: str | None, extras: dict[s
 
 
 def options_from_connection(conn: Any) -> dict[str, Any]:
-    """fsspec storage options from an Airflow ``Connection`` (no I/O)."""
+    """fsspec storage options from an Airflow ``Connection`` (no I/O; its secrets are registered for redaction)."""
+    from pipeline.redaction import register
+
     conn_id = getattr(conn, "conn_id", None) or "?"
     conn_type = (getattr(conn, "conn_type", None) or "").replace("-", "_").lower()
     extras = conn.extra_dejson if hasattr(conn, "extra_dejson") else {}
     extras = extras or {}
+    # Before anything can fail: an error about this connection must not print its secrets.
+    register({"login": getattr(conn, "login", None), "password": getattr(conn, "password", None),
+              "extra": extras, "raw_extra": getattr(conn, "extra", None)})
     if conn_type in GCP_TYPES:
         opts = _gcp(conn_id, "google_cloud_platform", extras)
     elif conn_type in AWS_TYPES:
@@ -132,7 +142,29 @@ def options_from_connection(conn: Any) -> dict[str, Any]:
             f"google_cloud_platform or aws connection, or put the options under the extra 'storage_options'")
     if "storage_options" in extras:
         opts.update(_as_dict(extras["storage_options"], "extra 'storage_options'", conn_id))
+    register(opts)
     return opts
+
+
+def _mask_in_airflow(secret: str) -> None:
+    from airflow.sdk.log import mask_secret
+
+    mask_secret(secret)
+
+
+def protect() -> None:
+    """Redact this process's logs, and have Airflow's masker hide every secret the pipeline registers.
+
+    Airflow masks the password and the sensitively named extras of the
+    connections it hands out, but knows nothing of a config file's
+    ``storage_options`` or of an extra named otherwise; structlog's own
+    loggers (``self.log`` of a task) bypass the stdlib filter of
+    :func:`pipeline.redaction.install`, so Airflow's masker is told too.
+    """
+    from pipeline.redaction import REDACTOR, install
+
+    install()
+    REDACTOR.add_listener(_mask_in_airflow)
 
 
 def storage_options(conn_id: str) -> dict[str, Any]:

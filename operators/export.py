@@ -28,7 +28,7 @@ from typing import Any
 from airflow.sdk import Context
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from operators.base import NOTHING_TO_DO, PipelineOperator, as_bool, as_int, stage_errors
+from operators.base import NOTHING_TO_DO, PipelineOperator, as_bool, as_int, stage_errors, xcom
 
 SELECT = ("newest", "new", "pending")
 
@@ -72,7 +72,7 @@ class DiscoverCheckpointsOperator(PipelineOperator):
                 items = [small(r) for r in new_since_exported(runner.discover(cfg))]
             if self.select != "newest":
                 self.log.info("%d checkpoint(s) to export: %s", len(items), [i["name"] for i in items])
-                return items
+                return xcom(items)
             chosen = newest(runner.discover(cfg))
         if chosen is None:
             self.skip_with(context, {"status": "no_new_checkpoint", "checkpoint": None, "step": None},
@@ -84,7 +84,7 @@ class DiscoverCheckpointsOperator(PipelineOperator):
         if not chosen["complete"]:
             raise CheckpointError(f"checkpoint is incomplete, missing {', '.join(chosen['missing'])}: "
                                   f"{chosen['prefix']}")
-        return {"status": "new", "checkpoint": chosen["prefix"], **small(chosen)}
+        return xcom({"status": "new", "checkpoint": chosen["prefix"], **small(chosen)})
 
 
 def _checkpoint_ref(checkpoint: Any) -> str | None:
@@ -123,7 +123,7 @@ class ExportCheckpointOperator(PipelineOperator):
         self.pass_through(context, record)
         self.log.info("%s %s -> %s", record["status"], record.get("checkpoint"),
                       record.get("staging") or record.get("path"))
-        return record
+        return xcom(record)
 
 
 class ValidateExportOperator(PipelineOperator):
@@ -150,7 +150,7 @@ class ValidateExportOperator(PipelineOperator):
         report = record.get("validation") or {}
         self.log.info("%s %s (%d checks)", record["status"], record.get("staging") or record.get("path"),
                       len(report.get("checks") or []))
-        return record
+        return xcom(record)
 
 
 class PublishVersionOperator(PipelineOperator):
@@ -162,8 +162,9 @@ class PublishVersionOperator(PipelineOperator):
     instance ran): those are published one after the other in list order,
     so the last (the newest checkpoint) gets the highest version, whatever
     order their exports finished in. ``versioning`` overrides the config's
-    policy; ``guard_outrank`` refuses to put an older checkpoint above the
-    live version.
+    policy. A version that would break training order (an older checkpoint
+    above a newer one, or a newer one below an older one) is refused unless
+    ``allow_outrank``.
 
     On success each ``Asset`` in ``outlets`` gets an event whose extra names
     the version, its path, the checkpoint and the step (the newest, with
@@ -173,18 +174,19 @@ class PublishVersionOperator(PipelineOperator):
     someone else) skips the task: no event.
     """
 
-    template_fields = ("config_path", "validated", "versioning", "guard_outrank")
+    template_fields = ("config_path", "validated", "versioning", "allow_outrank")
     ui_color = "#d2e3fc"
 
     def __init__(self, *, config_path: str, validated: dict | list, versioning: str | None = None,
-                 guard_outrank: bool | str = False, conn_id: str | None = None, **kwargs: Any) -> None:
+                 allow_outrank: bool | str = False, conn_id: str | None = None, **kwargs: Any) -> None:
         super().__init__(config_path=config_path, conn_id=conn_id, **kwargs)
         self.validated = validated
         self.versioning = versioning
-        self.guard_outrank = guard_outrank
+        self.allow_outrank = allow_outrank
 
     def execute(self, context: Context) -> dict | list:
         from pipeline import runner
+        from pipeline.redaction import redact
 
         if self.validated is None:  # e.g. a mapped validate task with no instance that succeeded
             self.skip_with(context, [], "nothing to publish")
@@ -196,7 +198,7 @@ class PublishVersionOperator(PipelineOperator):
                 self.skip_with(context, record, f"{record['status']}: {record.get('checkpoint')} is version "
                                                 f"{record.get('version')}")
             self._announce(context, cfg, [record])
-            return record
+            return xcom(record)
 
         items = [dict(item) for item in self.validated]  # map-index order: oldest first, newest last
         if not items:
@@ -212,9 +214,10 @@ class PublishVersionOperator(PipelineOperator):
             except AirflowFailException:
                 raise
             except Exception as err:  # noqa: BLE001 - the newer ones are still published; the task fails after
-                self.log.error("publishing %s failed: %s", item.get("checkpoint"), err)
-                failures.append(f"{item.get('checkpoint')}: {err}")
-                records.append({**runner.public(item), "status": "failed", "error": str(err)})
+                message = redact(str(err))
+                self.log.error("publishing %s failed: %s", item.get("checkpoint"), message)
+                failures.append(f"{item.get('checkpoint')}: {message}")
+                records.append({**runner.public(item), "status": "failed", "error": message})
         if failures:
             # No event is recorded for a failed task; its retry finds these versions published and announces them.
             raise AirflowException(f"{len(failures)} of {len(items)} publishes failed: {'; '.join(failures)}")
@@ -222,7 +225,7 @@ class PublishVersionOperator(PipelineOperator):
         if not published:
             self.skip_with(context, records, "every checkpoint was published already")
         self._announce(context, cfg, published)
-        return records
+        return xcom(records)
 
     def _publish(self, cfg, validated: dict) -> dict:
         from pipeline import runner
@@ -231,7 +234,7 @@ class PublishVersionOperator(PipelineOperator):
             return runner.public(validated)  # finished by the export stage (a publish that died)
         with stage_errors():
             record = runner.stage_publish(cfg, validated, versioning=self.versioning or None,
-                                          guard_outrank=as_bool(self.guard_outrank))
+                                          allow_outrank=as_bool(self.allow_outrank))
         if record["status"] == "skipped" and _published_by_earlier_try(cfg, validated, record):
             self.log.info("version %s was published by an earlier try of this task", record["version"])
             record = {**record, "status": "published"}
@@ -290,7 +293,11 @@ class PruneVersionsOperator(PipelineOperator):
             self.skip_with(context, {"removed_versions": [], "removed_staging": [], "dry_run": as_bool(self.dry_run)},
                            "nothing was published")
         cfg = self.config()
+        just_published = [r.get("version") for r in (self.published if isinstance(self.published, list)
+                                                      else [self.published] if isinstance(self.published, dict) else [])
+                          if isinstance(r, dict) and r.get("status") == "published" and r.get("version") is not None]
         with stage_errors():
-            result = runner.stage_prune(cfg, dry_run=as_bool(self.dry_run))
+            # What this DAG run published is kept by its own prune, whatever its rank.
+            result = runner.stage_prune(cfg, dry_run=as_bool(self.dry_run), keep_versions=tuple(just_published))
         self.log.info("removed versions %s, staging %s", result["removed_versions"], result["removed_staging"])
-        return result
+        return xcom(result)

@@ -27,7 +27,7 @@ from typing import Any
 from airflow.sdk import BaseSensorOperator, Context, PokeReturnValue
 from airflow.sdk.exceptions import AirflowException, AirflowSensorTimeout, AirflowSkipException
 
-from operators.base import load, stage_errors
+from operators.base import load, stage_errors, xcom
 from operators.triggers import NewCheckpointTrigger, look
 
 
@@ -54,8 +54,13 @@ class NewCheckpointSensor(BaseSensorOperator):
         with stage_errors():
             return load(self.config_path, self.conn_id)
 
+    def _look(self, cfg) -> tuple[dict | None, str | None]:
+        with stage_errors():
+            found, reason = look(cfg, self.wanted)
+        return xcom(found), xcom(reason)
+
     def poke(self, context: Context) -> bool | PokeReturnValue:
-        found, reason = look(self._config(), self.wanted)
+        found, reason = self._look(self._config())
         if found is None:
             self.log.info("not yet: %s", reason)
             return False
@@ -68,7 +73,7 @@ class NewCheckpointSensor(BaseSensorOperator):
             except AirflowSensorTimeout as err:
                 self._timed_out(str(err))
         cfg = self._config()
-        found, reason = look(cfg, self.wanted)
+        found, reason = self._look(cfg)
         if found is not None:  # there already: no need to bother the triggerer
             return found
         self.log.info("deferring: %s", reason)
@@ -83,7 +88,7 @@ class NewCheckpointSensor(BaseSensorOperator):
         )
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> Any:
-        event = event or {}
+        event = xcom(event or {})  # redacted by the trigger already; a trigger of an older release did not
         status = event.get("status")
         if status == "found":
             self.log.info("found %s after %s poll(s)", event["checkpoint"]["prefix"], event.get("polls"))

@@ -6,6 +6,10 @@ thread with :func:`asyncio.to_thread`. The trigger ends itself after
 ``max_polls`` polls: a deadline that does not depend on the scheduler
 enforcing the deferral's timeout (``dag.test()`` does not).
 
+No secret goes through the triggerer: the serialized kwargs name the
+connection, never its options (they are looked up in :meth:`run`), and every
+event and log line is redacted (a storage error can hold a token in a URL).
+
 Example::
 
     self.defer(trigger=NewCheckpointTrigger(config_path=path, poll_interval=10, max_polls=360),
@@ -59,7 +63,8 @@ class NewCheckpointTrigger(BaseTrigger):
     Events: ``{"status": "found", "checkpoint": {...}, "polls": n}``;
     ``{"status": "timeout", "reason": ..., "polls": n}`` after ``max_polls``;
     ``{"status": "error", "message": ...}`` for a bad config or connection, or
-    storage failing ``MAX_ERRORS_IN_A_ROW`` polls in a row.
+    storage failing ``MAX_ERRORS_IN_A_ROW`` polls in a row. Every string in
+    an event is redacted.
     """
 
     def __init__(self, config_path: str, checkpoint: str | None = None, conn_id: str | None = None,
@@ -77,13 +82,18 @@ class NewCheckpointTrigger(BaseTrigger):
                  "poll_interval": self.poll_interval, "max_polls": self.max_polls})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        from operators.connections import ConnectionOptionsError, astorage_options
+        from operators.connections import ConnectionOptionsError, astorage_options, protect
         from pipeline.errors import ConfigError
+        from pipeline.redaction import redact, redact_value
 
+        def event(payload: dict[str, Any]) -> TriggerEvent:
+            return TriggerEvent(redact_value(payload))
+
+        protect()
         try:
             options = await astorage_options(self.conn_id) if self.conn_id else {}
         except Exception as err:  # noqa: BLE001 - any lookup failure ends the wait with its reason
-            yield TriggerEvent({"status": "error", "message": f"connection '{self.conn_id}': {err}"})
+            yield event({"status": "error", "message": f"connection '{self.conn_id}': {err}"})
             return
         polls = errors = 0
         reason: str | None = None
@@ -93,23 +103,22 @@ class NewCheckpointTrigger(BaseTrigger):
                 found, reason = await asyncio.to_thread(look_at, self.config_path, self.checkpoint, options)
                 errors = 0
             except (ConfigError, ConnectionOptionsError) as err:
-                yield TriggerEvent({"status": "error", "message": str(err), "polls": polls})
+                yield event({"status": "error", "message": str(err), "polls": polls})
                 return
             except Exception as err:  # noqa: BLE001 - storage hiccups are retried at the next poll
                 errors += 1
-                reason = f"{type(err).__name__}: {err}"
+                reason = redact(f"{type(err).__name__}: {err}")
                 self.log.warning("poll %d failed (%d in a row): %s", polls, errors, reason)
                 if errors >= MAX_ERRORS_IN_A_ROW:
-                    yield TriggerEvent({"status": "error", "message": reason, "polls": polls})
+                    yield event({"status": "error", "message": reason, "polls": polls})
                     return
                 found = None
             if found is not None:
                 self.log.info("found %s after %d poll(s)", found["prefix"], polls)
-                yield TriggerEvent({"status": "found", "checkpoint": found, "polls": polls})
+                yield event({"status": "found", "checkpoint": found, "polls": polls})
                 return
             if self.max_polls is not None and polls >= self.max_polls:
-                yield TriggerEvent({"status": "timeout", "reason": reason, "polls": polls,
-                                    "checkpoint": self.checkpoint})
+                yield event({"status": "timeout", "reason": reason, "polls": polls, "checkpoint": self.checkpoint})
                 return
-            self.log.info("poll %d: %s", polls, reason)
+            self.log.info("poll %d: %s", polls, redact(reason))
             await asyncio.sleep(self.poll_interval)

@@ -9,6 +9,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the config's version numbering for this run")
     p.add_argument("--force", action="store_true",
                    help="publish even when the metric gate finds the checkpoint worse than the live version")
+    p.add_argument("--allow-outrank", action="store_true",
+                   help="publish even when the version would break training order (an older checkpoint above "
+                        "a newer one, or a newer one below an older one); refused by default")
 
     p = sub.add_parser("backfill", help="export every unexported checkpoint in a step range",
                        description="Export every complete checkpoint in the range that has no version for this "
@@ -74,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--versioning", choices=["timestamp", "checkpoint_time", "step"], default="checkpoint_time",
                    help="version numbering (default: checkpoint_time)")
     p.add_argument("--allow-outrank", action="store_true",
-                   help="allow an older checkpoint to get a version above the live one")
+                   help="publish even when a version would break training order (an older checkpoint above a "
+                        "newer one); refused by default")
     p.add_argument("--jobs", "-j", type=int, default=1, metavar="K",
                    help="export and validate in K worker processes, each with its own model (default: 1); "
                         "versions are published in checkpoint order")
@@ -102,6 +107,34 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
 
+    p = sub.add_parser("labels", help="show the model's entry in TF Serving's model config file",
+                       description="Show the versions the model config file (serving.model_config_file) lists "
+                                   "for this model, its labels (stable, canary), the checkpoint each came from, "
+                                   "and the version 'rollback' would return to.")
+    _common(p)
+
+    p = sub.add_parser("promote", help="point a label (default: stable) at a version",
+                       description="Point a label at a published version in TF Serving's model config file. "
+                                   "TF Serving lets a label point only at a version it has loaded, so the version "
+                                   "is listed first, and the label moves after serving.reload_seconds plus a "
+                                   "margin (at once with --now). Needs serving.policy: labels.")
+    _common(p)
+    p.add_argument("version", type=int, metavar="VERSION", help="a published version")
+    p.add_argument("--label", default="stable", help="label to move (default: %(default)s)")
+    p.add_argument("--now", action="store_true", help="do not wait for the server to load the version")
+
+    p = sub.add_parser("rollback", help="move stable back to the previous stable version",
+                       description="Move the stable label back to the stable version before it (from the "
+                                   "history; versions rolled back from are skipped), or to --to VERSION.")
+    _common(p)
+    p.add_argument("--to", type=int, metavar="VERSION", help="the version to make stable")
+    p.add_argument("--now", action="store_true", help="do not wait for the server to load the version")
+
+    p = sub.add_parser("history", help="every change of the model config file's entry",
+                       description="Every write of this model's entry in the model config file: when, by "
+                                   "which command, which versions were listed and labelled before and after.")
+    _common(p)
+
     p = sub.add_parser("predict", help="run a signature of a SavedModel on inputs from a file",
                        description="Run a signature of a SavedModel (a directory, or a published version number "
                                    "with --config) and print its outputs, as 'saved_model_cli run' does. --inputs "
@@ -127,11 +160,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _emit(args, data: Any, human: str) -> None:
+    from pipeline.redaction import redact
+
     if args.json:
-        json.dump(data, sys.stdout, indent=1, default=str)
-        sys.stdout.write("\n")
+        sys.stdout.write(redact(json.dumps(data, indent=1, default=str)) + "\n")
     else:
-        print(human)
+        print(redact(human))
+
+
+def _error(message: str) -> None:
+    """The one line of a failed command, on stderr; never a secret."""
+    from pipeline.redaction import redact
+
+    print(f"tf-export: error: {redact(message)}", file=sys.stderr)
 
 
 def _when(ts: float | None) -> str:
@@ -170,8 +211,19 @@ def cmd_discover(args, cfg) -> int:
 def cmd_run(args, cfg) -> int:
     from pipeline.runner import public, run_once
 
-    record = run_once(cfg, checkpoint=args.checkpoint, versioning=args.versioning, force=args.force)
+    record = run_once(cfg, checkpoint=args.checkpoint, versioning=args.versioning, force=args.force,
+                      allow_outrank=args.allow_outrank)
     _emit(args, public(record), _run_line(record))
+    if record.get("serving_error"):
+        from pipeline.redaction import redact
+
+        print(f"tf-export: warning: published, but its serving label was not set: "
+              f"{redact(record['serving_error'])}", file=sys.stderr)
+    if record.get("prune_error"):
+        from pipeline.redaction import redact
+
+        print(f"tf-export: warning: published, but retention failed: {redact(record['prune_error'])}",
+              file=sys.stderr)
     return EXIT_OK
 
 
@@ -207,8 +259,7 @@ def cmd_backfill(args, cfg) -> int:
     _emit(args, out, human)
     failed = [r for r in records if r["status"] == "failed"]
     if failed:
-        print(f"tf-export: error: {len(failed)} of {len(records)} checkpoints failed; first: {failed[0]['error']}",
-              file=sys.stderr)
+        _error(f"{len(failed)} of {len(records)} checkpoints failed; first: {failed[0]['error']}")
         return EXIT_FAILED
     return EXIT_OK
 
@@ -249,7 +300,7 @@ def cmd_validate(args, cfg) -> int:
                                allow_breaking=bool(cfg and cfg.validation.allow_breaking))
     _emit(args, report, format_report(report))
     if not report.get("ok"):
-        print(f"tf-export: error: validation failed: {report.get('reason')}: {path}", file=sys.stderr)
+        _error(f"validation failed: {report.get('reason')}: {path}")
         return EXIT_FAILED
     return EXIT_OK
 
@@ -316,7 +367,61 @@ def cmd_demo(args, _cfg) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"discover": cmd_discover, "run": cmd_run, "backfill": cmd_backfill, "status": cmd_status,
+def _labels_line(view: dict) -> str:
+    rows = [[label, v, (view["sources"].get(v) or {}).get("checkpoint") or "-",
+             (view["sources"].get(v) or {}).get("step")] for label, v in sorted(view["labels"].items())]
+    head = (_table(rows, ["LABEL", "VERSION", "CHECKPOINT", "STEP"]) if rows else "no labels") + \
+        f"\nlisted versions: {view['versions'] or 'none (' + view['entry_policy'] + ')'}" + \
+        f"\nrollback goes to: {view['rollback_to'] if view['rollback_to'] is not None else 'nothing earlier'}" + \
+        f"\nmodel config file: {view['file']} (model {view['model']}, policy {view['policy']})"
+    return head
+
+
+def cmd_labels(args, cfg) -> int:
+    from pipeline.serving import ServingControl
+
+    view = ServingControl.from_config(cfg).view()
+    _emit(args, view, _labels_line(view))
+    return EXIT_OK
+
+
+def _change_line(rec: dict) -> str:
+    before, after = rec.get("labels_before") or {}, rec.get("labels_after") or {}
+    moved = [f"{k}: {before.get(k, '-')} -> {after.get(k, '-')}" for k in sorted(set(before) | set(after))
+             if before.get(k) != after.get(k)]
+    listed = f"versions {rec.get('versions_before')} -> {rec.get('versions_after')}"
+    return f"{_when(rec.get('at'))}  {rec.get('command'):<9} {rec.get('phase'):<7} " + \
+        ("; ".join(moved) + "; " if moved else "") + listed
+
+
+def cmd_promote(args, cfg) -> int:
+    from pipeline.serving import ServingControl
+
+    control = ServingControl.from_config(cfg)
+    rec = control.promote(args.version, label=args.label, now=args.now)
+    _emit(args, rec, f"{args.label} -> version {args.version}\n" + _labels_line(control.view()))
+    return EXIT_OK
+
+
+def cmd_rollback(args, cfg) -> int:
+    from pipeline.serving import ServingControl
+
+    control = ServingControl.from_config(cfg)
+    rec = control.rollback(to=args.to, now=args.now)
+    _emit(args, rec, f"stable -> version {rec['labels_after'].get('stable')}\n" + _labels_line(control.view()))
+    return EXIT_OK
+
+
+def cmd_history(args, cfg) -> int:
+    from pipeline.serving import ServingControl
+
+    records = ServingControl.from_config(cfg).history()
+    _emit(args, records, "\n".join(_change_line(r) for r in records) or "no changes recorded")
+    return EXIT_OK
+
+
+COMMANDS = {"labels": cmd_labels, "promote": cmd_promote, "rollback": cmd_rollback, "history": cmd_history,
+            "discover": cmd_discover, "run": cmd_run, "backfill": cmd_backfill, "status": cmd_status,
             "validate": cmd_validate, "gc": cmd_gc, "predict": cmd_predict, "demo": cmd_demo}
 
 
@@ -340,28 +445,35 @@ def main(argv: list[str] | None = None) -> int:
             import_tensorflow_quietly()
     else:
         os.environ["TF_EXPORT_VERBOSE"] = "1"
+    from pipeline import redaction
     from pipeline.config import load_config
     from pipeline.errors import ExportError
 
+    redaction.install()  # whatever a library logs or warns goes out redacted too
+    cfg = None
     try:
         cfg = load_config(args.config) if getattr(args, "config", None) else None
         return COMMANDS[args.command](args, cfg)
     except ExportError as err:
         if args.verbose:
-            import traceback
-
-            traceback.print_exc()
-        print(f"tf-export: error: {err}", file=sys.stderr)
+            sys.stderr.write(redaction.format_exception(err))
+        _error(str(err))
         return err.exit_code
     except Exception as err:  # noqa: BLE001 - the one-line contract holds for surprises too
         if args.verbose:
-            import traceback
-
-            traceback.print_exc()
+            sys.stderr.write(redaction.format_exception(err))
+        if isinstance(err, OSError) and err.errno is not None:
+            # A full disk, a read-only mount, a permission: the cause and the path, on one line.
+            cause = "disk full (no space left on device)" if err.errno == errno.ENOSPC else \
+                (err.strerror or type(err).__name__).lower()
+            path = err.filename or (cfg.export_base if cfg is not None else None) or \
+                getattr(args, "config", None) or getattr(args, "path", None) or ""
+            _error(f"{cause}: {redaction.redact(str(path))}")
+            return EXIT_FAILED
         where = getattr(args, "config", None) or getattr(args, "path", None) or getattr(args, "workdir", "")
-        text = " ".join(str(err).split())[:300]
-        print(f"tf-export: error: unexpected {type(err).__name__} ({text}; rerun with --verbose): {where}",
-              file=sys.stderr)
+        # Redacted before it is cut: a cut could leave the head of a secret that no longer matches.
+        text = " ".join(redaction.redact(str(err)).split())[:300]
+        _error(f"unexpected {type(err).__name__} ({text}; rerun with --verbose): {where}")
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("tf-export: interrupted; nothing partial was published", file=sys.stderr)

@@ -21,6 +21,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 from pydantic_core import PydanticCustomError
 
 from pipeline.errors import ConfigError
+from pipeline.redaction import GCS_TOKEN_KEYWORDS, register_options
 
 Versioning = Literal["timestamp", "checkpoint_time", "step"]
 
@@ -82,7 +83,8 @@ class ModelConfig(_Strict):
 class RetentionConfig(_Strict):
     keep: int = Field(5, ge=1, description="newest versions to keep")
     pinned: list[int] = Field(default_factory=list, description="versions never removed")
-    lease_seconds: int = Field(86400, ge=0, description="age after which a staging directory counts as abandoned")
+    lease_seconds: int = Field(86400, ge=1, description="staging unused this long counts as abandoned: gc may remove "
+                                                          "it, and a publish refuses it")
 
 
 class ValidationConfig(_Strict):
@@ -99,6 +101,17 @@ class GateConfig(_Strict):
     metric: str = Field(description="name of the metric")
     mode: Literal["min", "max"] = Field(description="min: lower is better; max: higher is better")
     source: str = Field(description="JSON file ({step}/{name} placeholders) or TensorBoard event directory")
+
+
+class ServingConfig(_Strict):
+    model_name: str = Field(min_length=1, description="the model name clients use (ModelConfig.name)")
+    model_config_file: str = Field(description="TF Serving's --model_config_file: a local path or gs:// URL "
+                                               "the pipeline owns one entry of")
+    policy: Literal["latest", "labels"] = Field(
+        "latest", description="latest: the highest version is served; labels: the versions labelled "
+                              "stable and canary are served")
+    canary_on_publish: bool = Field(True, description="each published version gets the label canary")
+    reload_seconds: int = Field(60, ge=0, description="the server's --model_config_file_poll_wait_seconds")
 
 
 class AirflowConfig(_Strict):
@@ -119,6 +132,7 @@ class Config(_Strict):
     storage_options: dict[str, Any] = Field(default_factory=dict)
     promotion: Literal["auto", "rename", "object_move"] = "auto"
     airflow: AirflowConfig = Field(default_factory=AirflowConfig)
+    serving: ServingConfig | None = None
 
     _config_dir: str = PrivateAttr(default_factory=os.getcwd)
     _source: str | None = PrivateAttr(default=None)
@@ -166,10 +180,40 @@ def _resolve(path: str, base_dir: str) -> str:
     return os.path.normpath(os.path.join(base_dir, path))
 
 
+def _is_gcs(url: str) -> bool:
+    return url.split("://", 1)[0].lower() in ("gs", "gcs") if is_url(url) else False
+
+
+def _check_gcs_token(cfg: Config, base_dir: str, where: str) -> None:
+    """A string ``token`` for gcsfs must name a file or a keyword; a relative file is taken from the config's folder.
+
+    gcsfs takes any other string for a raw access token and sends it in a URL
+    (``tokeninfo?access_token=...``), which a connection error then prints.
+    The error names the key but never the value: it may be that very token.
+    """
+    token = cfg.storage_options.get("token")
+    if token is None or isinstance(token, dict) or not any(_is_gcs(u) for u in (cfg.training_dir, cfg.export_base)):
+        return
+    if isinstance(token, str):
+        if token in GCS_TOKEN_KEYWORDS:
+            return
+        path = _resolve(token, base_dir) if not is_url(token) else None
+        if path and os.path.isfile(path):
+            cfg.storage_options["token"] = path
+            return
+        what = "neither an existing file nor one of " + ", ".join(GCS_TOKEN_KEYWORDS)
+    else:
+        what = f"a {type(token).__name__}; give a file path, one of {', '.join(GCS_TOKEN_KEYWORDS)} or a mapping"
+    raise ConfigError(f"invalid config: bad value for 'storage_options.token': {what} (the value is not shown; "
+                      f"service-account info goes in as a mapping, a raw access token is not accepted): {where}")
+
+
 def config_from_dict(data: dict[str, Any], base_dir: str, source: str | None = None) -> Config:
     where = source or "<config>"
     if not isinstance(data, dict):
         raise ConfigError(f"config must be a mapping of keys to values: {where}")
+    # Registered before anything can fail, so no error about this config can print one of its secrets.
+    register_options(data.get("storage_options"))
     try:
         cfg = Config.model_validate(data)
     except ValidationError as err:
@@ -187,7 +231,9 @@ def config_from_dict(data: dict[str, Any], base_dir: str, source: str | None = N
         raise ConfigError(f"invalid config: {msg}{suffix}: {where}") from None
     cfg.training_dir = _resolve(cfg.training_dir, base_dir)
     cfg.export_base = _resolve(cfg.export_base, base_dir)
-    for section, key in (("validation", "contract"), ("validation", "samples"), ("gate", "source")):
+    _check_gcs_token(cfg, base_dir, where)
+    for section, key in (("validation", "contract"), ("validation", "samples"), ("gate", "source"),
+                         ("serving", "model_config_file")):
         holder = getattr(cfg, section)
         if holder is not None and getattr(holder, key):
             setattr(holder, key, _resolve(getattr(holder, key), base_dir))
