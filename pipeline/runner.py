@@ -53,6 +53,20 @@ class Context:
                 raise ConfigError(f"export_base lies below a file ({parent}), not a directory: {cfg.export_base}")
         self.publisher = Publisher(self.base, promotion=cfg.promotion)
 
+    def serving(self):
+        """The model's entry in TF Serving's model config file (None without a serving: section)."""
+        if self.cfg.serving is None:
+            return None
+        from pipeline.serving import ServingControl
+
+        return ServingControl.from_config(self.cfg, self.base)
+
+    def reference_version(self) -> int | None:
+        """The version a new export is compared with: stable under serving labels, else the highest."""
+        control = self.serving()
+        stable = control.reference_version() if control is not None else None
+        return stable if stable is not None else self.publisher.live_version()
+
     def checkpoints(self) -> list[Checkpoint]:
         found = discover_checkpoints(self.train, fmt=self.cfg.model.format, step_pattern=self.cfg.model.step_pattern)
         if not found:
@@ -161,7 +175,7 @@ def _gate(ctx: Context, ckpt: Checkpoint) -> dict | None:
 
     value = read_metric(gate.source, gate.metric, step=ckpt.step, name=ckpt.name,
                         storage_options=ctx.cfg.storage_options)
-    live = ctx.publisher.live_version()
+    live = ctx.reference_version()
     live_value = None
     if live is not None:
         recorded = (ctx.publisher.manifest(live) or {}).get("gate") or {}
@@ -401,7 +415,7 @@ def _check_signatures(ctx: Context, report: dict) -> None:
     from pipeline.validate_worker import signatures_from_bytes
 
     contract = load_contract(ctx.cfg.validation.contract) if ctx.cfg.validation.contract else None
-    live = ctx.publisher.live_version()
+    live = ctx.reference_version()
     live_signatures = None
     if live is not None:
         try:
@@ -454,8 +468,16 @@ def stage_publish(cfg: Config, validated: dict, versioning: str | None = None, a
         ctx.base.rm(work, recursive=True)
     except OSError:
         pass  # published; gc removes the work files after the lease
-    return _record(result["status"], ckpt, result["version"], result["path"],
-                   claim_attempts=result.get("claim_attempts", 0))
+    record = _record(result["status"], ckpt, result["version"], result["path"],
+                     claim_attempts=result.get("claim_attempts", 0))
+    if result["status"] == "published" and cfg.serving is not None:
+        # The version is published whatever happens to its label: a failure here is reported, not raised.
+        try:
+            change = ctx.serving().on_publish(result["version"])
+            record["labels"] = (change or {}).get("labels_after")
+        except (PipelineError, OSError) as err:
+            record["serving_error"] = str(err)
+    return record
 
 
 def _file_list_of(ctx: Context, staging: str, work: str) -> dict:
@@ -472,7 +494,9 @@ def _file_list_of(ctx: Context, staging: str, work: str) -> dict:
 def stage_prune(cfg: Config, dry_run: bool = False, keep_versions: tuple[int, ...] = ()) -> dict:
     """Apply retention; ``keep_versions`` are kept whatever their rank (the version a run just published)."""
     ctx = Context(cfg)
-    return prune(ctx.base, keep=cfg.retention.keep, pinned=(*cfg.retention.pinned, *keep_versions),
+    control = ctx.serving()
+    named = tuple(sorted(control.protected_versions())) if control is not None else ()
+    return prune(ctx.base, keep=cfg.retention.keep, pinned=(*cfg.retention.pinned, *keep_versions, *named),
                  lease_seconds=cfg.retention.lease_seconds, dry_run=dry_run)
 
 
