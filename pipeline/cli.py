@@ -101,9 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "unless the config's validation.allow_breaking is true)")
 
     p = sub.add_parser("gc", help="apply retention and remove abandoned staging",
-                       description="Keep the newest retention.keep versions, every pinned one and the live one; "
-                                   "remove staging directories older than the lease (retention.lease_seconds, "
-                                   "default one day).")
+                       description="Keep the newest retention.keep versions, every pinned one, the live one and "
+                                   "every version the serving config names; remove staging whose lease "
+                                   "(retention.lease_seconds, default one day) has run out and that no ledger entry "
+                                   "needs, and claims of publishes that died before their commit. Safe to run at "
+                                   "any time, beside runs and other gc's.")
     _common(p)
     p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
 
