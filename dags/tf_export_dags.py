@@ -1,4 +1,4 @@
-"""Three Airflow DAGs per model config: nightly, after training, backfill.
+"""Airflow DAGs per model config: nightly, after training, backfill, and promote with serving labels.
 
 Every ``<model>.yaml`` in the config folder (``dags/configs/`` beside this
 file, or ``$TF_EXPORT_CONFIG_DIR``) yields:
@@ -23,8 +23,17 @@ file, or ``$TF_EXPORT_CONFIG_DIR``) yields:
     ``checkpoint_time``) and ``allow_outrank``: lists the checkpoints, then
     exports them with dynamic task mapping, at most
     ``airflow.max_active_tis_per_dagrun`` at a time.
+``export_promote__<model>``
+    only for a config with ``serving.policy: labels``. By hand, with params
+    ``version``, ``label`` (``stable``) and ``rollback``: points the label at
+    the version, or with ``rollback`` moves ``stable`` back to ``version`` or,
+    without one, to the previous stable version. Runs with neither (every
+    scheduled run, on ``airflow.promote_schedule``; none by default) check the
+    canary instead: once it has been canary for ``airflow.soak_seconds`` and,
+    with a ``gate:``, its metric is not worse than stable's, it becomes stable.
 
-Every publish emits an event for the Asset of the export base.
+Every publish emits an event for the Asset of the export base; every label
+change one for the Asset of the model config file (``serving.model_config_file``).
 
 Parsing this file reads the YAML files and nothing else: TensorFlow and
 storage are only touched when a task runs. A config that does not load is
@@ -45,9 +54,9 @@ from datetime import timedelta
 from pathlib import Path
 
 import pendulum
-from airflow.sdk import DAG, AssetAlias, Param, task_group
+from airflow.sdk import DAG, AssetAlias, Param, task, task_group
 
-from operators.assets import export_asset, requested_checkpoint, training_asset
+from operators.assets import export_asset, requested_checkpoint, serving_asset, training_asset
 from operators.export import (
     DiscoverCheckpointsOperator,
     ExportCheckpointOperator,
@@ -56,6 +65,7 @@ from operators.export import (
     ValidateExportOperator,
 )
 from operators.sensors import NewCheckpointSensor
+from operators.serving import CheckCanaryOperator, PromoteVersionOperator
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +200,49 @@ def backfill(model: str, path: str, cfg) -> DAG:
     return dag
 
 
+def promote(model: str, path: str, cfg) -> DAG:
+    soak = cfg.airflow.soak_seconds
+    with DAG(
+        dag_id=f"export_promote__{model}",
+        description=f"Move {model}'s serving labels: promote, roll back, or make a soaked canary stable",
+        schedule=cfg.airflow.promote_schedule or None,
+        start_date=START,
+        catchup=False,
+        max_active_runs=1,
+        default_args=DEFAULT_ARGS,
+        render_template_as_native_obj=True,
+        params={
+            "version": Param(None, type=["null", "integer"],
+                             description="the version to label; with rollback, the version to go back to "
+                                         "(none: the previous stable). Neither this nor rollback: check the canary"),
+            "label": Param("stable", type="string", pattern="^[a-zA-Z0-9_]+$", description="the label to move"),
+            "rollback": Param(False, type="boolean", description="move stable back instead"),
+        },
+        tags=["tf-export", model],
+        doc_md=f"Config: `{path}`. Labels of `{cfg.serving.model_name}` in `{cfg.serving.model_config_file}`. "
+               f"A run with `version` (and `label`) or `rollback` does that; any other run (the schedule: "
+               f"{cfg.airflow.promote_schedule or 'none: by hand only'}) makes the canary stable once it has "
+               f"been canary for {soak} s"
+               + (f" and its `{cfg.gate.metric}` is not worse than stable's." if cfg.gate else "."),
+    ) as dag:
+        @task.branch(task_id="choose")
+        def choose(params=None) -> str:
+            """A run that names a version or asks for a rollback does that; any other checks the canary."""
+            params = params or {}
+            return "promote" if params.get("version") is not None or params.get("rollback") else "check_canary"
+
+        chosen = choose()
+        requested = PromoteVersionOperator(task_id="promote", config_path=path, version="{{ params.version }}",
+                                       version_label="{{ params.label }}", rollback="{{ params.rollback }}",
+                                       to="{{ params.version }}", outlets=[serving_asset(cfg)])
+        soaked = CheckCanaryOperator(task_id="check_canary", config_path=path, soak_seconds=soak)
+        promoted = PromoteVersionOperator(task_id="promote_canary", config_path=path, version=soaked.output,
+                                          version_label="stable", outlets=[serving_asset(cfg)])
+        chosen >> [requested, soaked]
+        soaked >> promoted
+    return dag
+
+
 def build_all(folder: Path = CONFIG_DIR) -> dict[str, DAG]:
     from pipeline.config import load_config
     from pipeline.errors import ConfigError
@@ -202,7 +255,10 @@ def build_all(folder: Path = CONFIG_DIR) -> dict[str, DAG]:
         except ConfigError as err:
             log.error("no DAGs for %s: %s", model, err)
             continue
-        for build in (nightly, after_training, backfill):
+        builds = [nightly, after_training, backfill]
+        if cfg.serving is not None and cfg.serving.policy == "labels":
+            builds.append(promote)
+        for build in builds:
             dag = build(model, str(file), cfg)
             dags[dag.dag_id] = dag
     return dags

@@ -4,8 +4,9 @@ A training DAG that declares ``training_asset(cfg)`` as an outlet, or a
 training job that posts an event for its URI (``POST /api/v2/assets/events``),
 starts ``export_after_training__<model>`` at once. Every publish emits an
 event for ``export_asset(cfg)``, on which a deploy or canary DAG can be
-scheduled. An Asset's name is its URI, so ``Asset("gs://bucket/train")`` in
-another DAG is the same Asset.
+scheduled; every label change of ``export_promote__<model>`` one for
+``serving_asset(cfg)``, the model config file. An Asset's name is its URI, so
+``Asset("gs://bucket/train")`` in another DAG is the same Asset.
 
 Example::
 
@@ -39,6 +40,12 @@ def training_asset(cfg) -> Asset:
 
 def export_asset(cfg) -> Asset:
     return Asset(asset_uri(cfg.export_base))
+
+
+def serving_asset(cfg) -> Asset:
+    """The Asset of TF Serving's model config file (``serving.model_config_file``): every label change
+    made by a promote task is an event of it, its extra naming the model, label and version."""
+    return Asset(asset_uri(cfg.serving.model_config_file))
 
 
 def requested_checkpoint(params: Any = None, triggering_asset_events: Any = None) -> str:

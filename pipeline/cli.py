@@ -151,10 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--signature", metavar="NAME",
                    help="signature key (default: serving_default; with --examples, the parsing signature)")
 
-    p = sub.add_parser("demo", help="train a tiny model and export it end to end",
-                       description="Train a tiny Keras model for a few steps (three checkpoints), write its "
-                                   "config, run the pipeline twice (the second run reports 'skipped') and show "
-                                   "the result.")
+    p = sub.add_parser("demo", help="train a tiny model, export it end to end, move its serving labels",
+                       description="Train a tiny Keras model for a few steps (two checkpoints), write its "
+                                   "config with a serving: section (policy: labels), run the pipeline twice (the "
+                                   "second run reports 'skipped'), train a third checkpoint and publish it as "
+                                   "canary, promote it to stable, roll back, printing TF Serving's model config "
+                                   "file after each step, and show the result.")
     p.add_argument("--workdir", default="tf-export-demo", metavar="DIR", help="where to put it (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     p.add_argument("--verbose", "-v", action="store_true", help="show tracebacks and TensorFlow's logs")
@@ -270,9 +272,9 @@ def cmd_status(args, cfg) -> int:
     from pipeline.runner import status
 
     st = status(cfg)
-    rows = [[v["version"], v["step"], v["checkpoint"] or "(no manifest)",
+    rows = [[v["version"], v["step"], v["checkpoint"] or "(no manifest)", ",".join(v.get("labels") or []) or "-",
              "<- serving" if v["version"] == st["serving"] else ""] for v in st["versions"]]
-    human = (_table(rows, ["VERSION", "STEP", "CHECKPOINT", ""]) if rows else "no published versions") + \
+    human = (_table(rows, ["VERSION", "STEP", "CHECKPOINT", "LABELS", ""]) if rows else "no published versions") + \
         f"\nexport base: {st['export_base']}"
     _emit(args, st, human)
     return EXIT_OK
@@ -335,29 +337,69 @@ def cmd_predict(args, cfg) -> int:
 
 def cmd_demo(args, _cfg) -> int:
     from pipeline.config import load_config
-    from pipeline.demo import train, write_config
+    from pipeline.demo import SERVING, train, write_config
     from pipeline.runner import public, run_once, status
+    from pipeline.serving import ServingControl
 
     workdir = os.path.abspath(args.workdir)
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-    say(f"[1/4] training a tiny Keras model in {workdir}/train (3 checkpoints)")
-    train(os.path.join(workdir, "train"), steps=30, checkpoint_every=10)
-    config_path = write_config(workdir)
-    say(f"[2/4] wrote config {config_path}")
+    train_dir = os.path.join(workdir, "train")
+    say(f"[1/7] training a tiny Keras model in {workdir}/train (2 checkpoints)")
+    train(train_dir, steps=20, checkpoint_every=10)
+    config_path = write_config(workdir, serving=SERVING)
+    say(f"[2/7] wrote config {config_path} (serving: labels in {SERVING['model_config_file']})")
     cfg = load_config(config_path)
-    first = run_once(cfg)
-    say(f"[3/4] first run:  {_run_line(first)}")
+    control = ServingControl.from_config(cfg)
+    steps: list[dict] = []
+
+    def labelled(record: dict) -> dict:
+        if record.get("serving_error"):
+            from pipeline.errors import PipelineError
+
+            raise PipelineError(f"published, but its serving label was not set: {record['serving_error']}")
+        return record
+
+    def show(what: str) -> None:
+        """The labels and the model config file as TF Serving reads it, after a step."""
+        view = control.view()
+        with open(cfg.serving.model_config_file, encoding="utf-8") as fh:
+            text = fh.read()
+        steps.append({"step": what, "labels": view["labels"], "versions": view["versions"], "file": text})
+        labels = ", ".join(f"{k}={v}" for k, v in sorted(view["labels"].items())) or "none"
+        say(f"      labels: {labels}; listed: {view['versions']}; {cfg.serving.model_config_file}:")
+        say("\n".join("        " + line for line in text.rstrip().splitlines()))
+
+    first = labelled(run_once(cfg))
+    say(f"[3/7] first run:  {_run_line(first)}")
+    if (first.get("labels") or {}).get("stable") == first.get("version"):
+        say("      labelled canary, and stable: no version was stable yet")
+    show("publish")
     second = run_once(cfg)
-    say(f"[4/4] second run: {_run_line(second)}")
+    say(f"[4/7] second run: {_run_line(second)}")
+    say("[5/7] training 10 more steps, then a third run:")
+    train(train_dir, steps=10, checkpoint_every=10)
+    third = labelled(run_once(cfg))
+    stable = (third.get("labels") or {}).get("stable")
+    say(f"      {_run_line(third)}\n      labelled canary; stable stays {stable}")
+    show("publish as canary")
+    control.promote(third["version"], label="stable")
+    say(f"[6/7] tf-export promote {third['version']}: stable -> {third['version']}")
+    show("promote")
+    back = control.rollback()
+    say(f"[7/7] tf-export rollback: stable -> {back['labels_after'].get('stable')} (the previous stable)")
+    show("rollback")
+
     st = status(cfg)
-    result = {"workdir": workdir, "config": config_path, "runs": [public(first), public(second)], "status": st}
+    labels = steps[-1]["labels"]
+    result = {"workdir": workdir, "config": config_path, "runs": [public(first), public(second), public(third)],
+              "status": st, "model_config_file": cfg.serving.model_config_file, "serving": steps}
     if args.json:
         _emit(args, result, "")
     else:
-        rows = [[v["version"], v["step"], v["checkpoint"], "<- serving" if v["version"] == st["serving"] else ""]
-                for v in st["versions"]]
-        print("\n" + _table(rows, ["VERSION", "STEP", "CHECKPOINT", ""]))
-        print(f"\nExport base (point TF Serving here): {cfg.export_base}")
+        rows = [[v["version"], v["step"], v["checkpoint"],
+                 ", ".join(sorted(k for k, n in labels.items() if n == v["version"]))] for v in st["versions"]]
+        print("\n" + _table(rows, ["VERSION", "STEP", "CHECKPOINT", "LABELS"]))
+        print(f"\nExport base (the model's base_path in the model config file): {cfg.export_base}")
         for root, dirs, files in sorted(os.walk(cfg.export_base)):
             depth = root[len(cfg.export_base):].count(os.sep)
             if depth > 2 or "/_exports/" in root + "/":
@@ -365,7 +407,14 @@ def cmd_demo(args, _cfg) -> int:
             print("  " * depth + (os.path.basename(root) or root) + "/")
             for f in sorted(files):
                 print("  " * (depth + 1) + f)
+        print(f"\nServe the labels: tensorflow_model_server --rest_api_port=8501 "
+              f"--model_config_file={cfg.serving.model_config_file} --model_config_file_poll_wait_seconds=60")
+        print(f"  with serving.reload_seconds: 60 in {config_path} (the demo moves labels at once: no server "
+              f"reads its file); clients POST /v1/models/{cfg.serving.model_name}/labels/stable:predict "
+              f"(or labels/canary)")
         print(f"\nTry: tf-export status --config {config_path}")
+        print(f"     tf-export labels --config {config_path}")
+        print(f"     tf-export history --config {config_path}")
     return EXIT_OK
 
 

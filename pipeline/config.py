@@ -118,6 +118,10 @@ class AirflowConfig(_Strict):
     schedule: str | None = Field("@daily", description="cron or preset of the nightly DAG")
     max_active_tis_per_dagrun: int = Field(4, ge=1, description="parallel exports in one backfill run")
     conn_id: str | None = Field(None, description="Airflow connection resolved into storage_options")
+    promote_schedule: str | None = Field(None, description="cron or preset of the promote DAG's canary check "
+                                                           "(needs serving.policy: labels); none: manual runs only")
+    soak_seconds: int = Field(86400, ge=0, description="how long a version is canary before the promote DAG's "
+                                                       "check makes it stable")
 
 
 class Config(_Strict):

@@ -2,9 +2,10 @@
 
 Example::
 
-    from pipeline.demo import train, write_config
+    from pipeline.demo import SERVING, train, write_config
     train("/tmp/demo/train", steps=30, checkpoint_every=10)
     config_path = write_config("/tmp/demo")
+    with_labels = write_config("/tmp/demo", name="labels.yaml", serving=SERVING)
 """
 
 from __future__ import annotations
@@ -14,6 +15,12 @@ import os
 import yaml
 
 FACTORY = "pipeline.demo:build"
+
+#: The demo's ``serving:`` section: the pipeline owns TF Serving's model config file, with labels.
+#: ``reload_seconds: 0`` because no server watches the demo's file; with one, give its
+#: ``--model_config_file_poll_wait_seconds`` (a label then moves after the server loaded the version).
+SERVING = {"model_name": "demo_regressor", "model_config_file": "./serving/models.config", "policy": "labels",
+           "canary_on_publish": True, "reload_seconds": 0}
 
 
 def build(units: int = 8):
@@ -65,7 +72,11 @@ def train(training_dir: str, steps: int = 30, checkpoint_every: int = 10, start_
 
 
 def write_config(workdir: str, name: str = "export.yaml", **overrides) -> str:
-    """Write a config for the demo model in ``workdir`` and return its path."""
+    """Write a config for the demo model in ``workdir`` and return its path.
+
+    Each keyword replaces (or, for a mapping, updates) that top-level key,
+    e.g. ``serving=SERVING`` adds the demo's serving section.
+    """
     os.makedirs(workdir, exist_ok=True)
     data = {
         "training_dir": "./train",

@@ -26,7 +26,7 @@ from typing import Any, Callable
 from pipeline import faults
 from pipeline.checkpoints import Checkpoint, being_written, discover_checkpoints, find_checkpoint
 from pipeline.config import Config
-from pipeline.errors import CheckpointError, ConfigError, PipelineError
+from pipeline.errors import CheckpointError, ConfigError, ExportError, PipelineError
 from pipeline.publish import EXPORTS_DIR, STAGING_PREFIX, Publisher
 from pipeline.retention import prune
 from pipeline.staging import FILES_NAME, LeaseHeartbeat, StagingGone, drop_lease, file_list
@@ -470,12 +470,14 @@ def stage_publish(cfg: Config, validated: dict, versioning: str | None = None, a
         pass  # published; gc removes the work files after the lease
     record = _record(result["status"], ckpt, result["version"], result["path"],
                      claim_attempts=result.get("claim_attempts", 0))
-    if result["status"] == "published" and cfg.serving is not None:
+    # Only the highest version gets a label: a backfilled (older) version must not take canary from the new one.
+    if result["status"] == "published" and cfg.serving is not None \
+            and result["version"] == ctx.publisher.live_version():
         # The version is published whatever happens to its label: a failure here is reported, not raised.
         try:
             change = ctx.serving().on_publish(result["version"])
             record["labels"] = (change or {}).get("labels_after")
-        except (PipelineError, OSError) as err:
+        except (ExportError, OSError) as err:  # a model config file that does not parse is a ConfigError
             record["serving_error"] = str(err)
     return record
 
@@ -507,10 +509,14 @@ _PUBLIC = ("status", "version", "path", "checkpoint", "step")
 _GATED = ("metric", "value", "live_value", "live_version")
 
 
+_SERVING = ("labels", "serving_error")
+
+
 def public(record: dict) -> dict:
-    """The ``tf-export run --json`` record (a gated run also names the metric and both values)."""
+    """The ``tf-export run --json`` record (a gated run also names the metric and both values;
+    a publish under a ``serving:`` section the labels it set, or why it set none)."""
     keys = _PUBLIC + _GATED if record.get("status") == "gated" else _PUBLIC
-    return {k: record.get(k) for k in keys}
+    return {k: record.get(k) for k in keys} | {k: record[k] for k in _SERVING if k in record}
 
 
 def export_and_validate(cfg: Config, checkpoint: str | dict | None = None, force: bool = False,
@@ -556,7 +562,7 @@ def run_once(cfg: Config, checkpoint: str | None = None, versioning: str | None 
     if record["status"] == "published":
         try:
             record["pruned"] = stage_prune(cfg, keep_versions=(record["version"],))["removed_versions"]
-        except (PipelineError, OSError) as err:
+        except (ExportError, OSError) as err:  # ConfigError too: the serving file retention reads
             record["prune_error"] = str(err)
     return record
 
@@ -688,8 +694,17 @@ def status(cfg: Config) -> dict:
         versions.append({"version": v, "checkpoint": ck.get("path"), "step": ck.get("step"),
                          "path": ctx.base.url(ctx.publisher.version_path(v)),
                          "manifest": bool(manifest)})
-    return {"export_base": cfg.export_base, "versions": versions,
-            "serving": versions[-1]["version"] if versions else None}
+    labels: dict[str, int] = {}
+    served = versions[-1]["version"] if versions else None
+    control = ctx.serving()
+    if control is not None and cfg.serving.policy == "labels":
+        entry = control.current()
+        labels = entry.labels
+        # A request without a label gets the highest version the file lists, not the highest on disk.
+        served = max(entry.listed) if entry.listed else None
+    for item in versions:
+        item["labels"] = sorted(k for k, v in labels.items() if v == item["version"])
+    return {"export_base": cfg.export_base, "versions": versions, "serving": served, "labels": labels}
 
 
 __all__ = ["discover", "list_pending", "stage_export", "stage_validate", "stage_publish", "stage_prune",
