@@ -61,30 +61,36 @@ def as_bool(value: Any) -> bool:
 def stage_errors() -> Iterator[None]:
     """Errors no retry can mend fail the task at once; the rest are left to the retries.
 
-    A bad config, and a model that failed validation (its staging is removed),
-    end the task without retrying; storage and other errors are raised as they
-    are, so Airflow retries the task (each stage is idempotent).
+    Errors marked ``permanent`` (a bad config or contract, an unknown factory,
+    a checkpoint of another model, a model that failed validation, staging
+    that is gone, a version that would break serving order) and a connection
+    that is missing or malformed end the task without retrying; storage and
+    other errors are raised as they are, so Airflow retries the task (each
+    stage is idempotent).
 
     Neither kind carries a secret: an error that shows one (in its message or
     in a cause's, such as a URL with ``access_token=``) is replaced by a
     redacted stand-in, raised outside the ``except`` block so that the
     original is not attached as its context either.
     """
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
     from operators.connections import ConnectionOptionsError
-    from pipeline.errors import ConfigError, ValidationError
     from pipeline.redaction import redact, scrub_exception
 
     try:
         yield
         return
-    except (ConfigError, ValidationError, ConnectionOptionsError) as err:
-        failure: BaseException = AirflowFailException(redact(str(err)))
-        cause: BaseException | None = scrub_exception(err)
     except Exception as err:  # noqa: BLE001 - re-raised, as it is when it shows no secret
-        safe = scrub_exception(err)
-        if safe is err:
-            raise
-        failure, cause = safe, None
+        failure: BaseException
+        cause: BaseException | None
+        if getattr(err, "permanent", False) or isinstance(err, (ConnectionOptionsError, AirflowNotFoundException)):
+            failure, cause = AirflowFailException(redact(str(err))), scrub_exception(err)
+        else:
+            safe = scrub_exception(err)
+            if safe is err:
+                raise
+            failure, cause = safe, None
     raise failure from cause
 
 

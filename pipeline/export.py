@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.errors import CheckpointError, ConfigError, PipelineError
+from pipeline.errors import CheckpointError, ConfigError, ModelMismatchError, PipelineError
 
 SERVING_KEY = "serving_default"
 _NAME_OK = re.compile(r"[^A-Za-z0-9_.\-/]")
@@ -284,12 +284,12 @@ class Exporter:
             status.expect_partial()  # optimizer slots and counters are not part of the served model
         except AssertionError as err:
             detail = str(err).splitlines()[0][:200]
-            raise CheckpointError(
+            raise ModelMismatchError(
                 f"checkpoint does not hold this model under key '{self.checkpoint_key}' ({detail}): {prefix}"
             ) from None
         except ValueError as err:
             detail = " ".join(str(err).split())[:240]
-            raise CheckpointError(f"checkpoint is of a different model ({detail}): {prefix}") from None
+            raise ModelMismatchError(f"checkpoint is of a different model ({detail}): {prefix}") from None
         except (tf.errors.DataLossError, tf.errors.OutOfRangeError, IndexError) as err:
             # IndexError is how the checkpoint reader reports a short data shard.
             raise CheckpointError(

@@ -36,7 +36,7 @@ from typing import Any
 
 from pipeline import __version__, faults
 from pipeline.checkpoints import Checkpoint
-from pipeline.errors import PublishError
+from pipeline.errors import PublishError, ServingOrderError
 from pipeline.promotion import MARKER, PromotionStrategy, VersionExistsError, choose_strategy
 from pipeline.staging import EXPORTS_DIR, StagingGone, claim_lease_for_publish, drop_lease, verify_staging
 from pipeline.storage import TEMP_MARK, Storage
@@ -307,12 +307,12 @@ class Publisher:
             if v < version and theirs > mine:
                 hint = ("--versioning checkpoint_time (numbers follow training time), or "
                         if versioning == "timestamp" else "")
-                raise PublishError(
+                raise ServingOrderError(
                     f"versioning '{versioning}' would give {checkpoint.name} version {version}, above version {v} "
                     f"of the newer checkpoint {name}, so TF Serving would serve the older model; use {hint}"
                     f"--allow-outrank (DAG param allow_outrank) to publish it anyway: {checkpoint.prefix}")
             if v > version and theirs < mine:
-                raise PublishError(
+                raise ServingOrderError(
                     f"versioning '{versioning}' would give {checkpoint.name} version {version}, below version {v} "
                     f"of the older checkpoint {name}, which TF Serving would go on serving; use the versioning "
                     f"that numbered {v}, or --allow-outrank (DAG param allow_outrank) to publish it anyway: "

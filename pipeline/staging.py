@@ -42,7 +42,13 @@ HEARTBEAT_SECONDS = 60.0
 
 
 class StagingGone(PublishError):
-    """Staging is missing, incomplete or past its lease: export the checkpoint again."""
+    """Staging is missing, incomplete or past its lease: export the checkpoint again.
+
+    Permanent for the task that meets it (a retry finds the same), not for the
+    checkpoint: the next run exports it anew.
+    """
+
+    permanent = True
 
 
 def file_list(local_dir: str) -> dict[str, dict[str, Any]]:

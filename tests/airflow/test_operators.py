@@ -225,3 +225,27 @@ def test_deferred_sensor_skips_when_nothing_new_and_fails_for_a_named_checkpoint
     dr = dag.test()
     assert time.monotonic() - t0 < 60  # each trigger ended itself: dag.test() does not enforce defer timeouts
     assert task_states(dr) == {"anything_new": ["skipped"], "named": ["failed"]}
+
+
+# -- which errors are retried --------------------------------------------------------------
+def test_errors_no_retry_can_mend_fail_at_once_and_transient_ones_are_retried():
+    from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException
+
+    from operators.base import stage_errors
+    from pipeline.errors import (CheckpointError, ConfigError, ModelMismatchError, PipelineError,
+                                 ServingOrderError, ValidationError)
+    from pipeline.staging import StagingGone
+
+    permanent = [ConfigError("unknown factory 'x:y': c.yaml"), ModelMismatchError("checkpoint is of a different "
+                 "model: /t/ckpt-1"), ValidationError("contract violated: /s"), StagingGone("staging is gone: /s"),
+                 ServingOrderError("would give ckpt-1 version 5 above ...: /t/ckpt-1"),
+                 AirflowNotFoundException("The conn_id `nope` isn't defined")]
+    for err in permanent:
+        with pytest.raises(AirflowFailException, match=str(err)[:20].replace("(", r"\(").replace(")", r"\)")):
+            with stage_errors():
+                raise err
+    for err in (PipelineError("storage unavailable after retries (HTTP 503) while listing: gs://b/m"),
+                CheckpointError("checkpoint index vanished while reading: gs://b/t/ckpt-1"), ConnectionError("reset")):
+        with pytest.raises(type(err)):
+            with stage_errors():
+                raise err
