@@ -207,10 +207,59 @@ class Publisher:
             return {"version": version, "path": self.store.url(final), "state": "published"}
         if self._finish(entry):
             return {"version": version, "path": self.store.url(final), "state": "rolled_forward"}
-        raise PublishError(
-            f"the ledger names version {version} for this checkpoint, but neither that version nor its staging "
-            f"exists (removed by hand?); remove the ledger entry to export it again: "
-            f"{self.store.url(self.ledger_path(key))}")
+        if self.forget_if_dangling(key, entry):
+            return None  # its version was removed (retention cut short, or by hand): export it again
+        raise PublishError(f"version {version} was committed but could not be promoted; the next run tries "
+                           f"again: {self.store.url(final)}")
+
+    def forget_if_dangling(self, key: str, entry: dict) -> bool:
+        """Remove the ledger entry of ``key`` if neither its version nor its staging exists.
+
+        That is an entry whose version was removed (a prune killed between
+        removing the version and forgetting it, or a hand): nothing can finish
+        it, and the checkpoint may be exported again. A committed publish in
+        flight always has its staging or its whole version (promotion removes
+        staging only once the version is whole), so it is never taken for one;
+        the version is checked again after staging, in case a promotion ended
+        between the two looks.
+        """
+        version = int(entry["version"])
+        final = self.version_path(version)
+        staging = self.store.strip(str(entry.get("staging") or ""))
+        if self.is_whole(final) or (staging and self.store.exists(staging)) or self.is_whole(final):
+            return False
+        if self.ledger_entry(key) != entry:
+            return False  # replaced meanwhile: not the entry that was judged
+        try:
+            self.store.rm(self.ledger_path(key))
+        except FileNotFoundError:
+            pass
+        self.release(version)
+        return True
+
+    def finish_committed(self) -> dict[str, list]:
+        """Finish every committed publish whose version is not whole, and forget dangling entries.
+
+        Run by every prune, so a publish killed after its commit is finished
+        even when no later run exports that checkpoint again.
+        """
+        # One listing: locally a listed version is whole (it appears by rename); on an object
+        # store one whose objects are being moved is listed too, and is left to the next run
+        # that meets its checkpoint, so that a prune costs no request per ledger entry.
+        listed = set(self.versions())
+        finished, forgotten = [], []
+        for key, entry in self.ledger().items():
+            version = entry.get("version")
+            if not isinstance(version, int) or version in listed:
+                continue
+            full = self.ledger_entry(key)
+            if full is None or self.is_whole(self.version_path(version)):
+                continue
+            if self._finish(full):
+                finished.append(version)
+            elif self.forget_if_dangling(key, full):
+                forgotten.append(key)
+        return {"finished": finished, "forgotten": forgotten}
 
     def _finish(self, entry: dict) -> bool:
         """Promote the staging of a committed entry; True once its version is whole.
@@ -305,8 +354,9 @@ class Publisher:
                 others.append((v, training_order(ck.get("step"), ck.get("written_at")), str(ck.get("name"))))
         for v, theirs, name in sorted(others):
             if v < version and theirs > mine:
-                hint = ("--versioning checkpoint_time (numbers follow training time), or "
-                        if versioning == "timestamp" else "")
+                hint = {"timestamp": "--versioning checkpoint_time (numbers follow training time), or ",
+                        "checkpoint_time": "--versioning step (checkpoints written within one second of each "
+                                           "other have no whole second between them), or "}.get(versioning, "")
                 raise ServingOrderError(
                     f"versioning '{versioning}' would give {checkpoint.name} version {version}, above version {v} "
                     f"of the newer checkpoint {name}, so TF Serving would serve the older model; use {hint}"

@@ -43,6 +43,8 @@ def prune(store: Storage, *, keep: int, pinned: list[int] | tuple[int, ...] = ()
     """Apply retention to the export base at ``store.root``. Returns what was (or would be) removed."""
     now = time.time() if now is None else now
     pub = Publisher(store)
+    if not dry_run:
+        pub.finish_committed()  # before anything is judged: a publish killed after its commit is finished here
     versions = pub.versions()
     doomed = versions_to_remove(versions, keep, pinned)
     ledger = pub.ledger()

@@ -103,14 +103,23 @@ def _require_complete(ckpt: Checkpoint) -> None:
 
 # -- discovery -------------------------------------------------------------------
 def discover(cfg: Config) -> list[dict]:
-    """Every checkpoint with the version it was exported to under this config (or None)."""
+    """Every checkpoint with the version it was exported to under this config (or None).
+
+    A checkpoint whose publish was committed but whose version is not there
+    (killed before its promotion, or its version removed) has no version here
+    and ``"committed": true``: it is pending, and exporting it finishes or
+    redoes the publish. Two listings, whatever the history's length.
+    """
     ctx = Context(cfg)
     out = []
     ledger = ctx.publisher.ledger()
+    listed = set(ctx.publisher.versions())
     for ckpt in ctx.checkpoints():
         key = ckpt.ledger_key(cfg.config_hash) if ckpt.index_crc32c else None
         entry = ledger.get(key) if key else None
-        out.append({**ckpt.to_dict(), "ledger_key": key, "version": entry.get("version") if entry else None})
+        version = entry.get("version") if entry else None
+        out.append({**ckpt.to_dict(), "ledger_key": key, "version": version if version in listed else None,
+                    "committed": entry is not None and version not in listed})
     return out
 
 

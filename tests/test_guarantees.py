@@ -255,3 +255,43 @@ def test_create_only_leaves_nothing_torn_when_the_write_fails(tmp_path, monkeypa
     assert json.loads(target.read_text()) == {"version": 1}
 
 
+
+
+# a commit whose process died is finished even when no run meets its checkpoint again ---------------
+def test_a_backfill_killed_after_a_commit_is_finished_by_the_next_backfill_and_by_gc(tmp_path, trained_dir):
+    ws = make_workspace(tmp_path, trained_dir, versioning="checkpoint_time")
+    proc = subprocess.Popen(cli_cmd("backfill", "--config", str(ws.config), "--json"),
+                            env=cli_env({"TF_EXPORT_TEST_HOLD": "ledgered"}), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_hold(proc, "ledgered")
+    _kill(proc)
+    [entry] = _ledger(ws).values()
+    assert ws.versions() == []
+    listed = {i["step"]: i for i in ws.cli("discover", "--json").json}
+    assert listed[10]["version"] is None and listed[10]["committed"] is True  # not named as done
+    again = ws.cli("backfill", "--json")
+    assert again.rc == 0, again.err
+    assert sorted(r["step"] for r in again.json if r["status"] == "published") == [10, 20, 30]
+    assert entry["version"] in ws.versions() and len(ws.versions()) == 3
+    assert_no_partial_versions(ws.base)
+
+
+def test_gc_finishes_a_commit_and_forgets_an_entry_whose_version_was_removed(tmp_path, trained_dir):
+    ws = make_workspace(tmp_path, trained_dir, versioning="step")  # the demo writes checkpoints within a second
+    proc = _start(ws, {"TF_EXPORT_TEST_HOLD": "ledgered"})  # run: ckpt-30
+    _wait_hold(proc, "ledgered")
+    _kill(proc)
+    back = ws.cli("backfill", "--to-step", "20", "--versioning", "step", "--json")
+    assert back.rc == 0, back.err
+    v10 = {r["step"]: r["version"] for r in back.json}[10]
+    # a prune killed between moving a version out of sight and forgetting it in the ledger
+    (ws.base / str(v10)).rename(ws.base / f"temp-deleting-{v10}-0000dead")
+    gc = ws.cli("gc", "--json")
+    assert gc.rc == 0, gc.err
+    [v30] = [e["version"] for e in _ledger(ws).values() if e["step"] == 30]
+    assert v30 in ws.versions(), "gc finishes the committed publish of ckpt-30"
+    assert v10 not in {e["version"] for e in _ledger(ws).values()}, "the entry of a removed version is forgotten"
+    redo = ws.cli("backfill", "--versioning", "step", "--json")
+    assert redo.rc == 0 and [r["step"] for r in redo.json] == [10], redo.out
+    assert len(ws.versions()) == 3
+    assert_no_partial_versions(ws.base)
