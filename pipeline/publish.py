@@ -36,7 +36,7 @@ from typing import Any
 
 from pipeline import __version__, faults
 from pipeline.checkpoints import Checkpoint
-from pipeline.errors import PublishError, ServingOrderError
+from pipeline.errors import PipelineError, PublishError, ServingOrderError
 from pipeline.promotion import MARKER, PromotionStrategy, VersionExistsError, choose_strategy
 from pipeline.staging import EXPORTS_DIR, StagingGone, claim_lease_for_publish, drop_lease, verify_staging
 from pipeline.storage import TEMP_MARK, Storage
@@ -50,6 +50,7 @@ LEDGER_DIR = "ledger"
 # counts for the serving order, and gc removes it. A publish takes seconds
 # from its claim to its ledger entry.
 CLAIM_TTL_SECONDS = 600.0
+UNKNOWN = "<unknown>"  # what a ledger read that failed says of an entry
 
 
 def first_candidate(policy: str, checkpoint: Checkpoint, now: float, live: int | None) -> int:
@@ -132,6 +133,15 @@ class Publisher:
             if entry.is_dir and entry.name.isdigit():
                 out.append(int(entry.name))
         return sorted(out)
+
+    def whole_versions(self) -> list[int]:
+        """Versions that are whole. Locally every listed one (a version appears by rename); on an
+        object store one request per listed version (bounded by retention, not by history),
+        since a version whose objects are being moved is listed before its saved_model.pb lands."""
+        listed = self.versions()
+        if self.store.is_local:
+            return listed
+        return [v for v in listed if self.is_whole(self.version_path(v))]
 
     def live_version(self) -> int | None:
         versions = self.versions()
@@ -243,10 +253,7 @@ class Publisher:
         Run by every prune, so a publish killed after its commit is finished
         even when no later run exports that checkpoint again.
         """
-        # One listing: locally a listed version is whole (it appears by rename); on an object
-        # store one whose objects are being moved is listed too, and is left to the next run
-        # that meets its checkpoint, so that a prune costs no request per ledger entry.
-        listed = set(self.versions())
+        listed = set(self.whole_versions())
         finished, forgotten = [], []
         for key, entry in self.ledger().items():
             version = entry.get("version")
@@ -276,6 +283,11 @@ class Publisher:
                 self.strategy.promote(self.store, staging, final)
             except (FileNotFoundError, VersionExistsError):
                 pass  # another finisher got there first, or is moving the last objects
+            except PublishError:
+                # e.g. staging without saved_model.pb: another finisher is deleting the sources
+                # of a version it has made whole; anything else is raised
+                if not self.is_whole(final):
+                    raise
             drop_lease(self.store, staging.rstrip("/").rsplit("/", 1)[-1])
         return self.is_whole(final)
 
@@ -319,7 +331,7 @@ class Publisher:
     def release(self, version: int) -> None:
         try:
             self.store.rm(self.claim_path(version))
-        except OSError:
+        except (OSError, PipelineError):
             pass  # gc collects claims that no ledger entry and no version use
 
     def check_serving_order(self, version: int, checkpoint: Checkpoint, config_hash: str, versioning: str) -> None:
@@ -388,6 +400,7 @@ class Publisher:
             status = "published" if done["state"] == "rolled_forward" else "skipped"
             return {"status": status, "version": done["version"], "path": done["path"], "claim_attempts": 0}
 
+        files = {k: v for k, v in files.items() if k != MANIFEST}  # the manifest is written below
         claim_lease_for_publish(self.store, staging, lease_seconds)
         verify_staging(self.store, staging, files)
         live = self.live_version()
@@ -435,9 +448,9 @@ class Publisher:
                 metadata=_meta({"version": version, "staging": staging, "step": checkpoint.step}))
         except BaseException:
             # The entry may have landed before the error (an fsync, a lost answer): then it
-            # stands and the version is finished by the next run; else the claim is freed.
-            mine = self._entry_or_none(ledger_key)
-            if not mine or mine.get("staging") != staging:
+            # stands and the version is finished by the next run. The claim is freed only
+            # when the ledger is known not to name this staging.
+            if self.committed_staging(ledger_key) not in (staging, UNKNOWN):
                 self.release(version)
             raise
         if not committed:
@@ -454,11 +467,14 @@ class Publisher:
                                f"finishes it: {self.store.url(final)}")
         return {"status": "published", "version": version, "path": self.store.url(final), "claim_attempts": attempts}
 
-    def _entry_or_none(self, key: str) -> dict | None:
+    def committed_staging(self, key: str) -> str | None:
+        """The staging the ledger entry of ``key`` names, None without an entry, or
+        :data:`UNKNOWN` when the ledger cannot be read (storage failing)."""
         try:
-            return self.ledger_entry(key)
-        except Exception:  # noqa: BLE001 - only used to decide whether to free a claim
-            return None
+            entry = self.ledger_entry(key)
+        except Exception:  # noqa: BLE001 - the caller must then keep what may be committed
+            return UNKNOWN
+        return self.store.strip(str(entry.get("staging") or "")) if entry else None
 
     def _write_manifest(self, staging: str, data: bytes) -> None:
         """Write the manifest into staging, never re-creating a staging directory that is gone."""
@@ -493,7 +509,7 @@ class Publisher:
     def _discard(self, staging: str) -> None:
         try:
             self.store.rm(staging, recursive=True)
-        except OSError:
+        except (OSError, PipelineError):
             pass  # gc removes it after the lease
         drop_lease(self.store, staging.rstrip("/").rsplit("/", 1)[-1])
 

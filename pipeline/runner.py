@@ -113,7 +113,7 @@ def discover(cfg: Config) -> list[dict]:
     ctx = Context(cfg)
     out = []
     ledger = ctx.publisher.ledger()
-    listed = set(ctx.publisher.versions())
+    listed = set(ctx.publisher.whole_versions())
     for ckpt in ctx.checkpoints():
         key = ckpt.ledger_key(cfg.config_hash) if ckpt.index_crc32c else None
         entry = ledger.get(key) if key else None
@@ -357,7 +357,7 @@ def _discard(store: Storage, staging: str, work: str) -> None:
     for path in (staging, work):
         try:
             store.rm(path, recursive=True)
-        except OSError:
+        except (OSError, PipelineError):
             pass
     drop_lease(store, _name_of(staging))
 
@@ -469,8 +469,9 @@ def stage_publish(cfg: Config, validated: dict, versioning: str | None = None, a
         )
     except BaseException:
         # Staging that made it into the ledger is finished by the next run; any other is garbage.
-        key_entry = ctx.publisher._entry_or_none(validated["ledger_key"])
-        if not key_entry or ctx.base.strip(key_entry.get("staging") or "") != staging:
+        from pipeline.publish import UNKNOWN
+
+        if ctx.publisher.committed_staging(validated["ledger_key"]) not in (staging, UNKNOWN):
             _discard(ctx.base, staging, work)
         raise
     try:
@@ -697,14 +698,17 @@ def status(cfg: Config) -> dict:
     """Published versions with their provenance, and the one TF Serving serves (the highest)."""
     ctx = Context(cfg)
     versions = []
+    whole = set(ctx.publisher.whole_versions())
     for v in ctx.publisher.versions():
         manifest = ctx.publisher.manifest(v) or {}
         ck = manifest.get("checkpoint") or {}
+        # On an object store a version whose promotion was cut short is listed without saved_model.pb:
+        # TF Serving cannot load it; the next run that meets its checkpoint finishes it.
         versions.append({"version": v, "checkpoint": ck.get("path"), "step": ck.get("step"),
                          "path": ctx.base.url(ctx.publisher.version_path(v)),
-                         "manifest": bool(manifest)})
+                         "manifest": bool(manifest), "whole": v in whole})
     labels: dict[str, int] = {}
-    served = versions[-1]["version"] if versions else None
+    served = max(whole) if whole else None
     control = ctx.serving()
     if control is not None and cfg.serving.policy == "labels":
         entry = control.current()

@@ -29,7 +29,7 @@ import threading
 import time
 from typing import Any
 
-from pipeline.errors import PublishError
+from pipeline.errors import PipelineError, PublishError
 from pipeline.storage import Storage, crc32c_of_file
 
 EXPORTS_DIR = "_exports"
@@ -116,7 +116,7 @@ def renew_lease(store: Storage, staging_name: str) -> None:
 def drop_lease(store: Storage, staging_name: str) -> None:
     try:
         store.rm(lease_path(store, staging_name))
-    except OSError:
+    except (OSError, PipelineError):
         pass  # gc removes leases of staging that is gone
 
 
