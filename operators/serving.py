@@ -78,12 +78,7 @@ class PromoteVersionOperator(PipelineOperator):
         with stage_errors():
             control = ServingControl.from_config(cfg)
             if rollback:
-                to = as_int(self.to)
-                if to is None and control.serving.policy == "labels" and control.rollback_target() is None:
-                    # Not worth a retry: the history names no earlier stable version.
-                    raise ConfigError(f"no earlier stable version in the history to roll back to (give a "
-                                      f"version): {control.file.url}")
-                rec = control.rollback(to=to, now=now)
+                rec = control.rollback(to=as_int(self.to), now=now)  # no earlier stable: a ConfigError
             else:
                 version = as_int(self.version.get("version") if isinstance(self.version, dict) else self.version)
                 if version is None:

@@ -445,10 +445,19 @@ def _change_line(rec: dict) -> str:
         ("; ".join(moved) + "; " if moved else "") + listed
 
 
+def _say_wait(args, control) -> None:
+    """A label move may wait for the server to load the version: say so, on stderr."""
+    wait = control.reload_wait()
+    if not args.now and wait > 0:
+        print(f"tf-export: a version not yet listed is listed first; the label then moves after {wait:.0f} s "
+              f"(the server's reload interval and a margin; --now skips the wait)", file=sys.stderr)
+
+
 def cmd_promote(args, cfg) -> int:
     from pipeline.serving import ServingControl
 
     control = ServingControl.from_config(cfg)
+    _say_wait(args, control)
     rec = control.promote(args.version, label=args.label, now=args.now)
     _emit(args, rec, f"{args.label} -> version {args.version}\n" + _labels_line(control.view()))
     return EXIT_OK
@@ -458,6 +467,7 @@ def cmd_rollback(args, cfg) -> int:
     from pipeline.serving import ServingControl
 
     control = ServingControl.from_config(cfg)
+    _say_wait(args, control)
     rec = control.rollback(to=args.to, now=args.now)
     _emit(args, rec, f"stable -> version {rec['labels_after'].get('stable')}\n" + _labels_line(control.view()))
     return EXIT_OK

@@ -233,8 +233,6 @@ def stage_export(cfg: Config, checkpoint: str | dict | None = None, force: bool 
     With a metric gate, a checkpoint worse than the live version is reported
     ``gated`` and not exported, unless ``force``.
     """
-    import numpy as np
-
     ctx = Context(cfg)
     ckpt = _from_discovery(checkpoint)
     if ckpt is None:

@@ -20,12 +20,14 @@ Under ``policy: labels`` the entry serves a ``specific`` list of versions with
 loaded, so a label moves in two writes: first a file that adds the new version
 to the list; then, once the server has re-read it (``reload_seconds`` plus a
 margin, or at once with ``now``), a file that moves the label and drops the
-versions no label needs. Every write is atomic (a temporary name, then a
-rename, under a lock file, on local disk; one upload conditional on the
-previous generation on GCS), so two promotions at once never lose an update:
-the one that loses re-reads the file and tries again. Every change is
+versions no label needs, keeping those another promotion has just listed and
+is about to label (dropping one would make the server unload what it just
+loaded, and that promotion start over). Every write is atomic (a temporary
+name, then a rename, under a lock file, on local disk; one upload conditional
+on the previous generation on GCS), so two promotions at once never lose an
+update: the one that loses re-reads the file and tries again. Every change is
 recorded in the export base, ``_exports/serving/history/``, one create-only
-record per write.
+record per write, in the order of the writes.
 """
 
 from __future__ import annotations
@@ -48,10 +50,18 @@ LABEL_PATTERN = re.compile(r"^[a-zA-Z0-9_]+$")
 HISTORY_DIR = ("_exports", "serving", "history")
 WRITE_ATTEMPTS = 8
 RELOAD_MARGIN_MAX_SECONDS = 30.0
+WRITE_NONCE_KEY = "tf-export-write"
+HISTORY_METADATA_KEY = "tf-export-record"
+# How long past its reload wait a version listed by a promotion counts as about to be labelled. A
+# promotion that died between its two writes leaves its version listed this long, no longer.
+PENDING_GRACE_SECONDS = 60.0
 
 
 class ConcurrentChange(Exception):
     """The file changed between our read and our write: read it again."""
+
+
+KEEP = object()  # what a change function returns to leave the entry as it is
 
 
 def _protos():
@@ -72,11 +82,15 @@ class ModelConfigFile:
             raise ConfigError(f"serving.model_config_file must be a local path or a gs:// URL: {url}")
         self.path = self.store.root
 
-    def parse(self, text: str):
+    def parse(self, data: bytes):
         pb2, text_format = _protos()
         config = pb2.ModelServerConfig()
         try:
-            text_format.Parse(text, config)
+            # Bytes that are not UTF-8 are a file that does not parse, not a crash.
+            text_format.Parse(data.decode("utf-8"), config)
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"model config file does not parse (not UTF-8 text at byte {err.start}): "
+                              f"{self.url}") from None
         except text_format.ParseError as err:
             raise ConfigError(f"model config file does not parse ({str(err).splitlines()[0][:160]}): "
                               f"{self.url}") from None
@@ -89,7 +103,7 @@ class ModelConfigFile:
         pb2, _ = _protos()
         if self.store.is_local:
             try:
-                with open(self.path, "r", encoding="utf-8") as fh:
+                with open(self.path, "rb") as fh:
                     return self.parse(fh.read()), "local"
             except FileNotFoundError:
                 return pb2.ModelServerConfig(), "local"
@@ -100,33 +114,53 @@ class ModelConfigFile:
                 before = self.store._gcs_object(self.path)
             except FileNotFoundError:
                 return pb2.ModelServerConfig(), 0
-            data = self.store.read_bytes(self.path)
-            if self.store._gcs_object(self.path).get("generation") == before.get("generation"):
-                return self.parse(data.decode("utf-8")), before["generation"]
+            try:
+                data = self.store.read_bytes(self.path)
+                same = self.store._gcs_object(self.path).get("generation") == before.get("generation")
+            except FileNotFoundError:
+                continue  # replaced or removed between the two requests: read it again
+            if same:  # the bytes are those of the generation the write will be conditional on
+                return self.parse(data), before["generation"]
         raise PipelineError(f"model config file keeps changing while it is read: {self.url}")
 
-    def write(self, config, token: Any) -> None:
-        """Write ``config`` if the file is still the one read with ``token``; else ConcurrentChange."""
+    def write(self, config, token: Any) -> str | None:
+        """Write ``config`` if the file is still the one read with ``token``; else ConcurrentChange.
+
+        Returns the new generation on GCS (None on local disk).
+        """
         _, text_format = _protos()
         data = text_format.MessageToString(config).encode()
         if self.store.is_local:
-            directory = os.path.dirname(os.path.abspath(self.path))
+            # A symlinked file (a mounted ConfigMap, a deploy tree) stays a link: its target is replaced.
+            target = os.path.realpath(self.path)
+            directory = os.path.dirname(target)
             os.makedirs(directory, exist_ok=True)
-            tmp = os.path.join(directory, f".{os.path.basename(self.path)}.tmp-{secrets.token_hex(6)}")
+            tmp = os.path.join(directory, f".{os.path.basename(target)}.tmp-{secrets.token_hex(6)}")
             try:
                 with open(tmp, "wb") as fh:
                     fh.write(data)
                     fh.flush()
                     os.fsync(fh.fileno())
-                os.replace(tmp, self.path)  # the server never reads a half-written file
+                os.replace(tmp, target)  # the server never reads a half-written file
             finally:
                 if os.path.lexists(tmp):
                     os.unlink(tmp)
-            return
+            return None
+        # The upload carries a nonce: when the answer to it is lost and gcsfs retries, the retry
+        # meets a precondition failure caused by our own write, which the nonce tells apart.
+        nonce = secrets.token_hex(16)
         try:
-            self.store._gcs_upload(self.path, data, if_generation_match=token)
+            with self.store._errors("writing the model config file", self.path, write=True):
+                out = self.store._gcs_upload(self.path, data, {WRITE_NONCE_KEY: nonce}, if_generation_match=token)
         except FileExistsError:
+            try:
+                now = self.store._gcs_object(self.path)
+            except FileNotFoundError:
+                raise ConcurrentChange(self.url) from None
+            if (now.get("metadata") or {}).get(WRITE_NONCE_KEY) == nonce:
+                return now.get("generation")
             raise ConcurrentChange(self.url) from None
+        return (out or {}).get("generation")
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
@@ -136,7 +170,7 @@ class ModelConfigFile:
             return
         import fcntl
 
-        lock = os.path.abspath(self.path) + ".lock"
+        lock = os.path.realpath(self.path) + ".lock"  # beside the file written, whichever link led to it
         os.makedirs(os.path.dirname(lock), exist_ok=True)
         with open(lock, "a+") as fh:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
@@ -144,6 +178,14 @@ class ModelConfigFile:
                 yield
             finally:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _name_time(name: str) -> float:
+    """The time a history record's name starts with (nanoseconds); +inf when it has none."""
+    try:
+        return int(name.split("-", 1)[0]) / 1e9
+    except ValueError:
+        return float("inf")
 
 
 # -- the entry ----------------------------------------------------------------------------
@@ -203,22 +245,36 @@ class ServingControl:
         sources = {}
         for v in sorted(set(state.listed) | set(state.labels.values())):
             ck = (pub.manifest(v) or {}).get("checkpoint") or {}
-            sources[v] = {"checkpoint": ck.get("path"), "step": ck.get("step"),
-                          "exists": pub.is_whole(pub.version_path(v))}
+            sources[v] = {"checkpoint": ck.get("path"), "step": ck.get("step"), "exists": self._is_whole(pub, v)}
         return {"model": self.serving.model_name, "file": self.file.url, "policy": self.serving.policy,
                 "entry_policy": state.policy, "versions": state.listed, "labels": state.labels,
                 "sources": sources, "rollback_to": self.rollback_target(state)}
 
-    def history(self) -> list[dict]:
+    def history(self, since: float | None = None) -> list[dict]:
+        """Every recorded write of this model's entry, oldest first (``since``: written at or after it).
+
+        ``at`` is taken between the read a write is based on and the write
+        itself (under the lock on local disk), so a write based on another's
+        result sorts after it: the records form a chain, each one's
+        ``*_before`` being the previous one's ``*_after``.
+        """
         directory = self.base.join(self.base.root, *HISTORY_DIR)
         records = []
         for e in self.base.list_dir(directory):
             if e.is_dir or e.name.startswith("."):
                 continue
+            if since is not None and _name_time(e.name) < since:
+                continue  # the name starts with the record's time: no need to read it
             try:
-                records.append(json.loads(self.base.read_bytes(e.path)))
+                # On GCS the listing carries each record in its metadata: one request per page, not
+                # one per record, for a history that grows by two records every night.
+                text = (e.metadata or {}).get(HISTORY_METADATA_KEY) or self.base.read_bytes(e.path)
+                rec = json.loads(text)
             except (FileNotFoundError, ValueError):
                 continue
+            # The export base keeps the history of the entry it serves; a renamed model starts anew.
+            if isinstance(rec, dict) and rec.get("model", self.serving.model_name) == self.serving.model_name:
+                records.append(rec)
         return sorted(records, key=lambda r: (r.get("at", 0), r.get("id", "")))
 
     def rollback_target(self, state: EntryState | None = None) -> int | None:
@@ -264,40 +320,58 @@ class ServingControl:
             return self._ensure_latest_entry()
         if not self.serving.canary_on_publish:
             return None
-        state = self.current()
-        moves = {CANARY: version}
-        if STABLE not in state.labels:
-            moves[STABLE] = version
-        return self.move(moves, command="publish", now=now)
+        # "Stable if nothing is stable yet" is decided on the file the label write is based on, not
+        # on a read before the reload wait: a promotion made meanwhile is never overwritten.
+        return self.move({CANARY: version}, command="publish", now=now, unless_set={STABLE: version})
 
     def promote(self, version: int, label: str = STABLE, now: bool = False, command: str = "promote") -> dict:
-        if self.serving.policy != "labels":
-            raise ConfigError(f"serving.policy is 'latest': labels need policy: labels: "
-                              f"{self.cfg.source or self.file.url}")
+        self._require_labels()
         if not LABEL_PATTERN.match(label):
             raise ConfigError(f"a label is letters, digits and _ only, got {label!r}: {self.file.url}")
         self._require_whole(version)
         return self.move({label: version}, command=command, now=now)
 
     def rollback(self, to: int | None = None, now: bool = False) -> dict:
+        self._require_labels()  # before the history: under latest the reason is the policy, not the history
         if to is None:
             to = self.rollback_target()
             if to is None:
-                raise PipelineError(f"no earlier stable version in the history to roll back to (give --to "
-                                    f"VERSION): {self.file.url}")
+                raise ConfigError(f"no earlier stable version in the history to roll back to (give --to "
+                                  f"VERSION): {self.file.url}")
         return self.promote(to, STABLE, now=now, command="rollback")
+
+    def _require_labels(self) -> None:
+        if self.serving.policy != "labels":
+            raise ConfigError(f"serving.policy is 'latest': labels need policy: labels: "
+                              f"{self.cfg.source or self.file.url}")
 
     def _require_whole(self, version: int) -> None:
         from pipeline.publish import Publisher
 
         pub = Publisher(self.base)
-        final = pub.version_path(version)
-        if not pub.is_whole(final) or pub.manifest(version) is None:
-            raise ConfigError(f"version {version} does not exist or is not whole: {self.base.url(final)}")
+        if not self._is_whole(pub, version):
+            raise ConfigError(f"version {version} does not exist or is not whole: "
+                              f"{self.base.url(pub.version_path(version))}")
 
-    def move(self, moves: dict[str, int], command: str, now: bool = False) -> dict:
-        """Point each label of ``moves`` at its version, in TF Serving's two steps."""
-        targets = set(moves.values())
+    def _is_whole(self, pub, version: int) -> bool:
+        """A published version: whole, with its saved_model.pb and its manifest."""
+        from pipeline.promotion import MARKER
+
+        final = pub.version_path(version)
+        # is_whole trusts a local directory (a rename made it whole); a directory made by hand is not
+        # a publish, and TF Serving fails to load a version without saved_model.pb: check the file.
+        return version >= 0 and pub.is_whole(final) and self.base.isfile(self.base.join(final, MARKER)) \
+            and pub.manifest(version) is not None
+
+    def move(self, moves: dict[str, int], command: str, now: bool = False,
+             unless_set: dict[str, int] | None = None) -> dict:
+        """Point each label of ``moves`` at its version, in TF Serving's two steps.
+
+        Labels of ``unless_set`` are set only if the file has none of that name
+        when the label write happens.
+        """
+        unless_set = unless_set or {}
+        targets = set(moves.values()) | set(unless_set.values())
         for _ in range(WRITE_ATTEMPTS):
             if not targets <= set(self.current().listed):
                 self._write(lambda s: (sorted(set(s.listed) | targets), s.labels), command, phase="list")
@@ -307,8 +381,8 @@ class ServingControl:
             def relabel(s: EntryState):
                 if not targets <= set(s.listed):
                     raise ConcurrentChange("a version to label was dropped meanwhile")
-                labels = {**s.labels, **moves}
-                return sorted(set(labels.values())), labels
+                labels = {**unless_set, **s.labels, **moves}
+                return sorted(set(labels.values()) | self._pending(s, labels)), labels
 
             try:
                 return self._write(relabel, command, phase="labels")
@@ -316,6 +390,23 @@ class ServingControl:
                 continue  # another promotion dropped our version: list it again
         raise PipelineError(f"model config file kept changing under {WRITE_ATTEMPTS} attempts to move "
                             f"{', '.join(moves)}; try again: {self.file.url}")
+
+    def _pending(self, state: EntryState, labels: dict[str, int]) -> set[int]:
+        """Listed versions no label names that a promotion listed moments ago and has not labelled yet.
+
+        Read from the history: the last write that added the version to the
+        list is recent, and no write since has labelled it.
+        """
+        unlabelled = set(state.listed) - set(labels.values())
+        if not unlabelled:
+            return set()
+        pending: set[int] = set()
+        for rec in self.history(since=time.time() - self.reload_wait() - PENDING_GRACE_SECONDS):
+            added = set(rec.get("versions_after") or ()) - set(rec.get("versions_before") or ())
+            if rec.get("phase") == "list":
+                pending |= added & unlabelled
+            pending -= set((rec.get("labels_after") or {}).values())
+        return pending
 
     def reload_wait(self) -> float:
         """How long the server may take to load a newly listed version: its poll interval plus a margin."""
@@ -327,16 +418,25 @@ class ServingControl:
         config, _ = self.file.read()
         if entry_of(config, self.serving.model_name) is not None:
             return None
-        return self._write(lambda s: (None, None), "publish", phase="entry")
+        # Decided again on the locked read: an entry written meanwhile (and its labels) is left alone.
+        rec = self._write(lambda s: (None, None) if s.policy == "none" else KEEP, "publish", phase="entry")
+        return rec if rec["written"] else None
 
     def _write(self, change, command: str, phase: str) -> dict:
-        """Apply ``change`` (state -> (listed, labels)) to a fresh read and write it conditionally."""
+        """Apply ``change`` (state -> (listed, labels), or KEEP) to a fresh read and write it conditionally.
+
+        The history record is written before the lock is let go and its time
+        taken after the read: records sort in the order the writes happened.
+        """
         for _ in range(WRITE_ATTEMPTS):
             with self.file.locked():
                 config, token = self.file.read()
                 entry = entry_of(config, self.serving.model_name)
                 before = state_of(entry)
-                listed, labels = change(before)
+                wanted = change(before)
+                if wanted is KEEP:
+                    return self._record(command, phase, before, before, written=False)
+                listed, labels = wanted
                 if entry is None:
                     entry = config.model_config_list.config.add()
                     entry.name = self.serving.model_name
@@ -354,21 +454,28 @@ class ServingControl:
                 after = state_of(entry)
                 if after == before:
                     return self._record(command, phase, before, after, written=False)
+                at = time.time()
                 try:
-                    self.file.write(config, token)
+                    generation = self.file.write(config, token)
                 except ConcurrentChange:
                     continue
-            return self._record(command, phase, before, after, written=True)
+                return self._record(command, phase, before, after, written=True, at=at, generation=generation)
         raise PipelineError(f"model config file kept changing under {WRITE_ATTEMPTS} attempts to write it: "
                             f"{self.file.url}")
 
-    def _record(self, command: str, phase: str, before: EntryState, after: EntryState, written: bool) -> dict:
-        rec = {"id": f"{time.time_ns()}-{secrets.token_hex(4)}", "at": time.time(), "command": command,
+    def _record(self, command: str, phase: str, before: EntryState, after: EntryState, written: bool,
+                at: float | None = None, generation: str | None = None) -> dict:
+        at = time.time() if at is None else at
+        rec = {"id": f"{int(at * 1e9)}-{secrets.token_hex(4)}", "at": at, "command": command,
                "phase": phase, "model": self.serving.model_name, "file": self.file.url,
                "versions_before": before.listed, "versions_after": after.listed,
                "labels_before": before.labels, "labels_after": after.labels,
                "host": socket.gethostname(), "written": written}
+        if generation is not None:
+            rec["generation"] = str(generation)  # of the file this write made (GCS)
         if written:
             path = self.base.join(self.base.root, *HISTORY_DIR, rec["id"] + ".json")
-            self.base.create_only(path, json.dumps(rec, sort_keys=True).encode())
+            text = json.dumps(rec, sort_keys=True)
+            self.base.create_only(path, text.encode(),
+                                  metadata={HISTORY_METADATA_KEY: text} if self.base.is_gcs else None)
         return rec
