@@ -38,7 +38,7 @@ from pipeline import __version__, faults
 from pipeline.checkpoints import Checkpoint
 from pipeline.errors import PipelineError, PublishError, ServingOrderError
 from pipeline.promotion import MARKER, PromotionStrategy, VersionExistsError, choose_strategy
-from pipeline.staging import EXPORTS_DIR, StagingGone, claim_lease_for_publish, drop_lease, verify_staging
+from pipeline.staging import EXPORTS_DIR, StagingGone, claim_lease_for_publish, drop_lease, staging_name, verify_staging
 from pipeline.storage import TEMP_MARK, Storage
 
 MANIFEST = "assets.extra/export_manifest.json"
@@ -87,20 +87,18 @@ def _meta(values: dict[str, Any]) -> dict[str, str]:
     return {k: str(v) for k, v in values.items() if v is not None}
 
 
-def _from_meta(meta: dict[str, str] | None, ints=("version", "step"), floats=("written_at", "claimed_at")) -> dict:
+_META_TYPES = {"version": int, "step": int, "written_at": float, "claimed_at": float}
+
+
+def _from_meta(meta: dict[str, str] | None) -> dict:
+    """Object metadata back into typed values; {} when one does not parse (then the object is read)."""
     out: dict[str, Any] = dict(meta or {})
-    for k in ints:
-        if k in out:
-            try:
-                out[k] = int(out[k])
-            except ValueError:
-                return {}
-    for k in floats:
-        if k in out:
-            try:
-                out[k] = float(out[k])
-            except ValueError:
-                return {}
+    try:
+        for key, kind in _META_TYPES.items():
+            if key in out:
+                out[key] = kind(out[key])
+    except ValueError:
+        return {}
     return out
 
 
@@ -288,7 +286,7 @@ class Publisher:
                 # of a version it has made whole; anything else is raised
                 if not self.is_whole(final):
                     raise
-            drop_lease(self.store, staging.rstrip("/").rsplit("/", 1)[-1])
+            drop_lease(self.store, staging_name(staging))
         return self.is_whole(final)
 
     def is_whole(self, final: str) -> bool:
@@ -511,7 +509,7 @@ class Publisher:
             self.store.rm(staging, recursive=True)
         except (OSError, PipelineError):
             pass  # gc removes it after the lease
-        drop_lease(self.store, staging.rstrip("/").rsplit("/", 1)[-1])
+        drop_lease(self.store, staging_name(staging))
 
 
 __all__ = ["Publisher", "StagingGone", "first_candidate", "training_order", "MANIFEST", "EXPORTS_DIR",

@@ -21,7 +21,7 @@ import time
 
 from pipeline.promotion import MARKER
 from pipeline.publish import CLAIM_TTL_SECONDS, CLAIMS_DIR, EXPORTS_DIR, LEDGER_DIR, STAGING_PREFIX, Publisher
-from pipeline.staging import LEASES_DIR, last_renewed, lease_times
+from pipeline.staging import LEASES_DIR, last_renewed, lease_times, staging_name
 from pipeline.storage import TEMP_MARK, Storage
 
 _DELETING = re.compile(r"^temp-deleting-\d+-[0-9a-z]+$")
@@ -48,7 +48,7 @@ def prune(store: Storage, *, keep: int, pinned: list[int] | tuple[int, ...] = ()
     versions = pub.versions()
     doomed = versions_to_remove(versions, keep, pinned)
     ledger = pub.ledger()
-    needed_by = {_name(str(e.get("staging") or "")): int(e["version"]) for e in ledger.values() if e.get("staging")}
+    needed_by = {staging_name(str(e["staging"])): int(e["version"]) for e in ledger.values() if e.get("staging")}
     leases = lease_times(store)
 
     stale: list[str] = []
@@ -89,10 +89,6 @@ def prune(store: Storage, *, keep: int, pinned: list[int] | tuple[int, ...] = ()
         _collect_leftovers(store, leases, lease_seconds, now)
     return {"removed_versions": doomed, "removed_staging": sorted(stale), "removed_claims": sorted(removed_claims),
             "dry_run": dry_run}
-
-
-def _name(path: str) -> str:
-    return path.rstrip("/").rsplit("/", 1)[-1]
 
 
 def _collect_leftovers(store: Storage, leases: dict[str, float], lease_seconds: float, now: float) -> None:

@@ -29,7 +29,7 @@ from pipeline.config import Config
 from pipeline.errors import CheckpointError, ConfigError, ExportError, PipelineError
 from pipeline.publish import EXPORTS_DIR, STAGING_PREFIX, Publisher
 from pipeline.retention import prune
-from pipeline.staging import FILES_NAME, LeaseHeartbeat, StagingGone, drop_lease, file_list
+from pipeline.staging import FILES_NAME, LeaseHeartbeat, StagingGone, drop_lease, file_list, staging_name
 from pipeline.storage import Storage, open_storage
 from pipeline.validate import require_ok, validate_saved_model
 
@@ -357,11 +357,7 @@ def _discard(store: Storage, staging: str, work: str) -> None:
             store.rm(path, recursive=True)
         except (OSError, PipelineError):
             pass
-    drop_lease(store, _name_of(staging))
-
-
-def _name_of(path: str) -> str:
-    return path.rstrip("/").rsplit("/", 1)[-1]
+    drop_lease(store, staging_name(staging))
 
 
 def _strip(store: Storage, url: str) -> str:
@@ -380,7 +376,7 @@ def stage_validate(cfg: Config, staged: dict, session=None) -> dict:
     staging = _strip(ctx.base, staged["staging"])
     work = _strip(ctx.base, staged["work"])
     scratch = tempfile.mkdtemp(prefix="tf-export-validate-")
-    heartbeat = LeaseHeartbeat(ctx.base, _name_of(staging))
+    heartbeat = LeaseHeartbeat(ctx.base, staging_name(staging))
     try:
         heartbeat.__enter__()
         if ctx.base.is_local:

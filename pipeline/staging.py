@@ -92,6 +92,11 @@ def verify_staging(store: Storage, staging: str, files: dict[str, dict[str, Any]
 
 
 # -- leases -------------------------------------------------------------------------
+def staging_name(path: str) -> str:
+    """The name of a staging directory (``temp-<ts>-<nonce>``) from its path or URL."""
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
 def lease_path(store: Storage, staging_name: str) -> str:
     return store.join(store.root, EXPORTS_DIR, LEASES_DIR, staging_name)
 
@@ -145,7 +150,7 @@ def last_renewed(store: Storage, staging_name: str, leases: dict[str, float] | N
 
 def claim_lease_for_publish(store: Storage, staging: str, lease_seconds: float) -> None:
     """Renew the lease of ``staging`` before publishing it, or refuse if it had run out."""
-    name = staging.rstrip("/").rsplit("/", 1)[-1]
+    name = staging_name(staging)
     renewed = last_renewed(store, name)
     margin = min(LEASE_MARGIN_SECONDS, lease_seconds / 2)
     if renewed is not None and time.time() - renewed > lease_seconds - margin:
