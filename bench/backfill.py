@@ -154,7 +154,7 @@ def bench_model(name: str, k: int, workdir: str, env: dict) -> dict:
         json.dump({"training_dir": "./train", "export_base": "./serving",
                    "model": {"factory": f"bench_models:{name}"}, "retention": {"keep": 100}}, fh)
     timings_file = os.path.join(base, "timings.json")
-    wall, peak, out = _peak_rss([sys.executable, "-m", "pipeline", "backfill", "--config", config, "--json"],
+    wall, peak, out = _peak_rss([sys.executable, "-m", "tf_export_pipeline", "backfill", "--config", config, "--json"],
                                 {**env, "TF_EXPORT_TIMINGS": timings_file})
     records = json.loads(out)
     assert len(records) == k and all(r["status"] == "published" for r in records), records

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no process log on stderr")
     args = parser.parse_args(argv)
 
-    from pipeline.demo import train
+    from tf_export_pipeline.demo import train
     from tests.support.chaos import Chaos, ServingWatcher, prepare
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="tf-export-chaos-")).resolve()

@@ -44,7 +44,7 @@ HEADING = "## Cloud storage publish"
 
 def build_model(directory: str, mib: float) -> int:
     """Write a SavedModel with one ~``mib`` MiB variable; returns its size in bytes."""
-    from pipeline.export import import_tensorflow_quietly
+    from tf_export_pipeline.export import import_tensorflow_quietly
 
     tf = import_tensorflow_quietly()
     n = int(math.sqrt(mib * 2**20 / 4))
@@ -73,8 +73,8 @@ def snapshot(proxy) -> dict:
 
 
 def run_ours(store, proxy, model_dir: str, work_dir: str, version: int) -> dict:
-    from pipeline.checkpoints import Checkpoint
-    from pipeline.publish import Publisher
+    from tf_export_pipeline.checkpoints import Checkpoint
+    from tf_export_pipeline.publish import Publisher
 
     name = f"temp-{int(time.time())}-{version:08x}"
     staging = store.join(store.root, name)
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
 
-    from pipeline.storage import open_storage
+    from tf_export_pipeline.storage import open_storage
     from tests.support.fault_proxy import FaultProxy
     from tests.support.gcs_emulator import GcsEmulator, make_fs
 

@@ -56,16 +56,16 @@ from pathlib import Path
 import pendulum
 from airflow.sdk import DAG, AssetAlias, Param, task, task_group
 
-from operators.assets import export_asset, requested_checkpoint, serving_asset, training_asset
-from operators.export import (
+from tf_export_pipeline.operators.assets import export_asset, requested_checkpoint, serving_asset, training_asset
+from tf_export_pipeline.operators.export import (
     DiscoverCheckpointsOperator,
     ExportCheckpointOperator,
     PruneVersionsOperator,
     PublishVersionOperator,
     ValidateExportOperator,
 )
-from operators.sensors import NewCheckpointSensor
-from operators.serving import CheckCanaryOperator, PromoteVersionOperator
+from tf_export_pipeline.operators.sensors import NewCheckpointSensor
+from tf_export_pipeline.operators.serving import CheckCanaryOperator, PromoteVersionOperator
 
 log = logging.getLogger(__name__)
 
@@ -244,8 +244,8 @@ def promote(model: str, path: str, cfg) -> DAG:
 
 
 def build_all(folder: Path = CONFIG_DIR) -> dict[str, DAG]:
-    from pipeline.config import load_config
-    from pipeline.errors import ConfigError
+    from tf_export_pipeline.config import load_config
+    from tf_export_pipeline.errors import ConfigError
 
     dags: dict[str, DAG] = {}
     for file in config_files(folder):

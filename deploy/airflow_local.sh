@@ -36,7 +36,7 @@ LOGS=$AIRFLOW_HOME/component-logs
 
 if ! ls build/airflow-demo/train/*.index >/dev/null 2>&1; then
   echo "training the demo model into build/airflow-demo/train ..."
-  python -c "from pipeline.demo import train; train('build/airflow-demo/train', steps=30, checkpoint_every=10)"
+  python -c "from tf_export_pipeline.demo import train; train('build/airflow-demo/train', steps=30, checkpoint_every=10)"
 fi
 
 echo "migrating the metadata database in $AIRFLOW_HOME ..."

@@ -17,7 +17,7 @@ AIRFLOW_UID = int(os.environ.get("AIRFLOW_UID", "50000"))
 
 
 def main() -> None:
-    from pipeline.demo import train
+    from tf_export_pipeline.demo import train
 
     if not glob.glob(os.path.join(TRAIN, "*.index")):
         print("training the demo model into", TRAIN, flush=True)

@@ -10,8 +10,8 @@ scheduled; every label change of ``export_promote__<model>`` one for
 
 Example::
 
-    from operators.assets import training_asset
-    from pipeline.config import load_config
+    from tf_export_pipeline.operators.assets import training_asset
+    from tf_export_pipeline.config import load_config
 
     @task(outlets=[training_asset(load_config("/opt/airflow/dags/configs/demo.yaml"))])
     def train(): ...

@@ -7,8 +7,8 @@ redacted (:func:`xcom`).
 
 Example::
 
-    from operators.base import load, stage_errors, xcom
-    from pipeline import runner
+    from tf_export_pipeline.operators.base import load, stage_errors, xcom
+    from tf_export_pipeline import runner
 
     cfg = load("/opt/airflow/dags/configs/demo.yaml", "google_cloud_default")
     with stage_errors():
@@ -30,8 +30,8 @@ NOTHING_TO_DO = ("skipped", "no_new_checkpoint", "gated")
 
 def load(config_path: str, conn_id: str | None = None):
     """The config at ``config_path``, with the storage options of its connection."""
-    from operators.connections import config_with_connection, protect
-    from pipeline.config import load_config
+    from tf_export_pipeline.operators.connections import config_with_connection, protect
+    from tf_export_pipeline.config import load_config
 
     protect()
     return config_with_connection(load_config(str(config_path)), conn_id or None)
@@ -39,7 +39,7 @@ def load(config_path: str, conn_id: str | None = None):
 
 def xcom(value: Any) -> Any:
     """``value`` as it may go to XCom: every string in it redacted."""
-    from pipeline.redaction import redact_value
+    from tf_export_pipeline.redaction import redact_value
 
     return redact_value(value)
 
@@ -75,8 +75,8 @@ def stage_errors() -> Iterator[None]:
     """
     from airflow.sdk.exceptions import AirflowNotFoundException
 
-    from operators.connections import ConnectionOptionsError
-    from pipeline.redaction import redact, scrub_exception
+    from tf_export_pipeline.operators.connections import ConnectionOptionsError
+    from tf_export_pipeline.redaction import redact, scrub_exception
 
     try:
         yield
@@ -115,7 +115,7 @@ class PipelineOperator(BaseOperator):
 
     def skip_with(self, context: Context, record: dict, reason: str) -> None:
         """Keep ``record`` as the task's XCom, then end the task as skipped."""
-        from pipeline.redaction import redact
+        from tf_export_pipeline.redaction import redact
 
         context["ti"].xcom_push(key="return_value", value=xcom(record))
         raise AirflowSkipException(redact(reason))
@@ -123,6 +123,6 @@ class PipelineOperator(BaseOperator):
     def pass_through(self, context: Context, record: Any) -> None:
         """Skip when the stage before had nothing for this one (no new checkpoint, already published, gated)."""
         if isinstance(record, dict) and record.get("status") in NOTHING_TO_DO:
-            from pipeline.runner import public
+            from tf_export_pipeline.runner import public
 
             self.skip_with(context, public(record), f"{record['status']}: {record.get('checkpoint')}")

@@ -2,13 +2,13 @@
 
 A config names a connection (``airflow.conn_id``, e.g. ``google_cloud_default``);
 the operators, the sensor and the trigger turn it into the keyword arguments
-of the fsspec filesystem that :mod:`pipeline.storage` opens, so no secret has
+of the fsspec filesystem that :mod:`tf_export_pipeline.storage` opens, so no secret has
 to live in the YAML file. What the connection gives is laid over the config's
 own ``storage_options``.
 
 Example::
 
-    from operators.connections import config_with_connection
+    from tf_export_pipeline.operators.connections import config_with_connection
     cfg = config_with_connection(load_config(path), "google_cloud_default")
 
 Connection types understood (the extras may also carry the
@@ -21,6 +21,9 @@ Connection types understood (the extras may also carry the
     ``project_id``) is the project. The Google provider's filesystem keys are
     read too: ``gcs.endpoint``, ``gcs.requester-pays``, ``gcs.session-kwargs``,
     ``gcs.consistency``, ``gcs.cache-timeout``.
+``tf_export_storage`` (this package's own type; any backend)
+    ``keyfile_dict``, ``key_path``, ``anonymous`` and ``project`` as for
+    Google, when set; ``endpoint_url``; and ``storage_options``.
 ``aws`` (s3fs)
     login/password (or ``aws_access_key_id``/``aws_secret_access_key`` in
     extra), ``aws_session_token``, ``endpoint_url`` and ``region_name``.
@@ -30,7 +33,7 @@ any type
     ``endpoint_url`` and ``token: anon``).
 
 Every secret of a connection (its password, login and extras, and the
-options made of them, by the rules of :mod:`pipeline.redaction`) is
+options made of them, by the rules of :mod:`tf_export_pipeline.redaction`) is
 registered for redaction as the connection is read, and handed to Airflow's
 own log masker (:func:`protect`).
 """
@@ -43,6 +46,7 @@ from typing import Any
 GCP_TYPES = ("google_cloud_platform", "gcpcloudstorage", "gcp")
 AWS_TYPES = ("aws", "s3")
 PLAIN_TYPES = ("fs", "file", "generic")
+STORAGE_TYPES = ("tf_export_storage",)  # this package's own (see tf_export_pipeline.operators.hooks)
 
 _GCS_KEYS = {  # the Google provider's ObjectStoragePath keys -> gcsfs arguments
     "gcs.endpoint": "endpoint_url",
@@ -101,6 +105,22 @@ def _gcp(conn_id: str, conn_type: str, extras: dict[str, Any]) -> dict[str, Any]
     return opts
 
 
+def _own(conn_id: str, conn_type: str, extras: dict[str, Any]) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    if any(_extra(extras, conn_type, key) is not None for key in ("keyfile_dict", "key_path", "anonymous")):
+        opts = {k: v for k, v in _gcp(conn_id, conn_type, extras).items() if k == "token"}
+    project = _extra(extras, conn_type, "project")
+    if project:
+        opts["project"] = project
+    endpoint = _extra(extras, conn_type, "endpoint_url")
+    if endpoint:
+        opts["endpoint_url"] = endpoint
+    own = _extra(extras, conn_type, "storage_options")
+    if own is not None:
+        opts.update(_as_dict(own, "storage_options", conn_id))
+    return opts
+
+
 def _aws(conn_type: str, login: str | None, password: str | None, extras: dict[str, Any]) -> dict[str, Any]:
     opts: dict[str, Any] = {}
     key = login or _extra(extras, conn_type, "aws_access_key_id")
@@ -121,7 +141,7 @@ def _aws(conn_type: str, login: str | None, password: str | None, extras: dict[s
 
 def options_from_connection(conn: Any) -> dict[str, Any]:
     """fsspec storage options from an Airflow ``Connection`` (no I/O; its secrets are registered for redaction)."""
-    from pipeline.redaction import register
+    from tf_export_pipeline.redaction import register
 
     conn_id = getattr(conn, "conn_id", None) or "?"
     conn_type = (getattr(conn, "conn_type", None) or "").replace("-", "_").lower()
@@ -132,6 +152,8 @@ def options_from_connection(conn: Any) -> dict[str, Any]:
               "extra": extras, "raw_extra": getattr(conn, "extra", None)})
     if conn_type in GCP_TYPES:
         opts = _gcp(conn_id, "google_cloud_platform", extras)
+    elif conn_type in STORAGE_TYPES:
+        opts = _own(conn_id, conn_type, extras)
     elif conn_type in AWS_TYPES:
         opts = _aws("aws", getattr(conn, "login", None), getattr(conn, "password", None), extras)
     elif conn_type in PLAIN_TYPES or "storage_options" in extras:
@@ -139,7 +161,7 @@ def options_from_connection(conn: Any) -> dict[str, Any]:
     else:
         raise ConnectionOptionsError(
             f"connection '{conn_id}' has type '{conn_type}', which names no storage; use a "
-            f"google_cloud_platform or aws connection, or put the options under the extra 'storage_options'")
+            f"tf_export_storage, google_cloud_platform or aws connection, or put the options under the extra 'storage_options'")
     if "storage_options" in extras:
         opts.update(_as_dict(extras["storage_options"], "extra 'storage_options'", conn_id))
     register(opts)
@@ -159,9 +181,9 @@ def protect() -> None:
     connections it hands out, but knows nothing of a config file's
     ``storage_options`` or of an extra named otherwise; structlog's own
     loggers (``self.log`` of a task) bypass the stdlib filter of
-    :func:`pipeline.redaction.install`, so Airflow's masker is told too.
+    :func:`tf_export_pipeline.redaction.install`, so Airflow's masker is told too.
     """
-    from pipeline.redaction import REDACTOR, install
+    from tf_export_pipeline.redaction import REDACTOR, install
 
     install()
     REDACTOR.add_listener(_mask_in_airflow)

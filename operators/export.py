@@ -1,7 +1,7 @@
 """One operator per pipeline stage: discover, export, validate, publish, prune.
 
 Each takes the config path (templated) and what the stage before returned,
-calls the matching function of :mod:`pipeline.runner` and returns its small
+calls the matching function of :mod:`tf_export_pipeline.runner` and returns its small
 JSON-serialisable record to XCom. Staging lives in the export base's own
 storage, so consecutive tasks may run on different workers, and a retry of
 any task is safe: the ledger and the version claims make each stage
@@ -28,7 +28,7 @@ from typing import Any
 from airflow.sdk import Context
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from operators.base import NOTHING_TO_DO, PipelineOperator, as_bool, as_int, stage_errors, xcom
+from tf_export_pipeline.operators.base import NOTHING_TO_DO, PipelineOperator, as_bool, as_int, stage_errors, xcom
 
 SELECT = ("newest", "new", "pending")
 
@@ -58,9 +58,9 @@ class DiscoverCheckpointsOperator(PipelineOperator):
         self.to_step = to_step
 
     def execute(self, context: Context) -> Any:
-        from operators.selection import new_since_exported, newest, small
-        from pipeline import runner
-        from pipeline.errors import CheckpointError, ConfigError
+        from tf_export_pipeline.operators.selection import new_since_exported, newest, small
+        from tf_export_pipeline import runner
+        from tf_export_pipeline.errors import CheckpointError, ConfigError
 
         cfg = self.config()
         with stage_errors():
@@ -114,7 +114,7 @@ class ExportCheckpointOperator(PipelineOperator):
         self.force = force
 
     def execute(self, context: Context) -> dict:
-        from pipeline import runner
+        from tf_export_pipeline import runner
 
         self.pass_through(context, self.checkpoint)
         cfg = self.config()
@@ -141,7 +141,7 @@ class ValidateExportOperator(PipelineOperator):
         self.staged = staged
 
     def execute(self, context: Context) -> dict:
-        from pipeline import runner
+        from tf_export_pipeline import runner
 
         self.pass_through(context, self.staged)
         cfg = self.config()
@@ -185,8 +185,8 @@ class PublishVersionOperator(PipelineOperator):
         self.allow_outrank = allow_outrank
 
     def execute(self, context: Context) -> dict | list:
-        from pipeline import runner
-        from pipeline.redaction import redact
+        from tf_export_pipeline import runner
+        from tf_export_pipeline.redaction import redact
 
         if self.validated is None:  # e.g. a mapped validate task with no instance that succeeded
             self.skip_with(context, [], "nothing to publish")
@@ -228,7 +228,7 @@ class PublishVersionOperator(PipelineOperator):
         return xcom(records)
 
     def _publish(self, cfg, validated: dict) -> dict:
-        from pipeline import runner
+        from tf_export_pipeline import runner
 
         if validated.get("status") == "published":
             return runner.public(validated)  # finished by the export stage (a publish that died)
@@ -245,7 +245,7 @@ class PublishVersionOperator(PipelineOperator):
     def _announce(self, context: Context, cfg, published: list[dict]) -> None:
         from airflow.sdk import AssetAlias
 
-        from operators.assets import export_asset
+        from tf_export_pipeline.operators.assets import export_asset
 
         extras = [{k: r.get(k) for k in ("version", "path", "checkpoint", "step")} for r in published]
         for outlet in self.outlets or []:
@@ -262,7 +262,7 @@ class PublishVersionOperator(PipelineOperator):
 
 def _published_by_earlier_try(cfg, validated: dict, record: dict) -> bool:
     """Whether the ledger names this record's own staging, whole: an earlier try died after its ledger entry."""
-    from pipeline.runner import Context
+    from tf_export_pipeline.runner import Context
 
     ctx = Context(cfg)
     entry = ctx.publisher.ledger_entry(validated.get("ledger_key") or "") or {}
@@ -287,7 +287,7 @@ class PruneVersionsOperator(PipelineOperator):
         self.dry_run = dry_run
 
     def execute(self, context: Context) -> dict:
-        from pipeline import runner
+        from tf_export_pipeline import runner
 
         if isinstance(self.published, dict) and self.published.get("status") != "published":
             self.skip_with(context, {"removed_versions": [], "removed_staging": [], "dry_run": as_bool(self.dry_run)},

@@ -1,4 +1,4 @@
-"""Which checkpoint counts as new: pure functions over :func:`pipeline.runner.discover`'s records.
+"""Which checkpoint counts as new: pure functions over :func:`tf_export_pipeline.runner.discover`'s records.
 
 A record is a checkpoint's ``to_dict()`` plus ``version`` (None when it has no
 version under the config yet). Nothing here reads storage.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.checkpoints import being_written
+from tf_export_pipeline.checkpoints import being_written
 
 RECORD_KEYS = ("prefix", "name", "step", "written_at", "version")
 

@@ -1,7 +1,7 @@
 """``NewCheckpointSensor``: waits for a complete checkpoint that has no version yet.
 
 Deferrable by default: after one look of its own it hands the wait to
-:class:`operators.triggers.NewCheckpointTrigger` in the triggerer and frees
+:class:`tf_export_pipeline.operators.triggers.NewCheckpointTrigger` in the triggerer and frees
 its worker slot. ``deferrable=False`` waits in the worker instead, in the
 ``poke`` or ``reschedule`` mode of any sensor.
 
@@ -27,8 +27,8 @@ from typing import Any
 from airflow.sdk import BaseSensorOperator, Context, PokeReturnValue
 from airflow.sdk.exceptions import AirflowException, AirflowSensorTimeout, AirflowSkipException
 
-from operators.base import load, stage_errors, xcom
-from operators.triggers import NewCheckpointTrigger, look
+from tf_export_pipeline.operators.base import load, stage_errors, xcom
+from tf_export_pipeline.operators.triggers import NewCheckpointTrigger, look
 
 
 class NewCheckpointSensor(BaseSensorOperator):

@@ -1,14 +1,14 @@
 """Operators over TF Serving's model config file: move a label, roll back, decide on a soaked canary.
 
-Thin wrappers over :class:`pipeline.serving.ServingControl` and
-:func:`pipeline.canary.soak_verdict`: the config is read when the task runs,
+Thin wrappers over :class:`tf_export_pipeline.serving.ServingControl` and
+:func:`tf_export_pipeline.canary.soak_verdict`: the config is read when the task runs,
 the result goes to XCom as a small record, and a task with nothing to do
 keeps its record and ends as *skipped* (no Asset event).
 
 Example::
 
-    from operators.assets import serving_asset
-    from operators.serving import CheckCanaryOperator, PromoteVersionOperator
+    from tf_export_pipeline.operators.assets import serving_asset
+    from tf_export_pipeline.operators.serving import CheckCanaryOperator, PromoteVersionOperator
 
     PromoteVersionOperator(task_id="promote", config_path=CONFIG, version="{{ params.version }}",
                            version_label="{{ params.label }}", outlets=[serving_asset(cfg)])
@@ -25,7 +25,7 @@ from typing import Any
 
 from airflow.sdk import Context
 
-from operators.base import PipelineOperator, as_bool, as_int, stage_errors, xcom
+from tf_export_pipeline.operators.base import PipelineOperator, as_bool, as_int, stage_errors, xcom
 
 EVENT_KEYS = ("model", "label", "version", "previous", "command")
 
@@ -69,8 +69,8 @@ class PromoteVersionOperator(PipelineOperator):
         self.now = now
 
     def execute(self, context: Context) -> dict:
-        from pipeline.errors import ConfigError
-        from pipeline.serving import STABLE, ServingControl
+        from tf_export_pipeline.errors import ConfigError
+        from tf_export_pipeline.serving import STABLE, ServingControl
 
         cfg = self.config()
         rollback, now = as_bool(self.rollback), as_bool(self.now)
@@ -102,7 +102,7 @@ class PromoteVersionOperator(PipelineOperator):
     def _announce(self, context: Context, cfg, changes: list[dict]) -> None:
         from airflow.sdk import AssetAlias
 
-        from operators.assets import serving_asset
+        from tf_export_pipeline.operators.assets import serving_asset
 
         extras = [xcom({k: c.get(k) for k in EVENT_KEYS}) for c in changes]
         for outlet in self.outlets or []:
@@ -138,7 +138,7 @@ class CheckCanaryOperator(PipelineOperator):
         self.soak_seconds = soak_seconds
 
     def execute(self, context: Context) -> dict:
-        from pipeline.canary import HELD, READY, soak_verdict
+        from tf_export_pipeline.canary import HELD, READY, soak_verdict
 
         cfg = self.config()
         with stage_errors():

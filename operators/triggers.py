@@ -30,9 +30,9 @@ MAX_ERRORS_IN_A_ROW = 5
 
 def look(cfg, wanted: str | None = None) -> tuple[dict | None, str | None]:
     """One poll: ``(checkpoint, None)`` when there is one to export, else ``(None, why not yet)``."""
-    from operators.selection import in_progress, new_checkpoint
-    from pipeline import runner
-    from pipeline.errors import CheckpointError
+    from tf_export_pipeline.operators.selection import in_progress, new_checkpoint
+    from tf_export_pipeline import runner
+    from tf_export_pipeline.errors import CheckpointError
 
     try:
         records = runner.discover(cfg)
@@ -51,14 +51,14 @@ def look(cfg, wanted: str | None = None) -> tuple[dict | None, str | None]:
 
 def look_at(config_path: str, wanted: str | None, options: dict[str, Any]) -> tuple[dict | None, str | None]:
     """:func:`look` for a config file, with the connection's storage options already resolved."""
-    from operators.connections import with_options
-    from pipeline.config import load_config
+    from tf_export_pipeline.operators.connections import with_options
+    from tf_export_pipeline.config import load_config
 
     return look(with_options(load_config(config_path), options), wanted)
 
 
 class NewCheckpointTrigger(BaseTrigger):
-    """Fires once there is a checkpoint to export (see :func:`operators.selection.new_checkpoint`).
+    """Fires once there is a checkpoint to export (see :func:`tf_export_pipeline.operators.selection.new_checkpoint`).
 
     Events: ``{"status": "found", "checkpoint": {...}, "polls": n}``;
     ``{"status": "timeout", "reason": ..., "polls": n}`` after ``max_polls``;
@@ -82,9 +82,9 @@ class NewCheckpointTrigger(BaseTrigger):
                  "poll_interval": self.poll_interval, "max_polls": self.max_polls})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        from operators.connections import ConnectionOptionsError, astorage_options, protect
-        from pipeline.errors import ConfigError
-        from pipeline.redaction import redact, redact_value
+        from tf_export_pipeline.operators.connections import ConnectionOptionsError, astorage_options, protect
+        from tf_export_pipeline.errors import ConfigError
+        from tf_export_pipeline.redaction import redact, redact_value
 
         def event(payload: dict[str, Any]) -> TriggerEvent:
             return TriggerEvent(redact_value(payload))

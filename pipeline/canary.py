@@ -2,12 +2,12 @@
 
 The promote DAG's scheduled check (``export_promote__<model>``) asks this
 after each interval; a ``ready`` verdict is then carried out by
-:meth:`pipeline.serving.ServingControl.promote`. Nothing here writes.
+:meth:`tf_export_pipeline.serving.ServingControl.promote`. Nothing here writes.
 
 Example::
 
-    from pipeline.canary import soak_verdict
-    from pipeline.config import load_config
+    from tf_export_pipeline.canary import soak_verdict
+    from tf_export_pipeline.config import load_config
 
     verdict = soak_verdict(load_config("serving.yaml"), soak_seconds=86400)
     print(verdict["status"], verdict["reason"])   # ready | soaking | held | ...
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 
-from pipeline.errors import ConfigError
+from tf_export_pipeline.errors import ConfigError
 
 #: Verdicts: only ``ready`` leads to a promotion.
 READY, SOAKING, HELD, NO_CANARY, ALREADY_STABLE, WAS_STABLE = (
@@ -42,7 +42,7 @@ def stable_since(history: list[dict], version: int, since: float) -> bool:
 def metric_of(cfg, publisher, version: int) -> float | None:
     """The gate metric of a published version: read again from the gate's source for its checkpoint
     (a value updated during the soak counts), else the value recorded at publish time."""
-    from pipeline.gate import GateError, read_metric
+    from tf_export_pipeline.gate import GateError, read_metric
 
     manifest = publisher.manifest(version) or {}
     ck = manifest.get("checkpoint") or {}
@@ -68,8 +68,8 @@ def soak_verdict(cfg, soak_seconds: float, now: float | None = None, control=Non
     Returns ``{"status", "version", "stable", "since", "soaked_seconds",
     "reason"}`` plus ``metric``, ``value``, ``stable_value`` with a gate.
     """
-    from pipeline.publish import Publisher
-    from pipeline.serving import CANARY, STABLE, ServingControl
+    from tf_export_pipeline.publish import Publisher
+    from tf_export_pipeline.serving import CANARY, STABLE, ServingControl
 
     control = control or ServingControl.from_config(cfg)
     if control.serving.policy != "labels":
@@ -99,7 +99,7 @@ def soak_verdict(cfg, soak_seconds: float, now: float | None = None, control=Non
     if cfg.gate is None:
         return {**out, "status": READY, "reason": f"canary {canary} soaked {now - since:.0f} s"}
 
-    from pipeline.gate import compare
+    from tf_export_pipeline.gate import compare
 
     value = metric_of(cfg, publisher, canary)
     stable_value = metric_of(cfg, publisher, stable) if stable is not None else None

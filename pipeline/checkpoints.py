@@ -2,8 +2,8 @@
 
 Example::
 
-    from pipeline.checkpoints import discover_checkpoints
-    from pipeline.storage import open_storage
+    from tf_export_pipeline.checkpoints import discover_checkpoints
+    from tf_export_pipeline.storage import open_storage
     for ckpt in discover_checkpoints(open_storage("/data/train")):
         print(ckpt.name, ckpt.step, ckpt.complete)
 
@@ -20,8 +20,8 @@ import hashlib
 import re
 from dataclasses import asdict, dataclass, field
 
-from pipeline.errors import CheckpointError
-from pipeline.storage import Entry, Storage
+from tf_export_pipeline.errors import CheckpointError
+from tf_export_pipeline.storage import Entry, Storage
 
 _SHARD = re.compile(r"^(?P<prefix>.+)\.data-(?P<k>\d{5})-of-(?P<n>\d{5})$")
 _STEP = re.compile(r"(\d+)$")
@@ -50,7 +50,7 @@ class Checkpoint:
         ``tf.train.Checkpoint`` records the crc32c of every tensor it saved
         (and the save counter), so two different saves never share it; for a
         ``.keras`` file it is the zip directory's checksum (see
-        :mod:`pipeline.keras_files`).
+        :mod:`tf_export_pipeline.keras_files`).
         """
         return {"kind": self.kind, "index_size": self.index_size, "index_crc32c": self.index_crc32c}
 
@@ -123,7 +123,7 @@ def discover_checkpoints(store: Storage, training_dir: str | None = None, fmt: s
     One directory listing, one read of the state file, and one read of each
     index whose checksum the storage does not report itself. ``fmt`` "keras"
     (or "auto" on a folder of ``*.keras`` files only) lists Keras files instead
-    (see :mod:`pipeline.keras_files`).
+    (see :mod:`tf_export_pipeline.keras_files`).
     """
     directory = training_dir or store.root
     entries = store.list_dir(directory)
@@ -131,7 +131,7 @@ def discover_checkpoints(store: Storage, training_dir: str | None = None, fmt: s
         raise CheckpointError(f"training directory does not exist: {store.url(directory)}")
     by_name: dict[str, Entry] = {e.name: e for e in entries if not e.is_dir}
     if fmt != "checkpoint":
-        from pipeline import keras_files
+        from tf_export_pipeline import keras_files
 
         if fmt == "keras" or keras_files.is_keras_dir(by_name):
             return keras_files.discover(store, directory, list(by_name.values()), step_pattern)

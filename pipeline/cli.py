@@ -43,7 +43,7 @@ def _common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tf-export", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    from pipeline import __version__
+    from tf_export_pipeline import __version__
 
     parser.add_argument("--version", action="version", version=f"tf-export {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _emit(args, data: Any, human: str) -> None:
-    from pipeline.redaction import redact
+    from tf_export_pipeline.redaction import redact
 
     if args.json:
         sys.stdout.write(redact(json.dumps(data, indent=1, default=str)) + "\n")
@@ -174,7 +174,7 @@ def _emit(args, data: Any, human: str) -> None:
 
 def _error(message: str) -> None:
     """The one line of a failed command, on stderr; never a secret."""
-    from pipeline.redaction import redact
+    from tf_export_pipeline.redaction import redact
 
     print(f"tf-export: error: {redact(message)}", file=sys.stderr)
 
@@ -203,7 +203,7 @@ def _run_line(r: dict) -> str:
 
 
 def cmd_discover(args, cfg) -> int:
-    from pipeline.runner import discover
+    from tf_export_pipeline.runner import discover
 
     items = discover(cfg)
     rows = [[i["name"], i["step"], _when(i["written_at"]), "yes" if i["complete"] else "NO: missing " + ", ".join(i["missing"]),
@@ -213,18 +213,18 @@ def cmd_discover(args, cfg) -> int:
 
 
 def cmd_run(args, cfg) -> int:
-    from pipeline.runner import public, run_once
+    from tf_export_pipeline.runner import public, run_once
 
     record = run_once(cfg, checkpoint=args.checkpoint, versioning=args.versioning, force=args.force,
                       allow_outrank=args.allow_outrank)
     _emit(args, public(record), _run_line(record))
     if record.get("serving_error"):
-        from pipeline.redaction import redact
+        from tf_export_pipeline.redaction import redact
 
         print(f"tf-export: warning: published, but its serving label was not set: "
               f"{redact(record['serving_error'])}", file=sys.stderr)
     if record.get("prune_error"):
-        from pipeline.redaction import redact
+        from tf_export_pipeline.redaction import redact
 
         print(f"tf-export: warning: published, but retention failed: {redact(record['prune_error'])}",
               file=sys.stderr)
@@ -232,7 +232,7 @@ def cmd_run(args, cfg) -> int:
 
 
 def cmd_backfill(args, cfg) -> int:
-    from pipeline.runner import backfill, list_pending, public
+    from tf_export_pipeline.runner import backfill, list_pending, public
 
     pending = list_pending(cfg, args.from_step, args.to_step)
     bar = None
@@ -247,7 +247,7 @@ def cmd_backfill(args, cfg) -> int:
             bar.set_postfix_str(f"step {rec['step']} {rec['status']}", refresh=False)
 
     if args.jobs < 1:
-        from pipeline.errors import ConfigError
+        from tf_export_pipeline.errors import ConfigError
 
         raise ConfigError(f"--jobs must be at least 1, got {args.jobs}: {cfg.source}")
     records = backfill(cfg, args.from_step, args.to_step, versioning=args.versioning,
@@ -269,7 +269,7 @@ def cmd_backfill(args, cfg) -> int:
 
 
 def cmd_status(args, cfg) -> int:
-    from pipeline.runner import status
+    from tf_export_pipeline.runner import status
 
     st = status(cfg)
     rows = [[v["version"], v["step"], v["checkpoint"] or "(no manifest)", ",".join(v.get("labels") or []) or "-",
@@ -281,8 +281,8 @@ def cmd_status(args, cfg) -> int:
 
 
 def cmd_validate(args, cfg) -> int:
-    from pipeline.errors import ConfigError
-    from pipeline.validate import format_report, validate_saved_model
+    from tf_export_pipeline.errors import ConfigError
+    from tf_export_pipeline.validate import format_report, validate_saved_model
 
     path = os.path.abspath(args.path)
     if not os.path.isdir(path):
@@ -293,8 +293,8 @@ def cmd_validate(args, cfg) -> int:
     if against and not os.path.isfile(os.path.join(against, "saved_model.pb")):
         raise ConfigError(f"--against is not a SavedModel directory: {against}")
     if report.get("ok") and (against or (cfg and cfg.validation.contract)):
-        from pipeline.contract import load_contract
-        from pipeline.validate import apply_signature_checks, signatures_of
+        from tf_export_pipeline.contract import load_contract
+        from tf_export_pipeline.validate import apply_signature_checks, signatures_of
 
         contract = load_contract(cfg.validation.contract) if cfg and cfg.validation.contract else None
         live = signatures_of(against) if against else None
@@ -310,7 +310,7 @@ def cmd_validate(args, cfg) -> int:
 
 
 def cmd_gc(args, cfg) -> int:
-    from pipeline.runner import stage_prune
+    from tf_export_pipeline.runner import stage_prune
 
     result = stage_prune(cfg, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
@@ -323,7 +323,7 @@ def cmd_predict(args, cfg) -> int:
     import shutil
     import tempfile
 
-    from pipeline.predict import format_outputs, predict, resolve_target, to_json
+    from tf_export_pipeline.predict import format_outputs, predict, resolve_target, to_json
 
     scratch = tempfile.mkdtemp(prefix="tf-export-predict-")
     try:
@@ -336,10 +336,10 @@ def cmd_predict(args, cfg) -> int:
 
 
 def cmd_demo(args, _cfg) -> int:
-    from pipeline.config import load_config
-    from pipeline.demo import SERVING, train, write_config
-    from pipeline.runner import public, run_once, status
-    from pipeline.serving import ServingControl
+    from tf_export_pipeline.config import load_config
+    from tf_export_pipeline.demo import SERVING, train, write_config
+    from tf_export_pipeline.runner import public, run_once, status
+    from tf_export_pipeline.serving import ServingControl
 
     workdir = os.path.abspath(args.workdir)
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
@@ -354,7 +354,7 @@ def cmd_demo(args, _cfg) -> int:
 
     def labelled(record: dict) -> dict:
         if record.get("serving_error"):
-            from pipeline.errors import PipelineError
+            from tf_export_pipeline.errors import PipelineError
 
             raise PipelineError(f"published, but its serving label was not set: {record['serving_error']}")
         return record
@@ -429,7 +429,7 @@ def _labels_line(view: dict) -> str:
 
 
 def cmd_labels(args, cfg) -> int:
-    from pipeline.serving import ServingControl
+    from tf_export_pipeline.serving import ServingControl
 
     view = ServingControl.from_config(cfg).view()
     _emit(args, view, _labels_line(view))
@@ -454,7 +454,7 @@ def _say_wait(args, control) -> None:
 
 
 def cmd_promote(args, cfg) -> int:
-    from pipeline.serving import ServingControl
+    from tf_export_pipeline.serving import ServingControl
 
     control = ServingControl.from_config(cfg)
     _say_wait(args, control)
@@ -464,7 +464,7 @@ def cmd_promote(args, cfg) -> int:
 
 
 def cmd_rollback(args, cfg) -> int:
-    from pipeline.serving import ServingControl
+    from tf_export_pipeline.serving import ServingControl
 
     control = ServingControl.from_config(cfg)
     _say_wait(args, control)
@@ -474,7 +474,7 @@ def cmd_rollback(args, cfg) -> int:
 
 
 def cmd_history(args, cfg) -> int:
-    from pipeline.serving import ServingControl
+    from tf_export_pipeline.serving import ServingControl
 
     records = ServingControl.from_config(cfg).history()
     _emit(args, records, "\n".join(_change_line(r) for r in records) or "no changes recorded")
@@ -501,14 +501,14 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("tensorflow").setLevel(logging.ERROR)
         os.environ.setdefault("KERAS_BACKEND", "tensorflow")
         if args.command in ("run", "demo", "validate"):  # backfill imports it itself, later
-            from pipeline.export import import_tensorflow_quietly
+            from tf_export_pipeline.export import import_tensorflow_quietly
 
             import_tensorflow_quietly()
     else:
         os.environ["TF_EXPORT_VERBOSE"] = "1"
-    from pipeline import redaction
-    from pipeline.config import load_config
-    from pipeline.errors import ExportError
+    from tf_export_pipeline import redaction
+    from tf_export_pipeline.config import load_config
+    from tf_export_pipeline.errors import ExportError
 
     redaction.install()  # whatever a library logs or warns goes out redacted too
     cfg = None

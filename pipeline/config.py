@@ -2,7 +2,7 @@
 
 Example::
 
-    from pipeline.config import load_config
+    from tf_export_pipeline.config import load_config
     cfg = load_config("serving.yaml")
     print(cfg.export_base, cfg.versioning, cfg.config_hash)
 """
@@ -20,8 +20,8 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
                       field_validator)
 from pydantic_core import PydanticCustomError
 
-from pipeline.errors import ConfigError
-from pipeline.redaction import GCS_TOKEN_KEYWORDS, register_options
+from tf_export_pipeline.errors import ConfigError
+from tf_export_pipeline.redaction import GCS_TOKEN_KEYWORDS, register_options
 
 Versioning = Literal["timestamp", "checkpoint_time", "step"]
 

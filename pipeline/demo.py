@@ -2,7 +2,7 @@
 
 Example::
 
-    from pipeline.demo import SERVING, train, write_config
+    from tf_export_pipeline.demo import SERVING, train, write_config
     train("/tmp/demo/train", steps=30, checkpoint_every=10)
     config_path = write_config("/tmp/demo")
     with_labels = write_config("/tmp/demo", name="labels.yaml", serving=SERVING)
@@ -14,7 +14,7 @@ import os
 
 import yaml
 
-FACTORY = "pipeline.demo:build"
+FACTORY = "tf_export_pipeline.demo:build"
 
 #: The demo's ``serving:`` section: the pipeline owns TF Serving's model config file, with labels.
 #: ``reload_seconds: 0`` because no server watches the demo's file; with one, give its

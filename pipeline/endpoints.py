@@ -3,7 +3,7 @@
 Example (a factory in ``my_pkg/model.py``, config ``model.factory: my_pkg.model:build``)::
 
     import keras, tensorflow as tf
-    from pipeline.endpoints import Endpoints
+    from tf_export_pipeline.endpoints import Endpoints
 
     def build():
         model = make_functional_model()          # input "features", output "score"
@@ -28,7 +28,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable, Iterator
 
-from pipeline.errors import ConfigError
+from tf_export_pipeline.errors import ConfigError
 
 SERVING_KEY = "serving_default"
 
@@ -149,7 +149,7 @@ def _input_signature(tf: Any, name: str, fn: Callable, signature: Any) -> list:
 
 
 def _input_names(name: str, fn: Callable, flat: list[tuple[tuple, Any]], model: Any) -> list[str]:
-    from pipeline.export import _clean_name, _keras_tensor_name
+    from tf_export_pipeline.export import _clean_name, _keras_tensor_name
 
     params = _param_names(fn)
     model_inputs = [_keras_tensor_name(t, f"input_{i}") for i, t in enumerate(model.inputs)] \
@@ -176,7 +176,7 @@ def _input_names(name: str, fn: Callable, flat: list[tuple[tuple, Any]], model: 
 
 
 def _output_dict(name: str, out: Any, model: Any) -> dict:
-    from pipeline.export import _clean_name, _keras_output_names
+    from tf_export_pipeline.export import _clean_name, _keras_output_names
 
     if isinstance(out, dict):
         flat = list(_flatten(out))
@@ -201,7 +201,7 @@ def _caller(name: str, fn: Callable, args: list, model: Any) -> Callable:
 
 
 def build_endpoint_signatures(serving: Any, obj: Any) -> None:
-    """Fill ``serving`` (an :class:`pipeline.export.ServingModel`) from an endpoints object."""
+    """Fill ``serving`` (an :class:`tf_export_pipeline.export.ServingModel`) from an endpoints object."""
     import tensorflow as tf
 
     model, table = _table(obj)
@@ -213,7 +213,7 @@ def build_endpoint_signatures(serving: Any, obj: Any) -> None:
     serving.model = model
     # Keras 3 keeps some state (e.g. a dropout's seed) outside what tf.Module tracking finds;
     # an endpoint with training=True captures it. Track every variable, as ExportArchive does.
-    from pipeline.export import track_model
+    from tf_export_pipeline.export import track_model
 
     track_model(serving.root, model)
     serving.signatures = {}

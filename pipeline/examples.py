@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.errors import ConfigError
+from tf_export_pipeline.errors import ConfigError
 
 SERVING_KEY = "serving_default"
 INPUT_NAME = "examples"
@@ -78,7 +78,7 @@ def _compatible(feature_dtype: str, model_dtype: Any) -> bool:
 
 
 def add_example_signature(serving: Any, config: Any) -> None:
-    """Add the tf.Example-parsing signature to ``serving`` (a :class:`pipeline.export.ServingModel`).
+    """Add the tf.Example-parsing signature to ``serving`` (a :class:`tf_export_pipeline.export.ServingModel`).
 
     Raises :class:`ConfigError` when the feature spec does not match the inputs
     of ``serving_default``: a missing or extra feature, a dtype that cannot feed

@@ -2,8 +2,8 @@
 
 Example::
 
-    from pipeline.config import load_config
-    from pipeline.export import Exporter
+    from tf_export_pipeline.config import load_config
+    from tf_export_pipeline.export import Exporter
     exporter = Exporter.from_config(load_config("serving.yaml"))
     exporter.restore("/data/train/ckpt-300")
     exporter.write("/tmp/staged_model")
@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.errors import CheckpointError, ConfigError, ModelMismatchError, PipelineError
+from tf_export_pipeline.errors import CheckpointError, ConfigError, ModelMismatchError, PipelineError
 
 SERVING_KEY = "serving_default"
 _NAME_OK = re.compile(r"[^A-Za-z0-9_.\-/]")
@@ -145,7 +145,7 @@ class ServingModel:
         self.model = model
         self.root = tf.Module()
         track_model(self.root, model)
-        from pipeline.endpoints import build_endpoint_signatures, is_endpoints
+        from tf_export_pipeline.endpoints import build_endpoint_signatures, is_endpoints
 
         if is_endpoints(model):
             build_endpoint_signatures(self, model)
@@ -254,7 +254,7 @@ class Exporter:
         if variables is not None and len(variables) == 0:
             raise ConfigError("model from the factory has no variables yet; build it before returning it")
         if example_signature is not None:
-            from pipeline.examples import add_example_signature
+            from tf_export_pipeline.examples import add_example_signature
 
             add_example_signature(self.serving, example_signature)
 
@@ -311,10 +311,10 @@ class Exporter:
 
         The first write of this exporter is a full ``tf.saved_model.save``; later
         ones reuse its graph and write only the variables (see
-        :mod:`pipeline.savedmodel_writer`).
+        :mod:`tf_export_pipeline.savedmodel_writer`).
         """
         if getattr(self, "_writer", None) is None:
-            from pipeline.savedmodel_writer import SavedModelWriter
+            from tf_export_pipeline.savedmodel_writer import SavedModelWriter
 
             self._writer = SavedModelWriter()
         try:
@@ -325,7 +325,7 @@ class Exporter:
                                     f"{directory}") from None
             raise PipelineError(f"writing the SavedModel failed ({type(err).__name__}: {_first_line(err)}): {directory}") from None
         if getattr(self.serving, "example_spec", None):
-            from pipeline.examples import write_spec
+            from tf_export_pipeline.examples import write_spec
 
             write_spec(directory, self.serving.example_spec)
 

@@ -11,7 +11,7 @@ The metric of a checkpoint comes from either
 
 Example::
 
-    from pipeline.gate import read_metric, compare
+    from tf_export_pipeline.gate import read_metric, compare
     value = read_metric("/data/train/metrics-{step}.json", "val_loss", step=300, name="ckpt-300")
     verdict = compare("min", value, live_value=0.15)   # {"worse": False, ...}
 """
@@ -21,8 +21,8 @@ from __future__ import annotations
 import json
 import struct
 
-from pipeline.errors import PipelineError
-from pipeline.storage import open_storage
+from tf_export_pipeline.errors import PipelineError
+from tf_export_pipeline.storage import open_storage
 
 
 class GateError(PipelineError):

@@ -30,9 +30,9 @@ import time
 import zipfile
 from typing import Any
 
-from pipeline.checkpoints import Checkpoint, crc32c_b64
-from pipeline.errors import CheckpointError, ConfigError, PipelineError
-from pipeline.storage import Entry, Storage
+from tf_export_pipeline.checkpoints import Checkpoint, crc32c_b64
+from tf_export_pipeline.errors import CheckpointError, ConfigError, PipelineError
+from tf_export_pipeline.storage import Entry, Storage
 
 SUFFIX = ".keras"
 DEFAULT_STEP_PATTERN = r"(\d+)"
@@ -126,7 +126,7 @@ def local_copy(store: Storage, ckpt: Checkpoint, scratch: str) -> str:
     """A local path of the .keras file; downloaded (checked against the server's crc32c) from object stores."""
     if store.is_local:
         return ckpt.prefix
-    from pipeline.storage import ChecksumMismatch
+    from tf_export_pipeline.storage import ChecksumMismatch
 
     remote = store.strip(ckpt.prefix)
     try:
@@ -146,14 +146,14 @@ def local_copy(store: Storage, ckpt: Checkpoint, scratch: str) -> str:
 
 
 class KerasFileExporter:
-    """The :class:`pipeline.export.Exporter` interface for ``.keras`` files: ``restore`` loads the file."""
+    """The :class:`tf_export_pipeline.export.Exporter` interface for ``.keras`` files: ``restore`` loads the file."""
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
         self._inner = None
 
     def restore(self, path: str) -> None:
-        from pipeline.export import Exporter
+        from tf_export_pipeline.export import Exporter
 
         problem = _archive_problem(path)
         if problem:

@@ -2,7 +2,7 @@
 
 Example::
 
-    from pipeline.predict import predict, format_outputs
+    from tf_export_pipeline.predict import predict, format_outputs
     name, outputs = predict("/srv/models/m/1732147200", inputs_file="batch.npz")
     print(format_outputs(outputs))        # as ``saved_model_cli run`` prints them
 
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import ConfigError, PipelineError
+from tf_export_pipeline.errors import ConfigError, PipelineError
 
 SERVING_KEY = "serving_default"
 
@@ -103,8 +103,8 @@ def _signature(loaded: Any, name: str, path: str) -> Any:
 def predict(path: str, *, inputs_file: str | None = None, examples_file: str | None = None,
             signature: str | None = None) -> tuple[str, dict[str, np.ndarray]]:
     """Run a signature of the local SavedModel at ``path``; returns (signature name, outputs)."""
-    from pipeline.examples import INPUT_NAME, read_spec, serialize_examples
-    from pipeline.export import import_tensorflow_quietly
+    from tf_export_pipeline.examples import INPUT_NAME, read_spec, serialize_examples
+    from tf_export_pipeline.export import import_tensorflow_quietly
 
     if not os.path.isfile(os.path.join(path, "saved_model.pb")):
         raise ConfigError(f"not a SavedModel directory (no saved_model.pb): {path}")
@@ -184,7 +184,7 @@ def resolve_target(target: str, cfg: Any, scratch: str) -> str:
     if target.isdigit() and (cfg is not None or not os.path.isdir(target)):
         if cfg is None:
             raise ConfigError(f"a version number needs --config to find the export base: {target}")
-        from pipeline.storage import open_storage
+        from tf_export_pipeline.storage import open_storage
 
         store = open_storage(cfg.export_base, cfg.storage_options)
         remote = store.join(store.root, target)

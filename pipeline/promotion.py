@@ -20,7 +20,7 @@ directory appears only when it is complete (on a flat object store: it holds
 
 Example::
 
-    from pipeline.promotion import choose_strategy
+    from tf_export_pipeline.promotion import choose_strategy
     strategy = choose_strategy(store, "auto")
     strategy.promote(store, "/srv/m/temp-1732147260-ab12", "/srv/m/1732147260")
 """
@@ -32,9 +32,9 @@ import os
 import time
 from typing import Protocol
 
-from pipeline import faults
-from pipeline.errors import PublishError
-from pipeline.storage import Entry, Storage, fsync_dir, fsync_tree
+from tf_export_pipeline import faults
+from tf_export_pipeline.errors import PublishError
+from tf_export_pipeline.storage import Entry, Storage, fsync_dir, fsync_tree
 
 log = logging.getLogger(__name__)
 

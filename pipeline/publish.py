@@ -2,8 +2,8 @@
 
 Example::
 
-    from pipeline.publish import Publisher
-    from pipeline.storage import open_storage
+    from tf_export_pipeline.publish import Publisher
+    from tf_export_pipeline.storage import open_storage
     pub = Publisher(open_storage("/srv/models/m"))
     print(pub.versions(), pub.live_version())
 
@@ -11,7 +11,7 @@ The export base holds, besides the integer version directories TF Serving loads:
 
     _exports/claims/<version>        create-only: who owns a version number
     _exports/ledger/<ledger-key>     create-only: checkpoint identity + config -> version
-    _exports/leases/<staging name>   renewed while staging is in use (see pipeline.staging)
+    _exports/leases/<staging name>   renewed while staging is in use (see tf_export_pipeline.staging)
 
 The order of a publish is: renew the staging lease, check staging against its
 file list, claim a number (and check the serving order against the other
@@ -34,12 +34,12 @@ import os
 import time
 from typing import Any
 
-from pipeline import __version__, faults
-from pipeline.checkpoints import Checkpoint
-from pipeline.errors import PipelineError, PublishError, ServingOrderError
-from pipeline.promotion import MARKER, PromotionStrategy, VersionExistsError, choose_strategy
-from pipeline.staging import EXPORTS_DIR, StagingGone, claim_lease_for_publish, drop_lease, staging_name, verify_staging
-from pipeline.storage import TEMP_MARK, Storage
+from tf_export_pipeline import __version__, faults
+from tf_export_pipeline.checkpoints import Checkpoint
+from tf_export_pipeline.errors import PipelineError, PublishError, ServingOrderError
+from tf_export_pipeline.promotion import MARKER, PromotionStrategy, VersionExistsError, choose_strategy
+from tf_export_pipeline.staging import EXPORTS_DIR, StagingGone, claim_lease_for_publish, drop_lease, staging_name, verify_staging
+from tf_export_pipeline.storage import TEMP_MARK, Storage
 
 MANIFEST = "assets.extra/export_manifest.json"
 STAGING_PREFIX = "temp-"
@@ -385,8 +385,8 @@ class Publisher:
         """Check staging, claim, manifest, check again, ledger, promote. Returns the run record.
 
         ``files`` is the file list made when staging was written
-        (:func:`pipeline.staging.file_list`); nothing that does not match it
-        is committed. Raises :class:`pipeline.staging.StagingGone` when
+        (:func:`tf_export_pipeline.staging.file_list`); nothing that does not match it
+        is committed. Raises :class:`tf_export_pipeline.staging.StagingGone` when
         staging is gone, incomplete or past its lease: nothing was published,
         and the next run exports the checkpoint again.
         """

@@ -2,7 +2,7 @@
 
 Example::
 
-    from pipeline.redaction import redact, register_options
+    from tf_export_pipeline.redaction import redact, register_options
     register_options({"token": {"type": "service_account", "private_key_id": "0a1b2c3d4e5f"},
                       "project": "my-project"})
     redact("refresh failed for key 0a1b2c3d4e5f in my-project")
@@ -14,9 +14,9 @@ Two kinds of redaction, both replacing with ``***``:
 
 Registered secrets
     Every string value, at any depth, of the ``storage_options`` of a loaded
-    config (:func:`pipeline.config.config_from_dict` registers them) and of
+    config (:func:`tf_export_pipeline.config.config_from_dict` registers them) and of
     the fields and extras of an Airflow connection turned into storage options
-    (``operators.connections``). Registration is process-wide and only grows:
+    (``tf_export_pipeline.operators.connections``). Registration is process-wide and only grows:
     a secret seen once stays redacted for the life of the process.
 
     What is not registered (values that name, not prove, who is calling; or

@@ -2,8 +2,8 @@
 
 Example::
 
-    from pipeline.retention import prune
-    from pipeline.storage import open_storage
+    from tf_export_pipeline.retention import prune
+    from tf_export_pipeline.storage import open_storage
     print(prune(open_storage("/srv/models/m"), keep=5, dry_run=True))
 
 Any number of prunes (``tf-export gc``, the prune after each run) may run at
@@ -19,10 +19,10 @@ import re
 import secrets
 import time
 
-from pipeline.promotion import MARKER
-from pipeline.publish import CLAIM_TTL_SECONDS, CLAIMS_DIR, EXPORTS_DIR, LEDGER_DIR, STAGING_PREFIX, Publisher
-from pipeline.staging import LEASES_DIR, last_renewed, lease_times, staging_name
-from pipeline.storage import TEMP_MARK, Storage
+from tf_export_pipeline.promotion import MARKER
+from tf_export_pipeline.publish import CLAIM_TTL_SECONDS, CLAIMS_DIR, EXPORTS_DIR, LEDGER_DIR, STAGING_PREFIX, Publisher
+from tf_export_pipeline.staging import LEASES_DIR, last_renewed, lease_times, staging_name
+from tf_export_pipeline.storage import TEMP_MARK, Storage
 
 _DELETING = re.compile(r"^temp-deleting-\d+-[0-9a-z]+$")
 # A create-only write's temporary name lives for milliseconds; one this old was left by a kill.

@@ -2,8 +2,8 @@
 
 Example::
 
-    from pipeline.config import load_config
-    from pipeline.runner import run_once
+    from tf_export_pipeline.config import load_config
+    from tf_export_pipeline.runner import run_once
     record = run_once(load_config("serving.yaml"))
     print(record["status"], record["version"])
 
@@ -23,15 +23,15 @@ import tempfile
 import time
 from typing import Any, Callable
 
-from pipeline import faults
-from pipeline.checkpoints import Checkpoint, being_written, discover_checkpoints, find_checkpoint
-from pipeline.config import Config
-from pipeline.errors import CheckpointError, ConfigError, ExportError, PipelineError
-from pipeline.publish import EXPORTS_DIR, STAGING_PREFIX, Publisher
-from pipeline.retention import prune
-from pipeline.staging import FILES_NAME, LeaseHeartbeat, StagingGone, drop_lease, file_list, staging_name
-from pipeline.storage import Storage, open_storage
-from pipeline.validate import require_ok, validate_saved_model
+from tf_export_pipeline import faults
+from tf_export_pipeline.checkpoints import Checkpoint, being_written, discover_checkpoints, find_checkpoint
+from tf_export_pipeline.config import Config
+from tf_export_pipeline.errors import CheckpointError, ConfigError, ExportError, PipelineError
+from tf_export_pipeline.publish import EXPORTS_DIR, STAGING_PREFIX, Publisher
+from tf_export_pipeline.retention import prune
+from tf_export_pipeline.staging import FILES_NAME, LeaseHeartbeat, StagingGone, drop_lease, file_list, staging_name
+from tf_export_pipeline.storage import Storage, open_storage
+from tf_export_pipeline.validate import require_ok, validate_saved_model
 
 _EXPORTERS: dict[tuple, Any] = {}
 
@@ -57,7 +57,7 @@ class Context:
         """The model's entry in TF Serving's model config file (None without a serving: section)."""
         if self.cfg.serving is None:
             return None
-        from pipeline.serving import ServingControl
+        from tf_export_pipeline.serving import ServingControl
 
         return ServingControl.from_config(self.cfg, self.base)
 
@@ -75,12 +75,12 @@ class Context:
 
     def exporter(self, ckpt: Checkpoint | None = None):
         if ckpt is not None and ckpt.kind == "keras":
-            from pipeline.keras_files import KerasFileExporter
+            from tf_export_pipeline.keras_files import KerasFileExporter
 
             return KerasFileExporter(self.cfg)  # each file carries its own model
         key = (self.cfg.model.factory, self.cfg.model.checkpoint_key, self.cfg.config_hash, self.cfg.config_dir)
         if key not in _EXPORTERS:
-            from pipeline.export import Exporter
+            from tf_export_pipeline.export import Exporter
 
             _EXPORTERS[key] = Exporter.from_config(self.cfg)
         return _EXPORTERS[key]
@@ -180,7 +180,7 @@ def _gate(ctx: Context, ckpt: Checkpoint) -> dict | None:
     gate = ctx.cfg.gate
     if gate is None:
         return None
-    from pipeline.gate import compare, read_metric
+    from tf_export_pipeline.gate import compare, read_metric
 
     value = read_metric(gate.source, gate.metric, step=ckpt.step, name=ckpt.name,
                         storage_options=ctx.cfg.storage_options)
@@ -197,7 +197,7 @@ def _sample_inputs(cfg: Config, exporter) -> dict:
     """The validation samples: ``validation.samples`` if given, else generated from the TensorSpecs."""
     import numpy as np
 
-    from pipeline.export import sample_inputs
+    from tf_export_pipeline.export import sample_inputs
 
     specs = exporter.serving.input_specs()
     if not cfg.validation.samples:
@@ -248,7 +248,7 @@ def stage_export(cfg: Config, checkpoint: str | dict | None = None, force: bool 
         status = "published" if done["state"] == "rolled_forward" else "skipped"
         return _record(status, ckpt, done["version"], done["path"], ledger_key=key)
 
-    from pipeline.gate import GateError
+    from tf_export_pipeline.gate import GateError
 
     try:
         gate = _gate(ctx, ckpt)
@@ -294,7 +294,7 @@ def _export_into(ctx: Context, cfg: Config, ckpt: Checkpoint, exporter, staging:
     local_model = staging if ctx.base.is_local else os.path.join(scratch, "saved_model")
     exporter.write(local_model)
     if cfg.validation.warmup:
-        from pipeline.warmup import write_warmup
+        from tf_export_pipeline.warmup import write_warmup
 
         write_warmup(os.path.join(local_model, "assets.extra"), inputs)
     local_work = work if ctx.base.is_local else os.path.join(scratch, "work")
@@ -319,12 +319,12 @@ def _local_checkpoint(store: Storage, ckpt: Checkpoint, scratch: str) -> str:
     since its crc32c is part of the checkpoint's identity in the ledger.
     """
     if ckpt.kind == "keras":
-        from pipeline.keras_files import local_copy
+        from tf_export_pipeline.keras_files import local_copy
 
         return local_copy(store, ckpt, scratch)
     if store.is_local:
         return ckpt.prefix
-    from pipeline.storage import ChecksumMismatch
+    from tf_export_pipeline.storage import ChecksumMismatch
 
     remote_prefix = store.strip(ckpt.prefix)
     directory = remote_prefix.rsplit("/", 1)[0]
@@ -367,7 +367,7 @@ def _strip(store: Storage, url: str) -> str:
 def stage_validate(cfg: Config, staged: dict, session=None) -> dict:
     """Validate the staged SavedModel in a fresh process; on failure remove staging and raise.
 
-    ``session`` (a :class:`pipeline.validate.ValidationSession`) lets a backfill
+    ``session`` (a :class:`tf_export_pipeline.validate.ValidationSession`) lets a backfill
     use one validation process for many versions.
     """
     if staged.get("status") != "staged":
@@ -413,9 +413,9 @@ def stage_validate(cfg: Config, staged: dict, session=None) -> dict:
 
 def _check_signatures(ctx: Context, report: dict) -> None:
     """The contract and the breaking-change diff against the live version, added to ``report``."""
-    from pipeline.contract import load_contract
-    from pipeline.validate import apply_signature_checks
-    from pipeline.validate_worker import signatures_from_bytes
+    from tf_export_pipeline.contract import load_contract
+    from tf_export_pipeline.validate import apply_signature_checks
+    from tf_export_pipeline.validate_worker import signatures_from_bytes
 
     contract = load_contract(ctx.cfg.validation.contract) if ctx.cfg.validation.contract else None
     live = ctx.reference_version()
@@ -463,7 +463,7 @@ def stage_publish(cfg: Config, validated: dict, versioning: str | None = None, a
         )
     except BaseException:
         # Staging that made it into the ledger is finished by the next run; any other is garbage.
-        from pipeline.publish import UNKNOWN
+        from tf_export_pipeline.publish import UNKNOWN
 
         if ctx.publisher.committed_staging(validated["ledger_key"]) not in (staging, UNKNOWN):
             _discard(ctx.base, staging, work)
@@ -578,7 +578,7 @@ def backfill(cfg: Config, from_step: int | None = None, to_step: int | None = No
 
     The model is built and traced once per worker process; each checkpoint then
     costs a restore, a write of the variables (see
-    :mod:`pipeline.savedmodel_writer`) and a load in a shared validation process.
+    :mod:`tf_export_pipeline.savedmodel_writer`) and a load in a shared validation process.
     ``jobs`` > 1 exports and validates in that many worker processes, each with
     its own model; versions are still published one by one in checkpoint order.
 
@@ -610,8 +610,8 @@ def backfill(cfg: Config, from_step: int | None = None, to_step: int | None = No
         from collections import deque
         from concurrent.futures import Future, ThreadPoolExecutor
 
-        from pipeline.export import import_tensorflow_quietly
-        from pipeline.validate import ValidationSession
+        from tf_export_pipeline.export import import_tensorflow_quietly
+        from tf_export_pipeline.validate import ValidationSession
 
         # The validation process starts first so that its TensorFlow import
         # overlaps this one's; then checkpoint i+1 is exported while version i
@@ -671,8 +671,8 @@ _WORKER_SESSION = None
 def _worker_init() -> None:
     import atexit
 
-    from pipeline.export import import_tensorflow_quietly
-    from pipeline.validate import ValidationSession
+    from tf_export_pipeline.export import import_tensorflow_quietly
+    from tf_export_pipeline.validate import ValidationSession
 
     global _WORKER_SESSION
     _WORKER_SESSION = ValidationSession().start()

@@ -2,8 +2,8 @@
 
 Example::
 
-    from pipeline.config import load_config
-    from pipeline.serving import ServingControl
+    from tf_export_pipeline.config import load_config
+    from tf_export_pipeline.serving import ServingControl
     control = ServingControl.from_config(load_config("serving.yaml"))
     control.promote(1732147200, label="stable", now=True)
     print(control.view()["labels"])      # {'stable': 1732147200, 'canary': ...}
@@ -42,8 +42,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from pipeline.errors import ConfigError, PipelineError
-from pipeline.storage import Storage, open_storage
+from tf_export_pipeline.errors import ConfigError, PipelineError
+from tf_export_pipeline.storage import Storage, open_storage
 
 STABLE, CANARY = "stable", "canary"
 LABEL_PATTERN = re.compile(r"^[a-zA-Z0-9_]+$")
@@ -238,7 +238,7 @@ class ServingControl:
 
     def view(self) -> dict:
         """The entry, and the checkpoint each labelled or listed version came from."""
-        from pipeline.publish import Publisher
+        from tf_export_pipeline.publish import Publisher
 
         state = self.current()
         pub = Publisher(self.base)
@@ -346,7 +346,7 @@ class ServingControl:
                               f"{self.cfg.source or self.file.url}")
 
     def _require_whole(self, version: int) -> None:
-        from pipeline.publish import Publisher
+        from tf_export_pipeline.publish import Publisher
 
         pub = Publisher(self.base)
         if not self._is_whole(pub, version):
@@ -355,7 +355,7 @@ class ServingControl:
 
     def _is_whole(self, pub, version: int) -> bool:
         """A published version: whole, with its saved_model.pb and its manifest."""
-        from pipeline.promotion import MARKER
+        from tf_export_pipeline.promotion import MARKER
 
         final = pub.version_path(version)
         # is_whole trusts a local directory (a rename made it whole); a directory made by hand is not

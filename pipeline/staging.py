@@ -2,8 +2,8 @@
 
 Example::
 
-    from pipeline.staging import file_list, verify_staging
-    from pipeline.storage import open_storage
+    from tf_export_pipeline.staging import file_list, verify_staging
+    from tf_export_pipeline.storage import open_storage
     store = open_storage("/srv/models/m")
     files = file_list("/srv/models/m/temp-1732147260-ab12")
     verify_staging(store, "/srv/models/m/temp-1732147260-ab12", files)
@@ -29,8 +29,8 @@ import threading
 import time
 from typing import Any
 
-from pipeline.errors import PipelineError, PublishError
-from pipeline.storage import Storage, crc32c_of_file
+from tf_export_pipeline.errors import PipelineError, PublishError
+from tf_export_pipeline.storage import Storage, crc32c_of_file
 
 EXPORTS_DIR = "_exports"
 LEASES_DIR = "leases"

@@ -2,7 +2,7 @@
 
 Example::
 
-    from pipeline.storage import open_storage
+    from tf_export_pipeline.storage import open_storage
     store = open_storage("/srv/models/my_model")
     store.create_only(store.join(store.root, "_exports", "claims", "17"), b"owner")
 
@@ -52,7 +52,7 @@ from urllib.parse import urlsplit
 
 import fsspec
 
-from pipeline.errors import PipelineError
+from tf_export_pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 # gcsfs logs every exhausted retry with a traceback; with no logging set up,

@@ -1,4 +1,4 @@
-"""Entry point of the fresh validation process: ``python -m pipeline.validate_worker DIR --report FILE``.
+"""Entry point of the fresh validation process: ``python -m tf_export_pipeline.validate_worker DIR --report FILE``.
 
 It loads the SavedModel from disk with nothing of the exporting process in
 memory, checks the serving signature, runs a smoke inference and writes a JSON
@@ -95,7 +95,7 @@ def run(path: str, samples: str | None, expected: str | None, rtol: float, atol:
                       f"(method {serving['method']!r}, {len(serving['inputs'])} inputs, {len(serving['outputs'])} outputs)"):
         return done()
 
-    from pipeline.export import import_tensorflow_quietly
+    from tf_export_pipeline.export import import_tensorflow_quietly
 
     tf = import_tensorflow_quietly()
     try:
@@ -112,7 +112,7 @@ def run(path: str, samples: str | None, expected: str | None, rtol: float, atol:
         with np.load(samples, allow_pickle=False) as data:
             inputs = {k: data[k] for k in data.files}
     else:
-        from pipeline.export import sample_inputs
+        from tf_export_pipeline.export import sample_inputs
 
         inputs = sample_inputs([kw_specs[k] for k in sorted(kw_specs)])
     missing = sorted(set(kw_specs) - set(inputs))
@@ -131,7 +131,7 @@ def run(path: str, samples: str | None, expected: str | None, rtol: float, atol:
     warmup = os.path.join(path, "assets.extra", "tf_serving_warmup_requests")
     if os.path.exists(warmup):
         try:
-            from pipeline.warmup import read_warmup
+            from tf_export_pipeline.warmup import read_warmup
 
             logs = read_warmup(warmup)
             bad = [i for i, log in enumerate(logs)
@@ -161,7 +161,7 @@ def run(path: str, samples: str | None, expected: str | None, rtol: float, atol:
                                 f" (rtol={rtol}, atol={atol})")
         report["parity_max_abs_diff"] = worst
         checks.add("parity_with_checkpoint", not problems, "; ".join(problems))
-    from pipeline.examples import check_example_signature
+    from tf_export_pipeline.examples import check_example_signature
 
     # A tf.Example-parsing signature must give serving_default's outputs for the same samples.
     check_example_signature(loaded, path, inputs, outputs, checks.add, rtol, atol)
@@ -184,7 +184,7 @@ def serve() -> int:
     nothing of the exporting process in memory, and pays for Python and the
     TensorFlow import once.
     """
-    from pipeline.export import import_tensorflow_quietly
+    from tf_export_pipeline.export import import_tensorflow_quietly
 
     import_tensorflow_quietly()
     out = sys.stdout
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rtol", type=float, default=1e-5)
     parser.add_argument("--atol", type=float, default=1e-6)
     args = parser.parse_args(argv)
-    from pipeline.export import import_tensorflow_quietly
+    from tf_export_pipeline.export import import_tensorflow_quietly
 
     import_tensorflow_quietly()
     report = _run_safely(args.saved_model, args.samples, args.expected, args.rtol, args.atol)

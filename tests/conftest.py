@@ -40,7 +40,7 @@ def cli_env(extra: dict | None = None) -> dict:
 
 
 def cli_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline", *args]
+    return [sys.executable, "-m", "tf_export_pipeline", *args]
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300, cwd: str | None = None) -> CliResult:
@@ -52,7 +52,7 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300, cwd: str 
 @pytest.fixture(scope="session")
 def trained_dir(tmp_path_factory) -> Path:
     """ckpt-10, ckpt-20, ckpt-30 of the demo model, trained once per session."""
-    from pipeline.demo import train
+    from tf_export_pipeline.demo import train
 
     d = tmp_path_factory.mktemp("trained") / "train"
     train(str(d), steps=30, checkpoint_every=10)
@@ -79,13 +79,13 @@ class Workspace:
         return sorted(p.name for p in self.base.iterdir()) if self.base.exists() else []
 
     def train_more(self, steps: int = 10) -> list[str]:
-        from pipeline.demo import train
+        from tf_export_pipeline.demo import train
 
         return train(str(self.train), steps=steps, checkpoint_every=10)
 
 
 def make_workspace(root: Path, trained_dir: Path, **overrides) -> Workspace:
-    from pipeline.demo import write_config
+    from tf_export_pipeline.demo import write_config
 
     train = root / "train"
     shutil.copytree(trained_dir, train)

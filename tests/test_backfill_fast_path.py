@@ -35,8 +35,8 @@ def _inspect(path, x_file):
 def test_fast_writes_equal_full_saves(tmp_path, trained_dir):
     import tensorflow as tf
 
-    from pipeline.demo import build
-    from pipeline.export import Exporter
+    from tf_export_pipeline.demo import build
+    from tf_export_pipeline.export import Exporter
 
     exporter = Exporter(build())
     modes = []
@@ -62,14 +62,14 @@ def test_fast_writes_equal_full_saves(tmp_path, trained_dir):
             if step == 30 else None
     assert len({g["checkpoint_hash"] for g in seen.values()}) == 3  # each version's own variables
     assert len({g["saved_model_checksum"] for g in seen.values()}) == 1  # one graph
-    from pipeline.validate import signatures_of
+    from tf_export_pipeline.validate import signatures_of
 
     assert signatures_of(str(tmp_path / "fast-30")) == signatures_of(str(tmp_path / "full-30"))
 
 
 def test_saved_model_cli_runs_a_fast_written_version(tmp_path, trained_dir):
-    from pipeline.demo import build
-    from pipeline.export import Exporter
+    from tf_export_pipeline.demo import build
+    from tf_export_pipeline.export import Exporter
 
     exporter = Exporter(build())
     for step in (10, 20):
@@ -108,9 +108,9 @@ def test_parallel_backfill_publishes_in_checkpoint_order_exactly_once(tmp_path, 
 
 
 def test_one_validation_process_still_checks_each_version_on_its_own(tmp_path, trained_dir):
-    from pipeline.demo import build
-    from pipeline.export import Exporter
-    from pipeline.validate import ValidationSession
+    from tf_export_pipeline.demo import build
+    from tf_export_pipeline.export import Exporter
+    from tf_export_pipeline.validate import ValidationSession
 
     exporter = Exporter(build())
     for step in (10, 20):
@@ -131,8 +131,8 @@ def test_one_validation_process_still_checks_each_version_on_its_own(tmp_path, t
 def test_each_variable_is_stored_once(tmp_path, trained_dir):
     import tensorflow as tf
 
-    from pipeline.demo import build
-    from pipeline.export import Exporter
+    from tf_export_pipeline.demo import build
+    from tf_export_pipeline.export import Exporter
 
     exporter = Exporter(build())
     for step in (10, 20):  # a full save, then a fast one

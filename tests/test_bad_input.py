@@ -80,7 +80,7 @@ def test_missing_index_of_a_listed_checkpoint(live):
 
 
 def test_checkpoint_of_a_different_model(tmp_path, trained_dir):
-    from pipeline.demo import build_wide, train
+    from tf_export_pipeline.demo import build_wide, train
 
     ws = make_workspace(tmp_path, trained_dir)
     assert ws.cli("run").rc == 0
@@ -124,7 +124,7 @@ def test_factory_raises(tmp_path, trained_dir):
 
 def test_factory_from_the_config_folder_is_importable(tmp_path, trained_dir):
     ws = make_workspace(tmp_path, trained_dir, model={"factory": "my_model:build"})
-    (tmp_path / "my_model.py").write_text("from pipeline.demo import build\n")
+    (tmp_path / "my_model.py").write_text("from tf_export_pipeline.demo import build\n")
     res = ws.cli("run", "--json")
     assert res.rc == 0, res.err
     assert res.json["status"] == "published"

@@ -49,7 +49,7 @@ def _config_dir_files(host_dir: Path) -> list[Path]:
 
 
 def _check_config(path: Path, connections: set[str]):
-    from pipeline.config import load_config
+    from tf_export_pipeline.config import load_config
 
     cfg = load_config(str(path))
     module, _, attr = cfg.model.factory.partition(":")

@@ -56,7 +56,7 @@ def test_manifest_records_provenance(workspace):
     assert ck["path"] == rec["checkpoint"] and ck["step"] == 30
     index = (workspace.train / "ckpt-30.index")
     assert ck["index_size"] == index.stat().st_size
-    from pipeline.checkpoints import crc32c_b64
+    from tf_export_pipeline.checkpoints import crc32c_b64
 
     assert ck["index_crc32c"] == crc32c_b64(index.read_bytes())
     assert manifest["validation"]["ok"] is True
@@ -92,7 +92,7 @@ def test_published_version_loads_in_fresh_process_and_matches_checkpoint(workspa
 
     import tensorflow as tf
 
-    from pipeline.demo import build
+    from tf_export_pipeline.demo import build
 
     model = build()
     tf.train.Checkpoint(model=model).read(str(workspace.train / "ckpt-30")).assert_existing_objects_matched()

@@ -38,7 +38,7 @@ ENDPOINTS_FACTORY = '''
 import keras
 import tensorflow as tf
 
-from pipeline.endpoints import Endpoints
+from tf_export_pipeline.endpoints import Endpoints
 
 
 def model():
@@ -129,9 +129,9 @@ def test_keras_export_archive_and_unnamed_outputs_in_process():
     import keras
     import tensorflow as tf
 
-    from pipeline.demo import build
-    from pipeline.errors import ConfigError
-    from pipeline.export import Exporter
+    from tf_export_pipeline.demo import build
+    from tf_export_pipeline.errors import ConfigError
+    from tf_export_pipeline.export import Exporter
 
     model = build()
     archive = keras.export.ExportArchive()
@@ -144,7 +144,7 @@ def test_keras_export_archive_and_unnamed_outputs_in_process():
     assert list(sigs["serve"].structured_outputs) == ["score"]
     assert list(sigs["doubled"].structured_outputs) == ["twice"]
 
-    from pipeline.endpoints import Endpoints
+    from tf_export_pipeline.endpoints import Endpoints
 
     loose = Endpoints(model)
     loose.add_endpoint("pair", lambda x: (model(x), model(x)), [tf.TensorSpec([None, 4], tf.float32)])
@@ -196,7 +196,7 @@ def test_predict_on_published_version_with_arrays_and_with_examples(published, t
 
     import tensorflow as tf
 
-    from pipeline.demo import build
+    from tf_export_pipeline.demo import build
 
     model = build()
     tf.train.Checkpoint(model=model).read(str(ws.train / "ckpt-30")).expect_partial()
@@ -237,10 +237,10 @@ def test_feature_spec_that_does_not_match_the_model_fails_and_publishes_nothing(
 
 
 def test_feature_spec_dtype_and_shape_mismatch_in_process():
-    from pipeline.config import ExampleSignatureConfig
-    from pipeline.demo import build
-    from pipeline.errors import ConfigError
-    from pipeline.export import Exporter
+    from tf_export_pipeline.config import ExampleSignatureConfig
+    from tf_export_pipeline.demo import build
+    from tf_export_pipeline.errors import ConfigError
+    from tf_export_pipeline.export import Exporter
 
     def spec(**feature):
         return ExampleSignatureConfig.model_validate({"features": {"features": feature}})
@@ -260,7 +260,7 @@ def keras_train(tmp_path_factory) -> Path:
     """model-1.keras .. model-3.keras written by ModelCheckpoint over three epochs."""
     import keras
 
-    from pipeline.demo import build
+    from tf_export_pipeline.demo import build
 
     d = tmp_path_factory.mktemp("keras") / "train"
     d.mkdir()
@@ -339,10 +339,10 @@ def test_bad_keras_file_fails_with_one_line_and_publishes_nothing(tmp_path, kera
 def test_keras_discovery_rules(tmp_path, keras_train):
     import shutil
 
-    from pipeline.checkpoints import discover_checkpoints
-    from pipeline.config import config_from_dict
-    from pipeline.errors import ConfigError
-    from pipeline.storage import open_storage
+    from tf_export_pipeline.checkpoints import discover_checkpoints
+    from tf_export_pipeline.config import config_from_dict
+    from tf_export_pipeline.errors import ConfigError
+    from tf_export_pipeline.storage import open_storage
 
     train = tmp_path / "train"
     shutil.copytree(keras_train, train)

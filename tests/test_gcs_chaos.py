@@ -49,11 +49,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.checkpoints import Checkpoint
-from pipeline.errors import PipelineError
-from pipeline.publish import MANIFEST, Publisher
-from pipeline.staging import file_list
-from pipeline.storage import open_storage
+from tf_export_pipeline.checkpoints import Checkpoint
+from tf_export_pipeline.errors import PipelineError
+from tf_export_pipeline.publish import MANIFEST, Publisher
+from tf_export_pipeline.staging import file_list
+from tf_export_pipeline.storage import open_storage
 from tests.conftest import cli_cmd, cli_env, run_cli
 from tests.support.fault_proxy import DROP, DROP_AFTER, FAIL_503, FaultProxy
 from tests.support.gcs_fixtures import GcsBucket
@@ -265,7 +265,7 @@ def test_kills_at_random_instants_converge_to_each_checkpoint_once(tmp_path, tra
     through a proxy that injects no fault but holds each write of a publish (claims, ledger entry,
     server-side copies, deletes) for PUBLISH_DELAY s, as a slow network would: the publish then
     lasts long enough for kills to land between the claim, the commit and the last object moved."""
-    from pipeline.demo import write_config
+    from tf_export_pipeline.demo import write_config
 
     rng = random.Random(SEED)
     ws = make_gcs_workspace(tmp_path, trained_dir, gcs_bucket, retention={"keep": 100})
@@ -338,8 +338,8 @@ def test_kills_at_random_instants_converge_to_each_checkpoint_once(tmp_path, tra
     backfill, run = converge
     assert backfill.rc == 0 and all(r["status"] == "published" for r in backfill.json), figures
     assert run.rc == 0 and run.json["status"] in ("published", "skipped") and run.json["step"] == newest, figures
-    from pipeline.config import load_config
-    from pipeline.runner import list_pending
+    from tf_export_pipeline.config import load_config
+    from tf_export_pipeline.runner import list_pending
 
     direct_config = write_config(str(tmp_path), name="direct.yaml", training_dir=gcs_bucket.url("train"),
                                  export_base=gcs_bucket.url(BASE), storage_options=gcs_bucket.storage_options,
@@ -575,7 +575,7 @@ def test_publishes_under_every_kind_of_fault_fail_cleanly_and_converge(
 def test_cli_runs_through_faults_fail_in_one_line_and_converge(tmp_path, trained_dir, gcs_server, gcs_bucket):
     """The real ``tf-export`` through the fault proxy: discovery, checkpoint download, staging upload,
     validation download and publish all see the faults; gcsfs's own back-off applies."""
-    from pipeline.demo import write_config
+    from tf_export_pipeline.demo import write_config
 
     ws = make_gcs_workspace(tmp_path, trained_dir, gcs_bucket, retention={"keep": 100})
     proxy = FaultProxy(gcs_server.url, seed=SEED + 2, lifetime=400, max_requests=10**6, **FAULT_RATES)
@@ -727,8 +727,8 @@ def test_run_whose_ledger_entry_landed_unseen_keeps_its_claim_and_recovers(
         gcs_server, gcs_bucket, fast_gcs_retries, trained_dir, tmp_path):
     """The same lost commit through the runner (in process, so that gcsfs's back-off is short):
     the claim of the committed version stays, and the next run publishes the checkpoint, once."""
-    from pipeline.config import config_from_dict
-    from pipeline.runner import export_one
+    from tf_export_pipeline.config import config_from_dict
+    from tf_export_pipeline.runner import export_one
     from tests.test_gcs_end_to_end import upload_tree
 
     upload_tree(gcs_bucket, trained_dir, "train")
@@ -751,7 +751,7 @@ def test_run_whose_ledger_entry_landed_unseen_keeps_its_claim_and_recovers(
     try:
         via = gcs_bucket.via(proxy)
         cfg = config_from_dict({"training_dir": via.url("train"), "export_base": via.url(BASE),
-                                "model": {"factory": "pipeline.demo:build"}, "storage_options": via.storage_options,
+                                "model": {"factory": "tf_export_pipeline.demo:build"}, "storage_options": via.storage_options,
                                 "retention": {"keep": 100}}, str(tmp_path))
         with pytest.raises(PipelineError) as failed:
             export_one(cfg)

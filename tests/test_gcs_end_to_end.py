@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.checkpoints import Checkpoint, crc32c_b64, discover_checkpoints
-from pipeline.config import config_from_dict
-from pipeline.errors import CheckpointError, PipelineError
-from pipeline.publish import Publisher
-from pipeline.staging import file_list
-from pipeline.storage import open_storage
+from tf_export_pipeline.checkpoints import Checkpoint, crc32c_b64, discover_checkpoints
+from tf_export_pipeline.config import config_from_dict
+from tf_export_pipeline.errors import CheckpointError, PipelineError
+from tf_export_pipeline.publish import Publisher
+from tf_export_pipeline.staging import file_list
+from tf_export_pipeline.storage import open_storage
 from tests.conftest import CliResult, cli_cmd, cli_env, run_cli
 from tests.support.gcs_fixtures import (  # noqa: F401  (fixtures)
     GcsBucket,
@@ -149,7 +149,7 @@ class GcsWorkspace:
 
     def train_more(self, steps: int = 10) -> None:
         """The training job writes a newer checkpoint into the bucket: data, index, then state file."""
-        from pipeline.demo import train
+        from tf_export_pipeline.demo import train
 
         before = {p.name: p.stat().st_mtime_ns for p in self.local_train.iterdir()}
         train(str(self.local_train), steps=steps, checkpoint_every=10)
@@ -161,7 +161,7 @@ class GcsWorkspace:
 def make_gcs_workspace(root: Path, trained_dir: Path, bucket: GcsBucket, **overrides) -> GcsWorkspace:
     import shutil
 
-    from pipeline.demo import write_config
+    from tf_export_pipeline.demo import write_config
 
     local_train = root / "train-mirror"
     shutil.copytree(trained_dir, local_train)
@@ -228,7 +228,7 @@ def test_gcs_publish_skip_backfill_newer_prune_gc(tmp_path, trained_dir, gcs_buc
     # what TF Serving would load is the model restored from the checkpoint
     import tensorflow as tf
 
-    from pipeline.demo import build
+    from tf_export_pipeline.demo import build
 
     local = tmp_path / "downloaded"
     ws.bucket.fs().get(ws.bucket.path(BASE, str(v30)) + "/", str(local) + "/", recursive=True)
@@ -331,7 +331,7 @@ def test_watcher_never_sees_a_partial_version_while_objects_move(gcs_bucket, gcs
             fs.rm_file(entry.path)
     assert seed_watch.violations(), "the watcher should catch saved_model.pb before variables/"
 
-    from pipeline.promotion import ObjectMove, choose_strategy
+    from tf_export_pipeline.promotion import ObjectMove, choose_strategy
 
     strategy = choose_strategy(store, "auto")
     assert isinstance(strategy, ObjectMove)
@@ -495,12 +495,12 @@ def test_publishes_under_faults_succeed_or_fail_cleanly(gcs_bucket, gcs_fault_pr
 
 def test_whole_pipeline_from_gs_under_faults(trained_dir, gcs_bucket, gcs_fault_proxy, fast_gcs_retries, tmp_path):
     """Checkpoint download, upload, validation download and publish, in process, with faults."""
-    from pipeline.runner import export_one
+    from tf_export_pipeline.runner import export_one
 
     upload_tree(gcs_bucket, trained_dir, "train")
     via = gcs_bucket.via(gcs_fault_proxy)
     cfg = config_from_dict({"training_dir": via.url("train"), "export_base": via.url(BASE),
-                            "model": {"factory": "pipeline.demo:build"}, "storage_options": via.storage_options},
+                            "model": {"factory": "tf_export_pipeline.demo:build"}, "storage_options": via.storage_options},
                            str(tmp_path))
     gcs_fault_proxy.configure(fail_rate=0.1, drop_rate=0.05, drop_after_rate=0.05, seed=21)
     rec = export_one(cfg)
@@ -555,7 +555,7 @@ def test_discovery_costs_a_fixed_number_of_requests(gcs_bucket, gcs_fault_proxy)
 
 
 def test_restore_copy_is_checked_against_the_discovered_index(gcs_bucket, trained_dir, tmp_path):
-    from pipeline.runner import _local_checkpoint
+    from tf_export_pipeline.runner import _local_checkpoint
 
     upload_tree(gcs_bucket, trained_dir, "train")
     store = open_storage(gcs_bucket.url("train"), gcs_bucket.storage_options)
@@ -582,7 +582,7 @@ def one_line_error(res: CliResult) -> str:
 
 
 def test_permanent_errors_are_one_clear_line(gcs_bucket, gcs_fault_proxy, tmp_path):
-    from pipeline.demo import write_config
+    from tf_export_pipeline.demo import write_config
 
     missing = f"missing-{uuid.uuid4().hex[:10]}"
     gcs_bucket.fs().pipe_file(gcs_bucket.path("train", "ckpt-1.index"), b"i")

@@ -211,7 +211,7 @@ def test_the_same_checkpoint_through_another_path_spelling_is_not_published_twic
     first = workspace.cli("run", "--json").json
     link = tmp_path / "mounted-elsewhere"
     link.symlink_to(workspace.train)
-    from pipeline.demo import write_config
+    from tf_export_pipeline.demo import write_config
 
     for name, training_dir in (("via-link.yaml", str(link)), ("slash.yaml", str(workspace.train) + "/"),
                                ("relative.yaml", "./train")):
@@ -227,8 +227,8 @@ def test_the_same_checkpoint_through_another_path_spelling_is_not_published_twic
 
 # create-only writes ----------------------------------------------------------------------------------
 def test_create_only_refuses_backends_without_an_atomic_create(tmp_path):
-    from pipeline.errors import PipelineError
-    from pipeline.storage import open_storage
+    from tf_export_pipeline.errors import PipelineError
+    from tf_export_pipeline.storage import open_storage
 
     store = open_storage("memory://tf-export-test/base")
     with pytest.raises(PipelineError, match="no atomic create-only write"):
@@ -236,7 +236,7 @@ def test_create_only_refuses_backends_without_an_atomic_create(tmp_path):
 
 
 def test_create_only_leaves_nothing_torn_when_the_write_fails(tmp_path, monkeypatch):
-    from pipeline.storage import open_storage
+    from tf_export_pipeline.storage import open_storage
 
     store = open_storage(str(tmp_path))
     target = tmp_path / "_exports" / "ledger" / "k"

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import time
 
-from pipeline.publish import Publisher, _meta
-from pipeline.retention import prune
-from pipeline.storage import open_storage
+from tf_export_pipeline.publish import Publisher, _meta
+from tf_export_pipeline.retention import prune
+from tf_export_pipeline.storage import open_storage
 from tests.support.gcs_fixtures import gcs_bucket, gcs_fault_proxy, gcs_server  # noqa: F401  (fixtures)
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import redaction
-from pipeline.demo import write_config
+from tf_export_pipeline import redaction
+from tf_export_pipeline.demo import write_config
 from tests.conftest import one_line_error, run_cli
 
 pytestmark = pytest.mark.timeout(120)
@@ -146,7 +146,7 @@ def test_logging_filter_redacts_messages_args_and_tracebacks(fresh_redactor):
 def test_scrubbed_error_keeps_its_class_and_meaning_without_the_secret(fresh_redactor):
     import traceback
 
-    from pipeline.errors import PipelineError
+    from tf_export_pipeline.errors import PipelineError
 
     token = secret("token")
     redaction.register(token)
@@ -167,8 +167,8 @@ def test_scrubbed_error_keeps_its_class_and_meaning_without_the_secret(fresh_red
 
 # -- the config: a string token must be a file or a keyword ------------------------------------------
 def test_config_rejects_a_raw_token_without_echoing_it(tmp_path):
-    from pipeline.config import load_config
-    from pipeline.errors import ConfigError
+    from tf_export_pipeline.config import load_config
+    from tf_export_pipeline.errors import ConfigError
 
     token = secret("ya29")
     path = write_config(str(tmp_path), export_base="gs://bucket/x", storage_options={"token": token})
@@ -239,7 +239,7 @@ def test_cli_redacts_errors_tracebacks_and_output_of_any_command(tmp_path, monke
     """
     from google.auth.exceptions import TransportError
 
-    from pipeline import cli
+    from tf_export_pipeline import cli
 
     header = secret("header")
     config = write_config(str(tmp_path), export_base="gs://bucket/x",

@@ -139,7 +139,7 @@ def published(tmp_path_factory, trained_dir) -> Workspace:
 
 def copy_of(published: Workspace, tmp_path: Path, **overrides) -> Workspace:
     """A copy of the published workspace with its config rewritten (paths in it are relative)."""
-    from pipeline.demo import write_config
+    from tf_export_pipeline.demo import write_config
 
     root = tmp_path / "ws"
     shutil.copytree(published.root, root)
@@ -352,8 +352,8 @@ def test_file_that_does_not_parse_is_reported_and_left_alone(tmp_path, published
 
 def test_publish_whose_label_cannot_be_written_reports_it(tmp_path, published):
     """The version is published whatever happens to its label: the error is in the record, not raised."""
-    from pipeline.config import load_config
-    from pipeline.runner import export_and_validate, public, stage_publish
+    from tf_export_pipeline.config import load_config
+    from tf_export_pipeline.runner import export_and_validate, public, stage_publish
 
     ws = copy_of(published, tmp_path, serving=SERVING)
     cfg = load_config(str(ws.config))
@@ -377,8 +377,8 @@ def test_retention_keeps_labelled_listed_and_rollback_versions(tmp_path, publish
     assert ws.cli("promote", "20", "--now").rc == 0            # stable 20; rollback goes to 10
     assert ws.cli("promote", "5", "--label", "canary", "--now").rc == 0
     # a promotion between its two writes: 35 listed, not yet labelled
-    from pipeline.config import load_config
-    from pipeline.serving import ServingControl
+    from tf_export_pipeline.config import load_config
+    from tf_export_pipeline.serving import ServingControl
 
     control = ServingControl.from_config(load_config(str(ws.config)))
     control._write(lambda s: (sorted(set(s.listed) | {35}), s.labels), "promote", phase="list")
@@ -404,8 +404,8 @@ def test_retention_keeps_labelled_listed_and_rollback_versions(tmp_path, publish
 # -- 5. two promotions racing ----------------------------------------------------------------
 RACER = textwrap.dedent('''
     import json, sys, time
-    from pipeline.config import load_config
-    from pipeline.serving import ConcurrentChange, ModelConfigFile, ServingControl
+    from tf_export_pipeline.config import load_config
+    from tf_export_pipeline.serving import ConcurrentChange, ModelConfigFile, ServingControl
 
     conflicts = 0
     write = ModelConfigFile.write
@@ -474,9 +474,9 @@ def _check_race(done: dict[str, list[int]], final: bytes, records: list[dict], f
 
 
 def test_two_promotions_racing_lose_no_update_on_local_disk(tmp_path):
-    from pipeline.config import load_config
-    from pipeline.demo import write_config
-    from pipeline.serving import ServingControl
+    from tf_export_pipeline.config import load_config
+    from tf_export_pipeline.demo import write_config
+    from tf_export_pipeline.serving import ServingControl
 
     config = Path(write_config(str(tmp_path), serving=SERVING))
     base = tmp_path / "serving" / "demo_regressor"
@@ -493,7 +493,7 @@ BASE = "serving/demo_regressor"
 
 
 def _gcs_config(root: Path, bucket: GcsBucket, **serving) -> Path:
-    from pipeline.demo import write_config
+    from tf_export_pipeline.demo import write_config
 
     return Path(write_config(str(root), training_dir=bucket.url("train"), export_base=bucket.url(BASE),
                              storage_options=bucket.storage_options,
@@ -543,8 +543,8 @@ def versioned_bucket(gcs_server):
 
 
 def test_two_promotions_racing_lose_no_update_on_gcs(tmp_path, versioned_bucket):
-    from pipeline.config import load_config
-    from pipeline.serving import ServingControl
+    from tf_export_pipeline.config import load_config
+    from tf_export_pipeline.serving import ServingControl
 
     bucket = versioned_bucket
     config = _gcs_config(tmp_path, bucket)
@@ -559,8 +559,8 @@ def test_two_promotions_racing_lose_no_update_on_gcs(tmp_path, versioned_bucket)
 
 def test_conditional_upload_refuses_a_stale_write_on_gcs(tmp_path, gcs_bucket):
     """What protects the race on GCS: a write based on an older read is refused, not applied."""
-    from pipeline.config import load_config
-    from pipeline.serving import ConcurrentChange, ModelConfigFile, ServingControl, entry_of
+    from tf_export_pipeline.config import load_config
+    from tf_export_pipeline.serving import ConcurrentChange, ModelConfigFile, ServingControl, entry_of
 
     config = _gcs_config(tmp_path, gcs_bucket)
     _gcs_fake_version(gcs_bucket, 1)
@@ -632,8 +632,8 @@ def test_promote_rollback_history_on_gcs(tmp_path, trained_dir, versioned_bucket
 
 # -- 7. policy: latest ------------------------------------------------------------------------
 def test_latest_policy_writes_its_entry_once_and_refuses_labels(tmp_path, published):
-    from pipeline.config import load_config
-    from pipeline.serving import ServingControl
+    from tf_export_pipeline.config import load_config
+    from tf_export_pipeline.serving import ServingControl
 
     ws = copy_of(published, tmp_path, serving={**SERVING, "policy": "latest"})
     target = model_config(ws)
@@ -698,8 +698,8 @@ def test_metric_gate_compares_with_stable_not_the_highest(tmp_path, trained_dir)
 def test_lost_answer_to_a_model_config_upload_is_our_write_not_a_rival(tmp_path, gcs_bucket, gcs_fault_proxy,
                                                                          fast_gcs_retries):
     """gcsfs retries an upload whose answer was lost; the retry meets 412 caused by our own write."""
-    from pipeline.config import load_config
-    from pipeline.serving import ServingControl
+    from tf_export_pipeline.config import load_config
+    from tf_export_pipeline.serving import ServingControl
 
     via = gcs_bucket.via(gcs_fault_proxy)
     config = _gcs_config(tmp_path, via)
@@ -718,9 +718,9 @@ def test_lost_answer_to_a_model_config_upload_is_our_write_not_a_rival(tmp_path,
 
 def test_publish_sets_stable_only_if_none_is_set_when_its_label_is_written(tmp_path, monkeypatch):
     """A promotion made while a publish waits for the server to load its version is not overwritten."""
-    import pipeline.serving as serving
-    from pipeline.config import load_config
-    from pipeline.demo import write_config
+    import tf_export_pipeline.serving as serving
+    from tf_export_pipeline.config import load_config
+    from tf_export_pipeline.demo import write_config
 
     config = write_config(str(tmp_path), serving={**SERVING, "reload_seconds": 1})
     base = tmp_path / "serving" / "demo_regressor"
@@ -748,9 +748,9 @@ def test_publish_sets_stable_only_if_none_is_set_when_its_label_is_written(tmp_p
 
 def test_a_version_another_promotion_just_listed_is_kept_until_its_grace_runs_out(tmp_path, monkeypatch):
     """A label write keeps a version listed moments ago for a label not yet moved; an orphan goes later."""
-    import pipeline.serving as serving
-    from pipeline.config import load_config
-    from pipeline.demo import write_config
+    import tf_export_pipeline.serving as serving
+    from tf_export_pipeline.config import load_config
+    from tf_export_pipeline.demo import write_config
 
     config = write_config(str(tmp_path), serving=SERVING)
     for v in (1, 2, 3, 4):

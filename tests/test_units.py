@@ -7,12 +7,12 @@ import os
 
 import pytest
 
-from pipeline.checkpoints import Checkpoint, discover_checkpoints, parse_state_file
-from pipeline.config import config_from_dict, load_config
-from pipeline.errors import ConfigError, PublishError
-from pipeline.publish import Publisher, first_candidate
-from pipeline.retention import versions_to_remove
-from pipeline.storage import open_storage
+from tf_export_pipeline.checkpoints import Checkpoint, discover_checkpoints, parse_state_file
+from tf_export_pipeline.config import config_from_dict, load_config
+from tf_export_pipeline.errors import ConfigError, PublishError
+from tf_export_pipeline.publish import Publisher, first_candidate
+from tf_export_pipeline.retention import versions_to_remove
+from tf_export_pipeline.storage import open_storage
 
 BASE = {"training_dir": "./train", "export_base": "./serving/m", "model": {"factory": "pkg.mod:build"}}
 

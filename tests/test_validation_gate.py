@@ -105,7 +105,7 @@ def test_shape_narrowing_against_the_live_version(workspace):
 def test_nan_in_the_weights(workspace):
     import tensorflow as tf
 
-    from pipeline.demo import build
+    from tf_export_pipeline.demo import build
 
     before = [workspace.cli("run", "--json").json["version"]]
     model = build()
@@ -117,7 +117,7 @@ def test_nan_in_the_weights(workspace):
 
 
 def test_parity_break_between_serving_function_and_restored_model(tmp_path):
-    from pipeline.demo import write_config
+    from tf_export_pipeline.demo import write_config
     from tests.models import noisy_serving
 
     save_checkpoints(noisy_serving, str(tmp_path / "train"), steps=(10,))
@@ -192,7 +192,7 @@ def test_metric_gate_holds_back_a_worse_checkpoint(tmp_path, trained_dir):
 def test_metric_gate_reads_tensorboard_scalars(tmp_path):
     import tensorflow as tf
 
-    from pipeline.gate import compare, read_metric
+    from tf_export_pipeline.gate import compare, read_metric
 
     logdir = tmp_path / "events"
     writer = tf.summary.create_file_writer(str(logdir))
@@ -205,7 +205,7 @@ def test_metric_gate_reads_tensorboard_scalars(tmp_path):
     assert read_metric(str(logdir), "loss", step=30, name="ckpt-30") == pytest.approx(0.25)
     assert compare("max", 0.75, 0.8)["worse"] is True
     assert compare("max", 0.8, 0.8)["worse"] is False
-    from pipeline.gate import GateError
+    from tf_export_pipeline.gate import GateError
 
     with pytest.raises(GateError, match="no scalar 'accuracy' at step 40"):
         read_metric(str(logdir), "accuracy", step=40, name="ckpt-40")
@@ -220,7 +220,7 @@ def test_warmup_records_parse_back_and_match_the_samples(tmp_path, trained_dir):
     path = ws.base / str(rec.json["version"]) / "assets.extra" / "tf_serving_warmup_requests"
     import tensorflow as tf
 
-    from pipeline.warmup import read_warmup
+    from tf_export_pipeline.warmup import read_warmup
 
     logs = read_warmup(str(path))
     assert len(logs) == 3
@@ -250,7 +250,7 @@ def test_samples_that_do_not_fit_the_model_are_a_config_error(tmp_path, trained_
 def test_other_model_shapes_pass(tmp_path, factory, inputs):
     import importlib
 
-    from pipeline.demo import write_config
+    from tf_export_pipeline.demo import write_config
 
     module, name = factory.split(":")
     save_checkpoints(getattr(importlib.import_module(module), name), str(tmp_path / "train"), steps=(5, 10))

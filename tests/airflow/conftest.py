@@ -109,7 +109,7 @@ def deferred_triggers() -> int:
 
     with create_session() as s:
         return s.scalar(select(func.count()).select_from(Trigger)
-                        .where(Trigger.classpath.like("operators.triggers.%")))
+                        .where(Trigger.classpath.like("tf_export_pipeline.operators.triggers.%")))
 
 
 class WhenDeferred:
@@ -196,7 +196,7 @@ class ModelDags:
 
 def model_dags(workdir: Path, model: str, trained_dir: Path | None = None, **overrides) -> ModelDags:
     """A config ``<workdir>/<model>.yaml`` for the demo model (its own folder, so one model per folder)."""
-    from pipeline.demo import write_config
+    from tf_export_pipeline.demo import write_config
 
     workdir.mkdir(parents=True, exist_ok=True)
     if trained_dir is not None:

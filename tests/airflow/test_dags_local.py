@@ -86,7 +86,7 @@ def test_dag_file_parses_without_tensorflow_and_yields_three_dags_per_config(tmp
     # Another folder: two models, one with its own schedule and limit, and a broken file that is left out.
     folder = tmp_path / "configs"
     folder.mkdir()
-    from pipeline.demo import write_config
+    from tf_export_pipeline.demo import write_config
 
     write_config(str(folder), name="alpha.yaml", airflow={"schedule": "0 3 * * *", "max_active_tis_per_dagrun": 5})
     write_config(str(folder), name="beta.yaml", export_base="gs://models-bucket/beta/serving",

@@ -33,7 +33,7 @@ def labels_in(path: Path) -> tuple[list[int], dict[str, int]]:
 
 
 def test_promote_dag_only_for_labels_parses_without_tensorflow(tmp_path):
-    from pipeline.demo import write_config
+    from tf_export_pipeline.demo import write_config
 
     folder = tmp_path / "configs"
     folder.mkdir()
@@ -57,9 +57,9 @@ def test_promote_dag_only_for_labels_parses_without_tensorflow(tmp_path):
 
 
 def test_promote_dag_makes_a_soaked_canary_stable_rolls_back_and_promotes_by_version(tmp_path, trained_dir):
-    from pipeline.config import load_config
-    from pipeline.runner import run_once
-    from pipeline.serving import ServingControl
+    from tf_export_pipeline.config import load_config
+    from tf_export_pipeline.runner import run_once
+    from tf_export_pipeline.serving import ServingControl
 
     m = model_dags(tmp_path / "ws", "promote_local", trained_dir, serving=SERVING,
                    airflow={"soak_seconds": 0})

@@ -24,7 +24,7 @@ def _conn(conn_type: str, extra: dict | None = None, **fields):
 
 
 def test_google_connection_becomes_gcsfs_options():
-    from operators.connections import options_from_connection
+    from tf_export_pipeline.operators.connections import options_from_connection
 
     keyfile = {"type": "service_account", "project_id": "proj-a", "client_email": "exporter@proj-a.iam"}
     assert options_from_connection(_conn("google_cloud_platform", {"keyfile_dict": json.dumps(keyfile),
@@ -42,7 +42,7 @@ def test_google_connection_becomes_gcsfs_options():
 
 
 def test_aws_and_generic_connections_and_a_clear_error_for_others():
-    from operators.connections import ConnectionOptionsError, options_from_connection
+    from tf_export_pipeline.operators.connections import ConnectionOptionsError, options_from_connection
 
     assert options_from_connection(_conn("aws", {"endpoint_url": "http://minio:9000", "region_name": "eu-west-1"},
                                          login="AKIA123", password="s3cr3t-value")) == {
@@ -56,7 +56,7 @@ def test_aws_and_generic_connections_and_a_clear_error_for_others():
 
 
 def test_config_takes_the_connection_named_in_it(tmp_path, monkeypatch):
-    from operators.base import load
+    from tf_export_pipeline.operators.base import load
 
     monkeypatch.setenv("AIRFLOW_CONN_MODELS_BUCKET", json.dumps(
         {"conn_type": "google_cloud_platform", "extra": {"project": "proj-c", "anonymous": True}}))
@@ -75,7 +75,7 @@ def _rec(name, step, complete=True, version=None, listed=True, missing=(), crc="
 
 
 def test_new_checkpoint_waits_for_one_being_written_and_ignores_abandoned_ones():
-    from operators.selection import in_progress, new_checkpoint, newest
+    from tf_export_pipeline.operators.selection import in_progress, new_checkpoint, newest
 
     done10, done20 = _rec("ckpt-10", 10, version=111), _rec("ckpt-20", 20)
     writing30 = _rec("ckpt-30", 30, complete=False, listed=False, missing=["ckpt-30.index"])
@@ -92,7 +92,7 @@ def test_new_checkpoint_waits_for_one_being_written_and_ignores_abandoned_ones()
 
 
 def test_only_checkpoints_newer_than_the_exported_ones_are_new():
-    from operators.selection import new_checkpoint, new_since_exported
+    from tf_export_pipeline.operators.selection import new_checkpoint, new_since_exported
 
     straggler10, live20 = _rec("ckpt-10", 10), _rec("ckpt-20", 20, version=222)
     done30, done40 = _rec("ckpt-30", 30), _rec("ckpt-40", 40)
@@ -113,7 +113,7 @@ def _trigger_config(tmp_path: Path):
 def test_trigger_serializes_to_an_importable_classpath():
     import importlib
 
-    from operators.triggers import NewCheckpointTrigger
+    from tf_export_pipeline.operators.triggers import NewCheckpointTrigger
 
     trigger = NewCheckpointTrigger(config_path="/c/m.yaml", checkpoint="ckpt-5", conn_id="gcs", poll_interval=2,
                                    max_polls=7)
@@ -138,7 +138,7 @@ async def _collect(trigger, ticks: list[float]):
 
 
 def test_trigger_finds_a_checkpoint_without_blocking_the_event_loop(tmp_path, trained_dir, monkeypatch):
-    import operators.triggers as triggers
+    import tf_export_pipeline.operators.triggers as triggers
 
     config, train = _trigger_config(tmp_path)
     for f in trained_dir.glob("ckpt-10.data-*"):
@@ -163,7 +163,7 @@ def test_trigger_finds_a_checkpoint_without_blocking_the_event_loop(tmp_path, tr
 
 
 def test_trigger_ends_itself_after_max_polls_and_reports_bad_config(tmp_path):
-    from operators.triggers import NewCheckpointTrigger
+    from tf_export_pipeline.operators.triggers import NewCheckpointTrigger
 
     config, _ = _trigger_config(tmp_path)
     t0 = time.monotonic()
@@ -180,7 +180,7 @@ def _sensor_dag(dag_id: str, config: Path, **sensors):
     import pendulum
     from airflow.sdk import DAG
 
-    from operators.sensors import NewCheckpointSensor
+    from tf_export_pipeline.operators.sensors import NewCheckpointSensor
 
     with DAG(dag_id, schedule=None, start_date=pendulum.datetime(2024, 1, 1, tz="UTC"), catchup=False) as dag:
         for task_id, kwargs in sensors.items():
@@ -231,10 +231,10 @@ def test_deferred_sensor_skips_when_nothing_new_and_fails_for_a_named_checkpoint
 def test_errors_no_retry_can_mend_fail_at_once_and_transient_ones_are_retried():
     from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException
 
-    from operators.base import stage_errors
-    from pipeline.errors import (CheckpointError, ConfigError, ModelMismatchError, PipelineError,
+    from tf_export_pipeline.operators.base import stage_errors
+    from tf_export_pipeline.errors import (CheckpointError, ConfigError, ModelMismatchError, PipelineError,
                                  ServingOrderError, ValidationError)
-    from pipeline.staging import StagingGone
+    from tf_export_pipeline.staging import StagingGone
 
     permanent = [ConfigError("unknown factory 'x:y': c.yaml"), ModelMismatchError("checkpoint is of a different "
                  "model: /t/ckpt-1"), ValidationError("contract violated: /s"), StagingGone("staging is gone: /s"),

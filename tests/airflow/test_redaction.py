@@ -46,7 +46,7 @@ async def _events(trigger) -> list[dict]:
 
 
 def test_trigger_event_and_log_carry_no_secret(leaky, caplog, capfd):
-    from operators.triggers import MAX_ERRORS_IN_A_ROW, NewCheckpointTrigger
+    from tf_export_pipeline.operators.triggers import MAX_ERRORS_IN_A_ROW, NewCheckpointTrigger
 
     m, token = leaky
     trigger = NewCheckpointTrigger(config_path=str(m.config), conn_id=CONN_ID, poll_interval=0.01, max_polls=50)
@@ -66,8 +66,8 @@ def test_trigger_event_and_log_carry_no_secret(leaky, caplog, capfd):
 def test_operator_failure_and_sensor_carry_no_secret(leaky):
     from airflow.sdk.exceptions import AirflowFailException
 
-    from operators.export import DiscoverCheckpointsOperator
-    from operators.sensors import NewCheckpointSensor
+    from tf_export_pipeline.operators.export import DiscoverCheckpointsOperator
+    from tf_export_pipeline.operators.sensors import NewCheckpointSensor
 
     m, token = leaky
     for task in (DiscoverCheckpointsOperator(task_id="discover", config_path=str(m.config)),
@@ -85,7 +85,7 @@ def test_airflow_masker_learns_the_secrets_of_connection_and_config(leaky, tmp_p
     """structlog loggers (a task's ``self.log``) bypass stdlib filters; Airflow's own masker hides them there."""
     from airflow.sdk._shared.secrets_masker import redact as airflow_redact
 
-    from operators.base import load
+    from tf_export_pipeline.operators.base import load
 
     m, token = leaky
     header = f"header-{uuid.uuid4().hex}"
@@ -102,7 +102,7 @@ def test_dag_run_with_a_failing_storage_leaves_no_secret_in_the_task_log_or_xcom
     import pendulum
     from airflow.sdk import DAG
 
-    from operators.export import DiscoverCheckpointsOperator
+    from tf_export_pipeline.operators.export import DiscoverCheckpointsOperator
 
     m, token = leaky
     with DAG("redaction_discover", schedule=None, start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),

@@ -78,7 +78,7 @@ def chaos_env(extra: dict | None = None) -> dict:
 
 
 def tf_export_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline", *args]
+    return [sys.executable, "-m", "tf_export_pipeline", *args]
 
 
 def host_switching() -> tuple[bool, str]:
@@ -870,7 +870,7 @@ class Chaos:
         served = np.load(y_path)
         import tensorflow as tf
 
-        from pipeline.demo import build
+        from tf_export_pipeline.demo import build
 
         problems = []
         for v, m in versions.items():
@@ -975,7 +975,7 @@ np.savez(sys.argv[3], **out)
 
 def prepare(root: Path, train_dir: Path, gap: float = 5.0, **overrides) -> Path:
     """The chaos config in ``root`` for checkpoints in ``train_dir``; spreads their write times."""
-    from pipeline.demo import write_config
+    from tf_export_pipeline.demo import write_config
 
     spread_checkpoint_times(train_dir, gap)
     cfg = {**CHAOS_CONFIG, **overrides}
