@@ -20,9 +20,11 @@ file, or ``$TF_EXPORT_CONFIG_DIR``) yields:
     checkpoints are left to the backfill DAG.
 ``export_backfill__<model>``
     manual, with params ``from_step``, ``to_step``, ``versioning`` (default
-    ``checkpoint_time``) and ``allow_outrank``: lists the checkpoints, then
-    exports them with dynamic task mapping, at most
-    ``airflow.max_active_tis_per_dagrun`` at a time.
+    ``checkpoint_time``), ``allow_outrank`` and ``include_removed``: lists
+    the checkpoints (refusing a range whose versions the next run's retention
+    would remove), exports and validates them with dynamic task mapping, at
+    most ``airflow.max_active_tis_per_dagrun`` at a time, then one task
+    publishes them all in checkpoint order.
 ``export_promote__<model>``
     only for a config with ``serving.policy: labels``. By hand, with params
     ``version``, ``label`` (``stable``) and ``rollback``: points the label at
@@ -36,13 +38,17 @@ Every publish emits an event for the Asset of the export base; every label
 change one for the Asset of the model config file (``serving.model_config_file``).
 
 Parsing this file reads the YAML files and nothing else: TensorFlow and
-storage are only touched when a task runs. A config that does not load is
-logged and its DAGs are left out; the other models' DAGs are unaffected.
+storage are only touched when a task runs. A config that does not load has
+its DAGs left out and its one-line error listed among the UI's import errors
+(``/api/v2/importErrors``) under the config's own path, so the other models'
+DAGs are unaffected; task logs do not repeat it.
 
 Tuning through the environment (read when the file is parsed):
 ``TF_EXPORT_RETRIES`` (2), ``TF_EXPORT_RETRY_DELAY_SECONDS`` (60),
 ``TF_EXPORT_POKE_SECONDS`` (30: the sensor's poll interval),
 ``TF_EXPORT_WAIT_SECONDS`` (3600: how long the sensor waits),
+``TF_EXPORT_MISSING_GRACE_SECONDS`` (300: how long a checkpoint named by an
+event or conf may match nothing before the sensor fails),
 ``TF_EXPORT_POOL`` (``default_pool``: the pool of the export and validate tasks).
 """
 
@@ -50,6 +56,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -73,6 +80,7 @@ CONFIG_DIR = Path(os.environ.get("TF_EXPORT_CONFIG_DIR") or Path(__file__).resol
 START = pendulum.datetime(2024, 1, 1, tz="UTC")
 POKE_SECONDS = float(os.environ.get("TF_EXPORT_POKE_SECONDS", "30"))
 WAIT_SECONDS = float(os.environ.get("TF_EXPORT_WAIT_SECONDS", "3600"))
+MISSING_GRACE_SECONDS = float(os.environ.get("TF_EXPORT_MISSING_GRACE_SECONDS", "300"))
 POOL = os.environ.get("TF_EXPORT_POOL") or "default_pool"
 DEFAULT_ARGS = {
     "owner": "tf-export",
@@ -131,8 +139,10 @@ def after_training(model: str, path: str, cfg) -> DAG:
             task_id="wait_for_checkpoint",
             config_path=path,
             checkpoint="{{ requested_checkpoint(params, triggering_asset_events) }}",
+            deferrable=True,
             poke_interval=POKE_SECONDS,
             timeout=WAIT_SECONDS,
+            missing_grace=MISSING_GRACE_SECONDS,
         )
         pending = DiscoverCheckpointsOperator(task_id="list_new", config_path=path, select="new")
 
@@ -176,27 +186,34 @@ def backfill(model: str, path: str, cfg) -> DAG:
                                 description="checkpoint_time keeps history below the live version"),
             "allow_outrank": Param(False, type="boolean",
                                    description="allow an older checkpoint above the live version"),
+            "include_removed": Param(False, type="boolean",
+                                     description="also export checkpoints whose versions retention removed"),
         },
         tags=["tf-export", model],
         doc_md=f"Config: `{path}`. Exports every complete checkpoint with no version in the step range, "
-               f"at most {limit} at a time. Retention is not applied.",
+               f"at most {limit} at a time, then publishes them in checkpoint order. Retention is not "
+               f"applied; a backfill that the next run's retention would undo is refused up front.",
     ) as dag:
         listed = DiscoverCheckpointsOperator(task_id="list_checkpoints", config_path=path, select="pending",
-                                             from_step="{{ params.from_step }}", to_step="{{ params.to_step }}")
+                                             from_step="{{ params.from_step }}", to_step="{{ params.to_step }}",
+                                             include_removed="{{ params.include_removed }}",
+                                             allow_outrank="{{ params.allow_outrank }}")
 
         @task_group(group_id="export_each")
         def export_each(checkpoint):
             # Historic checkpoints: the metric gate records their metric but does not hold them back.
             staged = ExportCheckpointOperator(task_id="export", config_path=path, checkpoint=checkpoint,
                                               force=True, max_active_tis_per_dagrun=limit, pool=POOL)
-            validated = ValidateExportOperator(task_id="validate", config_path=path, staged=staged.output,
-                                               max_active_tis_per_dagrun=limit, pool=POOL)
-            return PublishVersionOperator(task_id="publish", config_path=path, validated=validated.output,
-                                          versioning="{{ params.versioning }}",
-                                          allow_outrank="{{ params.allow_outrank }}",
-                                          outlets=[export_asset(cfg)], max_active_tis_per_dagrun=limit)
+            return ValidateExportOperator(task_id="validate", config_path=path, staged=staged.output,
+                                          max_active_tis_per_dagrun=limit, pool=POOL)
 
-        export_each.expand(checkpoint=listed.output)
+        validated = export_each.expand(checkpoint=listed.output)
+        # As after training: one task publishes them all in checkpoint order, whatever order the
+        # exports finished in, so history is numbered as it was trained.
+        PublishVersionOperator(task_id="publish", config_path=path, validated=validated.output,
+                               versioning="{{ params.versioning }}", allow_outrank="{{ params.allow_outrank }}",
+                               outlets=[AssetAlias(f"tf_export__{model}__backfill")],
+                               trigger_rule="all_done_min_one_success")
     return dag
 
 
@@ -243,6 +260,39 @@ def promote(model: str, path: str, cfg) -> DAG:
     return dag
 
 
+def _parsing_bag():
+    """The DagBag parsing this file, when a dag-processor (or ``airflow dags``) is parsing it; else None.
+
+    Airflow records import errors per parsed file, and an error recorded under
+    this file would mark every model's DAGs as broken; the bag is reached
+    through the call stack so that a broken config gets an error of its own.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if any(c.__name__ == "DagBag" for c in type(candidate).__mro__) \
+                and isinstance(getattr(candidate, "import_errors", None), dict):  # BundleDagBag too
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+def report_config_error(file: Path, message: str) -> bool:
+    """List ``message`` among the import errors, under the config's path. False when nothing is parsing."""
+    bag = _parsing_bag()
+    if bag is None:
+        return False
+    root = getattr(bag, "bundle_path", None) or getattr(bag, "dag_folder", None)
+    path = str(file)
+    if root:
+        try:
+            path = str(file.resolve().relative_to(Path(root).resolve()))
+        except ValueError:
+            pass  # a config folder outside the bundle: its absolute path
+    bag.import_errors[path] = f"ConfigError: {message}"
+    return True
+
+
 def build_all(folder: Path = CONFIG_DIR) -> dict[str, DAG]:
     from tf_export_pipeline.config import load_config
     from tf_export_pipeline.errors import ConfigError
@@ -253,7 +303,8 @@ def build_all(folder: Path = CONFIG_DIR) -> dict[str, DAG]:
         try:
             cfg = load_config(str(file))
         except ConfigError as err:
-            log.error("no DAGs for %s: %s", model, err)
+            if not report_config_error(file, str(err)):
+                log.debug("no DAGs for %s: %s", model, err)  # a task's own parse: the UI has it already
             continue
         builds = [nightly, after_training, backfill]
         if cfg.serving is not None and cfg.serving.policy == "labels":

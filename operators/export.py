@@ -44,18 +44,23 @@ class DiscoverCheckpointsOperator(PipelineOperator):
     are newer than every checkpoint with one (older ones are left to a
     backfill: under the config's versioning they would be served above a
     newer model); ``select="pending"``, every complete checkpoint with no
-    version in ``[from_step, to_step]``.
+    version in ``[from_step, to_step]`` (a backfill: those whose versions
+    retention removed only with ``include_removed``, and refused when the next
+    run's retention would remove what it publishes, unless ``allow_outrank``).
     """
 
-    template_fields = ("config_path", "select", "from_step", "to_step")
+    template_fields = ("config_path", "select", "from_step", "to_step", "include_removed", "allow_outrank")
     ui_color = "#fef7e0"
 
     def __init__(self, *, config_path: str, select: str = "newest", from_step: int | str | None = None,
-                 to_step: int | str | None = None, conn_id: str | None = None, **kwargs: Any) -> None:
+                 to_step: int | str | None = None, include_removed: bool | str = False,
+                 allow_outrank: bool | str = False, conn_id: str | None = None, **kwargs: Any) -> None:
         super().__init__(config_path=config_path, conn_id=conn_id, **kwargs)
         self.select = select
         self.from_step = from_step
         self.to_step = to_step
+        self.include_removed = include_removed
+        self.allow_outrank = allow_outrank
 
     def execute(self, context: Context) -> Any:
         from tf_export_pipeline.operators.selection import new_since_exported, newest, small
@@ -67,7 +72,9 @@ class DiscoverCheckpointsOperator(PipelineOperator):
             if self.select not in SELECT:
                 raise ConfigError(f"select must be one of {', '.join(SELECT)}, got {self.select!r}")
             if self.select == "pending":
-                items = [small(r) for r in runner.list_pending(cfg, as_int(self.from_step), as_int(self.to_step))]
+                items = [small(r) for r in runner.pending_for_backfill(
+                    cfg, as_int(self.from_step), as_int(self.to_step), include_removed=as_bool(self.include_removed),
+                    allow_outrank=as_bool(self.allow_outrank))]
             elif self.select == "new":
                 items = [small(r) for r in new_since_exported(runner.discover(cfg))]
             if self.select != "newest":

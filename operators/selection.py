@@ -54,6 +54,35 @@ def matches(record: dict[str, Any], wanted: str) -> bool:
     return wanted.isdigit() and record.get("step") == int(wanted)
 
 
+def step_named(wanted: str) -> int | None:
+    """The step a checkpoint reference names: its trailing digits (``ckpt-80``, ``.../ckpt-80``, ``80``)."""
+    name = wanted.strip().rstrip("/").rsplit("/", 1)[-1]
+    if name.endswith(".index"):
+        name = name[: -len(".index")]
+    digits = name[len(name.rstrip("0123456789")):]
+    return int(digits) if digits else None
+
+
+def missing(records: list[dict[str, Any]], wanted: str) -> str | None:
+    """Why ``wanted`` will not appear, or None while it still may.
+
+    A reference that names no checkpoint, not even one being written, and a
+    step below the newest checkpoint present, is a mistake: training writes
+    steps in increasing order.
+    """
+    if any(matches(r, wanted) for r in records):
+        return None
+    step = step_named(wanted)
+    newer = [r for r in records if r.get("step") is not None and step is not None and r["step"] > step]
+    if not newer:
+        return None
+    return f"checkpoint {wanted} does not exist and is older than the newest one, {newer[-1]['name']}"
+
+
+def newest_name(records: list[dict[str, Any]]) -> str | None:
+    return records[-1]["name"] if records else None
+
+
 def new_checkpoint(records: list[dict[str, Any]], wanted: str | None = None) -> dict[str, Any] | None:
     """What the sensor waits for; None while there is nothing yet.
 

@@ -1,12 +1,17 @@
 """``NewCheckpointSensor``: waits for a complete checkpoint that has no version yet.
 
-Deferrable by default: after one look of its own it hands the wait to
+Deferrable when ``deferrable=True`` (the default follows Airflow's
+``[operators] default_deferrable``; the DAGs of this package pass True): after
+one look of its own it hands the wait to
 :class:`tf_export_pipeline.operators.triggers.NewCheckpointTrigger` in the triggerer and frees
 its worker slot. ``deferrable=False`` waits in the worker instead, in the
 ``poke`` or ``reschedule`` mode of any sensor.
 
 With ``checkpoint`` (a prefix, a name or a step) it waits for that one to be
-complete; it fails if it is not within ``timeout``. Without, it waits for a
+complete; it fails if it is not within ``timeout``, and fails at once, without
+retries, when no checkpoint matches it and it is older than the newest one
+present, or when none has matched it for ``missing_grace`` seconds (a typo in
+an event or a conf must not hold every later export back). Without, it waits for a
 complete checkpoint with no version, once no newer one is still being
 written; a wait that ends with nothing new skips the task, since no new
 checkpoint is not a failure. It returns the checkpoint it found:
@@ -24,11 +29,14 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+import time
+
 from airflow.sdk import BaseSensorOperator, Context, PokeReturnValue
-from airflow.sdk.exceptions import AirflowException, AirflowSensorTimeout, AirflowSkipException
+from airflow.sdk.configuration import conf
+from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSensorTimeout, AirflowSkipException
 
 from tf_export_pipeline.operators.base import load, stage_errors, xcom
-from tf_export_pipeline.operators.triggers import NewCheckpointTrigger, look
+from tf_export_pipeline.operators.triggers import MISSING_GRACE_SECONDS, NewCheckpointTrigger, look
 
 
 class NewCheckpointSensor(BaseSensorOperator):
@@ -36,13 +44,16 @@ class NewCheckpointSensor(BaseSensorOperator):
     ui_color = "#fef7e0"
 
     def __init__(self, *, config_path: str, checkpoint: str | None = None, conn_id: str | None = None,
-                 deferrable: bool = True, poke_interval: float | timedelta = 30,
-                 timeout: float | timedelta = 3600, **kwargs: Any) -> None:
+                 deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+                 poke_interval: float | timedelta = 30, timeout: float | timedelta = 3600,
+                 missing_grace: float = MISSING_GRACE_SECONDS, **kwargs: Any) -> None:
         super().__init__(poke_interval=poke_interval, timeout=timeout, **kwargs)
         self.config_path = config_path
         self.checkpoint = checkpoint
         self.conn_id = conn_id
         self.deferrable = deferrable
+        self.missing_grace = missing_grace
+        self._started: float | None = None
 
     @property
     def wanted(self) -> str | None:
@@ -55,8 +66,10 @@ class NewCheckpointSensor(BaseSensorOperator):
             return load(self.config_path, self.conn_id)
 
     def _look(self, cfg) -> tuple[dict | None, str | None]:
+        if self._started is None:
+            self._started = time.time()
         with stage_errors():
-            found, reason = look(cfg, self.wanted)
+            found, reason = look(cfg, self.wanted, self._started, self.missing_grace)
         return xcom(found), xcom(reason)
 
     def poke(self, context: Context) -> bool | PokeReturnValue:
@@ -81,7 +94,8 @@ class NewCheckpointSensor(BaseSensorOperator):
         self.defer(
             trigger=NewCheckpointTrigger(config_path=str(self.config_path), checkpoint=self.wanted,
                                          conn_id=self.conn_id or cfg.airflow.conn_id,
-                                         poll_interval=self.poke_interval, max_polls=max_polls),
+                                         poll_interval=self.poke_interval, max_polls=max_polls,
+                                         missing_grace=self.missing_grace),
             method_name="execute_complete",
             # The trigger ends itself after max_polls; this deadline only covers a triggerer that is gone.
             timeout=timedelta(seconds=self.timeout + 2 * self.poke_interval + 60),
@@ -93,6 +107,8 @@ class NewCheckpointSensor(BaseSensorOperator):
         if status == "found":
             self.log.info("found %s after %s poll(s)", event["checkpoint"]["prefix"], event.get("polls"))
             return event["checkpoint"]
+        if status == "missing":
+            raise AirflowFailException(event.get("message"))
         if status == "timeout":
             self._timed_out(f"waited {self.timeout:.0f} s ({event.get('polls')} polls): {event.get('reason')}")
         raise AirflowException(f"waiting for a checkpoint failed: {event.get('message') or event!r}")

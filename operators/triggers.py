@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,13 +27,21 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 # Storage errors in a row after which the trigger gives up (single ones are retried at the next poll).
 MAX_ERRORS_IN_A_ROW = 5
+# How long a checkpoint named by an event or conf may match nothing before the wait fails.
+MISSING_GRACE_SECONDS = 300.0
 
 
-def look(cfg, wanted: str | None = None) -> tuple[dict | None, str | None]:
-    """One poll: ``(checkpoint, None)`` when there is one to export, else ``(None, why not yet)``."""
-    from tf_export_pipeline.operators.selection import in_progress, new_checkpoint
+def look(cfg, wanted: str | None = None, missing_since: float | None = None,
+         grace: float = MISSING_GRACE_SECONDS) -> tuple[dict | None, str | None]:
+    """One poll: ``(checkpoint, None)`` when there is one to export, else ``(None, why not yet)``.
+
+    Raises :class:`CheckpointMissingError` when ``wanted`` names no checkpoint
+    and is older than the newest one present, or has named none since
+    ``missing_since`` for longer than ``grace`` seconds.
+    """
+    from tf_export_pipeline.operators.selection import in_progress, matches, missing, new_checkpoint, newest_name
     from tf_export_pipeline import runner
-    from tf_export_pipeline.errors import CheckpointError
+    from tf_export_pipeline.errors import CheckpointError, CheckpointMissingError
 
     try:
         records = runner.discover(cfg)
@@ -41,6 +50,14 @@ def look(cfg, wanted: str | None = None) -> tuple[dict | None, str | None]:
     found = new_checkpoint(records, wanted)
     if found is not None:
         return found, None
+    if wanted:
+        why = missing(records, wanted)
+        if why is None and missing_since is not None and time.time() - missing_since > grace \
+                and not any(matches(r, wanted) for r in records):
+            why = (f"checkpoint {wanted} matches nothing in {cfg.training_dir} after {grace:.0f} s; "
+                   f"the newest is {newest_name(records)}")
+        if why is not None:
+            raise CheckpointMissingError(why)
     writing = [r["name"] for r in records if in_progress(r)]
     if wanted:
         return None, f"checkpoint {wanted} is not complete yet" + (f" (being written: {writing})" if writing else "")
@@ -49,12 +66,13 @@ def look(cfg, wanted: str | None = None) -> tuple[dict | None, str | None]:
     return None, f"no complete checkpoint in {cfg.training_dir} is newer than the newest one with a version"
 
 
-def look_at(config_path: str, wanted: str | None, options: dict[str, Any]) -> tuple[dict | None, str | None]:
+def look_at(config_path: str, wanted: str | None, options: dict[str, Any], missing_since: float | None = None,
+            grace: float = MISSING_GRACE_SECONDS) -> tuple[dict | None, str | None]:
     """:func:`look` for a config file, with the connection's storage options already resolved."""
     from tf_export_pipeline.operators.connections import with_options
     from tf_export_pipeline.config import load_config
 
-    return look(with_options(load_config(config_path), options), wanted)
+    return look(with_options(load_config(config_path), options), wanted, missing_since, grace)
 
 
 class NewCheckpointTrigger(BaseTrigger):
@@ -62,14 +80,18 @@ class NewCheckpointTrigger(BaseTrigger):
 
     Events: ``{"status": "found", "checkpoint": {...}, "polls": n}``;
     ``{"status": "timeout", "reason": ..., "polls": n}`` after ``max_polls``;
+    ``{"status": "missing", "message": ...}`` when the checkpoint asked for
+    does not exist and will not (see :func:`look`);
     ``{"status": "error", "message": ...}`` for a bad config or connection, or
     storage failing ``MAX_ERRORS_IN_A_ROW`` polls in a row. Every string in
     an event is redacted.
     """
 
     def __init__(self, config_path: str, checkpoint: str | None = None, conn_id: str | None = None,
-                 poll_interval: float = 30.0, max_polls: int | None = 120) -> None:
+                 poll_interval: float = 30.0, max_polls: int | None = 120,
+                 missing_grace: float = MISSING_GRACE_SECONDS) -> None:
         super().__init__()
+        self.missing_grace = float(missing_grace)
         self.config_path = config_path
         self.checkpoint = checkpoint
         self.conn_id = conn_id
@@ -79,11 +101,12 @@ class NewCheckpointTrigger(BaseTrigger):
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (f"{type(self).__module__}.{type(self).__qualname__}",
                 {"config_path": self.config_path, "checkpoint": self.checkpoint, "conn_id": self.conn_id,
-                 "poll_interval": self.poll_interval, "max_polls": self.max_polls})
+                 "poll_interval": self.poll_interval, "max_polls": self.max_polls,
+                 "missing_grace": self.missing_grace})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         from tf_export_pipeline.operators.connections import ConnectionOptionsError, astorage_options, protect
-        from tf_export_pipeline.errors import ConfigError
+        from tf_export_pipeline.errors import CheckpointMissingError, ConfigError
         from tf_export_pipeline.redaction import redact, redact_value
 
         def event(payload: dict[str, Any]) -> TriggerEvent:
@@ -97,11 +120,16 @@ class NewCheckpointTrigger(BaseTrigger):
             return
         polls = errors = 0
         reason: str | None = None
+        started = time.time()
         while True:
             polls += 1
             try:
-                found, reason = await asyncio.to_thread(look_at, self.config_path, self.checkpoint, options)
+                found, reason = await asyncio.to_thread(look_at, self.config_path, self.checkpoint, options,
+                                                        started, self.missing_grace)
                 errors = 0
+            except CheckpointMissingError as err:
+                yield event({"status": "missing", "message": str(err), "polls": polls})
+                return
             except (ConfigError, ConnectionOptionsError) as err:
                 yield event({"status": "error", "message": str(err), "polls": polls})
                 return

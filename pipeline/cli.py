@@ -71,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export every complete checkpoint in the range that has no version for this "
                                    "config yet, oldest first, with a progress bar on stderr. Versions are numbered "
                                    "by checkpoint write time by default, so a backfill never serves an old model "
-                                   "above the live one. Retention is not applied.")
+                                   "above the live one. Retention is not applied, and a backfill whose versions "
+                                   "the next run's retention would remove is refused up front, naming the "
+                                   "retention.keep it needs. Checkpoints whose versions retention removed are "
+                                   "left out unless --include-removed.")
     _common(p)
     p.add_argument("--from-step", type=int, metavar="N", help="first step (inclusive)")
     p.add_argument("--to-step", type=int, metavar="M", help="last step (inclusive)")
@@ -80,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-outrank", action="store_true",
                    help="publish even when a version would break training order (an older checkpoint above a "
                         "newer one); refused by default")
+    p.add_argument("--include-removed", action="store_true",
+                   help="also export checkpoints whose versions retention removed (discover marks them 'removed')")
     p.add_argument("--jobs", "-j", type=int, default=1, metavar="K",
                    help="export and validate in K worker processes, each with its own model (default: 1); "
                         "versions are published in checkpoint order")
@@ -202,12 +207,20 @@ def _run_line(r: dict) -> str:
     return "no new checkpoint: every complete checkpoint already has a version"
 
 
+def _version_cell(item: dict) -> str:
+    if item["version"] is not None:
+        return str(item["version"])
+    if item.get("removed"):
+        return f"removed (was {item['removed']['version']}, {_when(item['removed']['removed_at'])})"
+    return "pending (committed)" if item.get("committed") else "none"
+
+
 def cmd_discover(args, cfg) -> int:
     from tf_export_pipeline.runner import discover
 
     items = discover(cfg)
     rows = [[i["name"], i["step"], _when(i["written_at"]), "yes" if i["complete"] else "NO: missing " + ", ".join(i["missing"]),
-             i["version"] if i["version"] is not None else "none"] for i in items]
+             _version_cell(i)] for i in items]
     _emit(args, items, _table(rows, ["CHECKPOINT", "STEP", "WRITTEN", "COMPLETE", "VERSION"]) if rows else "no checkpoints")
     return EXIT_OK
 
@@ -232,9 +245,9 @@ def cmd_run(args, cfg) -> int:
 
 
 def cmd_backfill(args, cfg) -> int:
-    from tf_export_pipeline.runner import backfill, list_pending, public
+    from tf_export_pipeline.runner import backfill, pending_for_backfill, public
 
-    pending = list_pending(cfg, args.from_step, args.to_step)
+    pending = pending_for_backfill(cfg, args.from_step, args.to_step, args.include_removed, args.allow_outrank)
     bar = None
     if pending:
         from tqdm import tqdm
@@ -251,7 +264,8 @@ def cmd_backfill(args, cfg) -> int:
 
         raise ConfigError(f"--jobs must be at least 1, got {args.jobs}: {cfg.source}")
     records = backfill(cfg, args.from_step, args.to_step, versioning=args.versioning,
-                       allow_outrank=args.allow_outrank, progress=progress, jobs=args.jobs)
+                       allow_outrank=args.allow_outrank, progress=progress, jobs=args.jobs,
+                       include_removed=args.include_removed)
     if bar is not None:
         bar.close()
     timings_file = os.environ.get("TF_EXPORT_TIMINGS")
@@ -276,6 +290,9 @@ def cmd_status(args, cfg) -> int:
              "<- serving" if v["version"] == st["serving"] else ""] for v in st["versions"]]
     human = (_table(rows, ["VERSION", "STEP", "CHECKPOINT", "LABELS", ""]) if rows else "no published versions") + \
         f"\nexport base: {st['export_base']}"
+    if st["removed"]:
+        human += (f"\nremoved by retention: {len(st['removed'])} version(s), steps "
+                  f"{', '.join(str(r['step']) for r in st['removed'])} (backfill --include-removed exports them again)")
     _emit(args, st, human)
     return EXIT_OK
 

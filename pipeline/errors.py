@@ -34,6 +34,12 @@ class ModelMismatchError(CheckpointError):
     permanent = True
 
 
+class CheckpointMissingError(CheckpointError):
+    """The checkpoint asked for does not exist and will not appear (older than the newest one, or
+    still nothing after a grace period): a typo in an event or a conf, not something to wait for."""
+    permanent = True
+
+
 class ValidationError(PipelineError):
     """The staged SavedModel failed a check of the validation gate."""
 

@@ -45,6 +45,7 @@ MANIFEST = "assets.extra/export_manifest.json"
 STAGING_PREFIX = "temp-"
 CLAIMS_DIR = "claims"
 LEDGER_DIR = "ledger"
+REMOVED_DIR = "removed"  # one record per checkpoint whose version retention removed
 # A claim with neither a ledger entry nor a version directory this long after
 # it was taken belongs to a publish that died before its commit: it no longer
 # counts for the serving order, and gc removes it. A publish takes seconds
@@ -87,7 +88,7 @@ def _meta(values: dict[str, Any]) -> dict[str, str]:
     return {k: str(v) for k, v in values.items() if v is not None}
 
 
-_META_TYPES = {"version": int, "step": int, "written_at": float, "claimed_at": float}
+_META_TYPES = {"version": int, "step": int, "written_at": float, "claimed_at": float, "removed_at": float}
 
 
 def _from_meta(meta: dict[str, str] | None) -> dict:
@@ -490,12 +491,19 @@ class Publisher:
     def retire(self, version: int) -> list[str]:
         """Forget ``version`` after retention removed it: its ledger entries and its claim.
 
-        The checkpoint can then be exported again (a backfill), and discovery
-        no longer names a version that does not exist. Returns the keys removed.
+        Each of its checkpoints gets a removal record first (see :meth:`removed`),
+        so discovery marks it removed rather than pending and a backfill
+        leaves it alone unless asked to export removed checkpoints again.
+        Returns the keys removed.
         """
         removed = []
         for key, entry in self.ledger().items():
             if entry.get("version") == version:
+                record = {"version": version, "checkpoint": entry.get("checkpoint"), "step": entry.get("step"),
+                          "removed_at": time.time()}
+                path = self.path(EXPORTS_DIR, REMOVED_DIR, key)
+                self.store.rm(path)  # a checkpoint exported again and removed again: the newer record
+                self.store.create_only(path, json.dumps(record).encode(), metadata=_meta(record))
                 try:
                     self.store.rm(self.ledger_path(key))
                     removed.append(key)
@@ -503,6 +511,22 @@ class Publisher:
                     pass
         self.release(version)
         return removed
+
+    def removed(self) -> dict[str, dict]:
+        """Removal records by ledger key: ``{"version", "checkpoint", "step", "removed_at"}`` (one listing on GCS)."""
+        out = {}
+        for entry in self.store.list_dir(self.path(EXPORTS_DIR, REMOVED_DIR)):
+            if entry.is_dir or entry.name.startswith(".") or TEMP_MARK in entry.name:
+                continue
+            got = _from_meta(entry.metadata)
+            if "removed_at" not in got:
+                try:
+                    got = json.loads(self.store.read_bytes(entry.path))
+                except (FileNotFoundError, ValueError, UnicodeDecodeError):
+                    continue
+            if isinstance(got, dict):
+                out[entry.name] = got
+        return out
 
     def _discard(self, staging: str) -> None:
         try:

@@ -20,7 +20,7 @@ import secrets
 import time
 
 from tf_export_pipeline.promotion import MARKER
-from tf_export_pipeline.publish import CLAIM_TTL_SECONDS, CLAIMS_DIR, EXPORTS_DIR, LEDGER_DIR, STAGING_PREFIX, Publisher
+from tf_export_pipeline.publish import CLAIM_TTL_SECONDS, CLAIMS_DIR, EXPORTS_DIR, LEDGER_DIR, REMOVED_DIR, STAGING_PREFIX, Publisher
 from tf_export_pipeline.staging import LEASES_DIR, last_renewed, lease_times, staging_name
 from tf_export_pipeline.storage import TEMP_MARK, Storage
 
@@ -102,7 +102,7 @@ def _collect_leftovers(store: Storage, leases: dict[str, float], lease_seconds: 
     for name, renewed in leases.items():
         if name not in staging and now - renewed > lease_seconds:
             store.rm(store.join(store.root, EXPORTS_DIR, LEASES_DIR, name))
-    for sub in (CLAIMS_DIR, LEDGER_DIR, LEASES_DIR):
+    for sub in (CLAIMS_DIR, LEDGER_DIR, LEASES_DIR, REMOVED_DIR):
         directory = store.join(store.root, EXPORTS_DIR, sub)
         for e in store.list_dir(directory):
             if (TEMP_MARK in e.name or ".renew-" in e.name) and e.mtime is not None \

@@ -74,6 +74,9 @@ class Context:
         return found
 
     def exporter(self, ckpt: Checkpoint | None = None):
+        from tf_export_pipeline.export import import_tensorflow_quietly
+
+        import_tensorflow_quietly()  # before a model factory imports it, with its start-up chatter
         if ckpt is not None and ckpt.kind == "keras":
             from tf_export_pipeline.keras_files import KerasFileExporter
 
@@ -106,35 +109,78 @@ def discover(cfg: Config) -> list[dict]:
     """Every checkpoint with the version it was exported to under this config (or None).
 
     A checkpoint whose publish was committed but whose version is not there
-    (killed before its promotion, or its version removed) has no version here
-    and ``"committed": true``: it is pending, and exporting it finishes or
-    redoes the publish. Two listings, whatever the history's length.
+    (killed before its promotion) has no version here and ``"committed":
+    true``: it is pending, and exporting it finishes or redoes the publish.
+    A checkpoint whose version retention removed has no version and
+    ``"removed": {"version", "removed_at"}``; a backfill leaves it out unless
+    asked to export removed checkpoints again. Three listings, whatever the
+    history's length.
     """
     ctx = Context(cfg)
     out = []
     ledger = ctx.publisher.ledger()
+    removed = ctx.publisher.removed()
     listed = set(ctx.publisher.whole_versions())
     for ckpt in ctx.checkpoints():
         key = ckpt.ledger_key(cfg.config_hash) if ckpt.index_crc32c else None
         entry = ledger.get(key) if key else None
         version = entry.get("version") if entry else None
+        gone = removed.get(key) if key and entry is None else None
         out.append({**ckpt.to_dict(), "ledger_key": key, "version": version if version in listed else None,
-                    "committed": entry is not None and version not in listed})
+                    "committed": entry is not None and version not in listed,
+                    "removed": {"version": gone.get("version"), "removed_at": gone.get("removed_at")} if gone else None})
     return out
 
 
-def list_pending(cfg: Config, from_step: int | None = None, to_step: int | None = None) -> list[dict]:
-    """Complete checkpoints in the step range that have no version for this config yet, oldest first."""
+def list_pending(cfg: Config, from_step: int | None = None, to_step: int | None = None,
+                 include_removed: bool = False, items: list[dict] | None = None) -> list[dict]:
+    """Complete checkpoints in the step range that have no version for this config yet, oldest first.
+
+    Checkpoints whose version retention removed are left out unless
+    ``include_removed``. ``items`` is a discovery already made.
+    """
     pending = []
-    for item in discover(cfg):
+    for item in discover(cfg) if items is None else items:
         step = item["step"]
         if from_step is not None and (step is None or step < from_step):
             continue
         if to_step is not None and (step is None or step > to_step):
             continue
+        if item.get("removed") and not include_removed:
+            continue
         if item["complete"] and item["version"] is None:
             pending.append(item)
     return pending
+
+
+def pending_for_backfill(cfg: Config, from_step: int | None = None, to_step: int | None = None,
+                         include_removed: bool = False, allow_outrank: bool = False) -> list[dict]:
+    """What a backfill exports (:func:`list_pending`), refused when retention would remove it at once."""
+    discovered = discover(cfg)
+    pending = list_pending(cfg, from_step, to_step, include_removed, items=discovered)
+    if not allow_outrank:  # outranking versions do not follow training order; retention then removes others
+        check_retention_keeps(cfg, discovered, pending)
+    return pending
+
+
+def check_retention_keeps(cfg: Config, discovered: list[dict], pending: list[dict]) -> None:
+    """Refuse a backfill whose versions the next run's retention would remove at once.
+
+    Versions follow training order (the serving-order rule), so after the
+    backfill retention keeps the ``retention.keep`` newest checkpoints that
+    have a version; a pending checkpoint below them would be published only
+    to be removed by the next prune.
+    """
+    keys = {item["ledger_key"] for item in pending}
+    having = [item for item in discovered if item["version"] is not None or item["ledger_key"] in keys]
+    kept = {item["ledger_key"] for item in having[-cfg.retention.keep:]}
+    doomed = [item for item in pending if item["ledger_key"] not in kept]
+    if doomed:
+        needed = len(having)
+        raise ConfigError(
+            f"backfill of {len(pending)} checkpoint(s): the next run's retention (retention.keep: "
+            f"{cfg.retention.keep}) would remove {len(doomed)} of them, {doomed[0]['name']} first; set "
+            f"retention.keep to at least {needed} in {cfg.source or 'the config'}, or narrow the step range")
 
 
 def _choose(ctx: Context, wanted: str | None) -> Checkpoint | None:
@@ -573,7 +619,8 @@ def run_once(cfg: Config, checkpoint: str | None = None, versioning: str | None 
 
 def backfill(cfg: Config, from_step: int | None = None, to_step: int | None = None,
              versioning: str = "checkpoint_time", allow_outrank: bool = False,
-             progress: Callable[[dict], None] | None = None, jobs: int = 1) -> list[dict]:
+             progress: Callable[[dict], None] | None = None, jobs: int = 1,
+             include_removed: bool = False) -> list[dict]:
     """Export every pending checkpoint in the step range, oldest first.
 
     The model is built and traced once per worker process; each checkpoint then
@@ -583,11 +630,14 @@ def backfill(cfg: Config, from_step: int | None = None, to_step: int | None = No
     its own model; versions are still published one by one in checkpoint order.
 
     A failure of one checkpoint is recorded and the backfill goes on. Retention
-    is not applied: the point of a backfill is to keep what it writes. The
+    is not applied: the point of a backfill is to keep what it writes, so a
+    backfill whose versions the next run's retention would remove is refused
+    up front (:func:`check_retention_keeps`). Checkpoints whose versions
+    retention removed before are left out unless ``include_removed``. The
     metric gate does not hold back a backfill: historic checkpoints land below
     the live version, and the gate guards what is served.
     """
-    pending = list_pending(cfg, from_step, to_step)
+    pending = pending_for_backfill(cfg, from_step, to_step, include_removed, allow_outrank)
     records: list[dict] = []
 
     def finish(item: dict, validated: dict | BaseException) -> None:
@@ -689,7 +739,8 @@ def _worker_export(task: tuple) -> dict | BaseException:
 
 
 def status(cfg: Config) -> dict:
-    """Published versions with their provenance, and the one TF Serving serves (the highest)."""
+    """Published versions with their provenance, the one TF Serving serves (the highest), and the
+    versions retention removed (``removed``: version, checkpoint, step, removed_at)."""
     ctx = Context(cfg)
     versions = []
     whole = set(ctx.publisher.whole_versions())
@@ -711,8 +762,13 @@ def status(cfg: Config) -> dict:
         served = max(entry.listed) if entry.listed else None
     for item in versions:
         item["labels"] = sorted(k for k, v in labels.items() if v == item["version"])
-    return {"export_base": cfg.export_base, "versions": versions, "serving": served, "labels": labels}
+    present = {v["version"] for v in versions}
+    removed = sorted(({"version": r.get("version"), "checkpoint": r.get("checkpoint"), "step": r.get("step"),
+                       "removed_at": r.get("removed_at")} for r in ctx.publisher.removed().values()
+                      if r.get("version") not in present), key=lambda r: r["version"] or 0)
+    return {"export_base": cfg.export_base, "versions": versions, "serving": served, "labels": labels,
+            "removed": removed}
 
 
-__all__ = ["discover", "list_pending", "stage_export", "stage_validate", "stage_publish", "stage_prune",
+__all__ = ["discover", "list_pending", "pending_for_backfill", "check_retention_keeps", "stage_export", "stage_validate", "stage_publish", "stage_prune",
            "export_one", "run_once", "backfill", "status", "public"]

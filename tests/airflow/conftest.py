@@ -82,6 +82,11 @@ def xcom(dr, task_id: str, map_index: int | None = None, key: str = "return_valu
     return values
 
 
+def as_list(value) -> list:
+    """A publish over a mapped task's results returns a list, or one record when one instance ran."""
+    return value if isinstance(value, list) else [value]
+
+
 def task_states(dr) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for ti in sorted(dr.get_task_instances(), key=lambda t: (t.task_id, t.map_index)):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.airflow.conftest import WhenDeferred, asset_events, model_dags, task_states, xcom
+from tests.airflow.conftest import WhenDeferred, as_list, asset_events, model_dags, task_states, xcom
 from tests.support.gcs_emulator import DEFAULT_PROJECT
 from tests.support.gcs_fixtures import GcsBucket, gcs_bucket, gcs_server  # noqa: F401  (fixtures)
 
@@ -84,7 +84,7 @@ def test_nightly_then_backfill_on_gcs_through_a_connection(tmp_path, trained_dir
     backfill = m.test("backfill", conf={"from_step": 20})
     assert backfill.state == "success", task_states(backfill)
     assert [c["name"] for c in xcom(backfill, "list_checkpoints")] == ["ckpt-20"]  # ckpt-30 has its version
-    [p20] = xcom(backfill, "export_each.publish")
+    [p20] = as_list(xcom(backfill, "publish"))
     assert p20["status"] == "published" and p20["step"] == 20 and p20["version"] < live
     assert sorted(versions_in(gcs_bucket)) == [p20["version"], live]
     assert_whole(gcs_bucket)

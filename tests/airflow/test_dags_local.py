@@ -20,6 +20,7 @@ import pytest
 from tests.airflow.conftest import (
     DAG_FILE,
     WhenDeferred,
+    as_list,
     asset_events,
     manifest,
     model_dags,
@@ -78,10 +79,13 @@ def test_dag_file_parses_without_tensorflow_and_yields_three_dags_per_config(tmp
     assert after["tasks"]["export_each.export"]["mapped"] and not after["tasks"]["publish"]["mapped"]
     backfill = demo["dags"]["export_backfill__demo"]
     assert backfill["schedule"] is None
-    assert backfill["params"] == ["allow_outrank", "from_step", "to_step", "versioning"]
-    for task in ("export_each.export", "export_each.validate", "export_each.publish"):
+    assert backfill["params"] == ["allow_outrank", "from_step", "include_removed", "to_step", "versioning"]
+    for task in ("export_each.export", "export_each.validate"):
         assert backfill["tasks"][task]["max_active_tis_per_dagrun"] == 2  # dags/configs/demo.yaml
         assert backfill["tasks"][task]["mapped"] is True
+    # One publish over the mapped results: history is numbered in checkpoint order.
+    assert backfill["tasks"]["publish"]["mapped"] is False
+    assert backfill["tasks"]["publish"]["outlets"] == ["alias:tf_export__demo__backfill"]
 
     # Another folder: two models, one with its own schedule and limit, and a broken file that is left out.
     folder = tmp_path / "configs"
@@ -94,7 +98,10 @@ def test_dag_file_parses_without_tensorflow_and_yields_three_dags_per_config(tmp
     (folder / "broken.yaml").write_text("training_dir: ./train\nno_such_key: 1\n")
     (folder / "notes.txt").write_text("not a config")
     other = parse_in_fresh_process({"TF_EXPORT_CONFIG_DIR": str(folder)})
-    assert other["import_errors"] == {} and other["tensorflow"] is False
+    # The broken config is an import error of its own, under its path; the DAG file has none.
+    [(where, why)] = other["import_errors"].items()
+    assert where == str(folder / "broken.yaml") and why.startswith("ConfigError: invalid config")
+    assert str(folder / "broken.yaml") in why and other["tensorflow"] is False
     assert sorted(other["dags"]) == sorted(f"export_{k}__{m}" for k in ("nightly", "after_training", "backfill")
                                            for m in ("alpha", "beta"))
     assert other["dags"]["export_nightly__alpha"]["schedule"] == "0 3 * * *"
@@ -200,7 +207,7 @@ def test_backfill_maps_over_a_step_range_and_refuses_to_outrank_the_live_version
     dr = m.test("backfill", conf={"from_step": 20})
     assert dr.state == "success", task_states(dr)
     assert [c["name"] for c in xcom(dr, "list_checkpoints")] == ["ckpt-20", "ckpt-30"]
-    published = xcom(dr, "export_each.publish")
+    published = xcom(dr, "publish")
     assert [(p["status"], p["step"]) for p in published] == [("published", 20), ("published", 30)]
     v20, v30 = (p["version"] for p in published)
     # checkpoint_time: numbered by when each checkpoint was written, so history stays in training order
@@ -212,13 +219,47 @@ def test_backfill_maps_over_a_step_range_and_refuses_to_outrank_the_live_version
     # ckpt-10 under 'timestamp' would be served above ckpt-30: refused, nothing published.
     refused = m.test("backfill", conf={"to_step": 10, "versioning": "timestamp"})
     assert refused.state == "failed"
-    assert task_states(refused)["export_each.publish"] == ["failed"]
+    assert task_states(refused)["publish"] == ["failed"]
     assert versions(base) == [v20, v30]
     assert asset_events(refused.run_id) == []
     assert [p.name for p in base.iterdir() if p.name.startswith("temp-")] == []
 
     allowed = m.test("backfill", conf={"to_step": 10, "versioning": "timestamp", "allow_outrank": True})
     assert allowed.state == "success", task_states(allowed)
-    [p10] = xcom(allowed, "export_each.publish")
+    [p10] = as_list(xcom(allowed, "publish"))
     assert p10["status"] == "published" and p10["step"] == 10 and p10["version"] > v30
     assert versions(base) == [v20, v30, p10["version"]]
+
+
+def test_backfill_dag_publishes_checkpoints_written_in_one_second_in_checkpoint_order(tmp_path, trained_dir):
+    m = model_dags(tmp_path / "ws", "backfill_order", trained_dir, airflow={"max_active_tis_per_dagrun": 3})
+    base = m.config.parent / "serving" / "demo_regressor"
+    same_second = float(int(time.time()) - 600)
+    _state_file(m.config.parent / "train", ["ckpt-10", "ckpt-20", "ckpt-30"], [same_second + 0.1, same_second + 0.5,
+                                                                              same_second + 0.9])
+    dr = m.test("backfill")
+    assert dr.state == "success", task_states(dr)
+    assert task_states(dr)["export_each.export"] == ["success"] * 3
+    published = xcom(dr, "publish")
+    assert [p["step"] for p in published] == [10, 20, 30]
+    numbers = [p["version"] for p in published]
+    # checkpoint_time: one second for all three, so collisions move each up by one, in training order.
+    assert numbers == sorted(numbers) and len(set(numbers)) == 3 and numbers[0] == int(same_second)
+    assert versions(base) == numbers
+    assert [e[1]["step"] for e in asset_events(dr.run_id)] == [10, 20, 30]
+
+
+def test_backfill_dag_refuses_history_that_retention_would_remove(tmp_path, trained_dir):
+    m = model_dags(tmp_path / "ws", "backfill_keep", trained_dir, retention={"keep": 1})
+    base = m.config.parent / "serving" / "demo_regressor"
+    nightly = m.test("nightly")
+    assert nightly.state == "success", task_states(nightly)
+    live = xcom(nightly, "publish")["version"]
+
+    refused = m.test("backfill")
+    assert refused.state == "failed"
+    states = task_states(refused)
+    assert states["list_checkpoints"] == ["failed"]
+    assert states.get("publish") in (None, ["upstream_failed"])
+    assert versions(base) == [live]
+    assert asset_events(refused.run_id) == []

@@ -48,6 +48,7 @@ def live(tmp_path_factory, trained_dir):
     m = model_dags(root / "ws", MODEL, airflow={"schedule": None})  # the nightly DAG is run by hand here
     train = m.config.parent / "train"
     train.mkdir()
+    (m.config.parent / "broken.yaml").write_text("training_dir: ./train\nno_such_key: 1\n")
     release = root / "release-publish"
     release.touch()
     airflow = LiveAirflow(root / "home", {
@@ -65,6 +66,7 @@ def live(tmp_path_factory, trained_dir):
         airflow.wait_dag(NIGHTLY)
         airflow.train, airflow.trained, airflow.release = train, trained_dir, release
         airflow.base = m.config.parent / "serving" / "demo_regressor"
+        airflow.configs = m.config.parent
         yield airflow
     finally:
         airflow.stop()
@@ -154,3 +156,26 @@ def test_publish_killed_after_its_ledger_entry_is_retried_into_one_version(live)
     export_asset = live.asset_id("file://" + str(base))
     events = live.get("/api/v2/assets/events", asset_id=export_asset)["asset_events"]
     assert [e["extra"]["version"] for e in events if e["source_run_id"] == run_id] == [entry["version"]]
+
+
+def test_broken_config_is_an_import_error_of_its_own_and_other_models_run(live):
+    def listed():
+        errors = live.get("/api/v2/importErrors")["import_errors"]
+        return [e for e in errors if e["filename"].endswith("broken.yaml")] or None
+
+    [error] = wait_for("the broken config among the import errors", listed, 60, interval=0.5, on_timeout=live.tails)
+    assert error["stack_trace"].startswith("ConfigError: invalid config: missing key 'export_base'")
+    assert str(live.configs / "broken.yaml") in error["stack_trace"]
+    # Only the config: the DAG file itself carries no error, and the good model's DAGs are not marked broken.
+    files = {e["filename"] for e in live.get("/api/v2/importErrors")["import_errors"]}
+    assert not any(f.endswith(".py") for f in files), files
+    for dag_id in (AFTER, NIGHTLY):
+        assert live.get(f"/api/v2/dags/{dag_id}")["has_import_errors"] is False
+
+    # Fixed, the config gets its DAGs and its error goes away.
+    from tf_export_pipeline.demo import write_config
+
+    write_config(str(live.configs), name="broken.yaml", airflow={"schedule": None})
+    live.wait_dag("export_nightly__broken")
+    wait_for("the fixed config's import error to clear", lambda: listed() is None, 60, interval=0.5,
+             on_timeout=live.tails)

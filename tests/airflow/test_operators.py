@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import shutil
 import threading
 import time
@@ -219,12 +222,63 @@ def test_sensor_waits_in_the_worker_in_poke_and_reschedule_modes(tmp_path, train
 def test_deferred_sensor_skips_when_nothing_new_and_fails_for_a_named_checkpoint(tmp_path):
     config, _ = _trigger_config(tmp_path)
     dag = _sensor_dag("sensor_deadlines", config,
-                      anything_new=dict(poke_interval=0.3, timeout=1.5),
-                      named=dict(checkpoint="ckpt-99", poke_interval=0.3, timeout=1.5))
+                      anything_new=dict(deferrable=True, poke_interval=0.3, timeout=1.5),
+                      named=dict(deferrable=True, checkpoint="ckpt-99", poke_interval=0.3, timeout=1.5))
     t0 = time.monotonic()
     dr = dag.test()
     assert time.monotonic() - t0 < 60  # each trigger ended itself: dag.test() does not enforce defer timeouts
     assert task_states(dr) == {"anything_new": ["skipped"], "named": ["failed"]}
+
+
+@pytest.mark.parametrize("deferrable", [True, False])
+def test_sensor_fails_at_once_for_a_checkpoint_that_does_not_exist(tmp_path, trained_dir, deferrable):
+    config, train = _trigger_config(tmp_path)
+    for f in trained_dir.iterdir():
+        shutil.copy2(f, train / f.name)  # ckpt-10, ckpt-20, ckpt-30
+    wait = dict(deferrable=deferrable, poke_interval=0.3, timeout=120)
+    dag = _sensor_dag(f"sensor_missing_{deferrable}", config,
+                      older=dict(checkpoint="ckpt-5", **wait),  # below the newest: a typo, never coming
+                      unknown=dict(checkpoint="ckpt-999", missing_grace=1.5, **wait),  # nothing after the grace
+                      coming=dict(checkpoint="ckpt-40", missing_grace=60, **{**wait, "timeout": 2}))
+    for task in dag.tasks:
+        task.retries = 2  # a failure that no retry can mend must not use them
+    t0 = time.monotonic()
+    dr = dag.test()
+    assert time.monotonic() - t0 < 60, "the missing checkpoints were waited for"
+    states = task_states(dr)
+    assert states["older"] == ["failed"] and states["unknown"] == ["failed"]
+    assert states["coming"] in (["failed"], ["up_for_retry"])  # timed out: a checkpoint that may still come
+    tis = {ti.task_id: ti for ti in dr.get_task_instances()}
+    assert tis["older"].try_number == 1 and tis["unknown"].try_number == 1
+
+
+def test_missing_checkpoint_failure_names_the_newest_one(tmp_path, trained_dir):
+    from tf_export_pipeline.config import load_config
+    from tf_export_pipeline.errors import CheckpointMissingError
+    from tf_export_pipeline.operators.triggers import look
+
+    config, train = _trigger_config(tmp_path)
+    for f in trained_dir.iterdir():
+        shutil.copy2(f, train / f.name)
+    cfg = load_config(str(config))
+    with pytest.raises(CheckpointMissingError, match="checkpoint ckpt-5 does not exist and is older than the "
+                                                     "newest one, ckpt-30"):
+        look(cfg, "ckpt-5")
+    assert look(cfg, "ckpt-999", missing_since=time.time(), grace=300) == (None, "checkpoint ckpt-999 is not "
+                                                                                  "complete yet")
+    with pytest.raises(CheckpointMissingError, match="ckpt-999 matches nothing in .* after 1 s; the newest is ckpt-30"):
+        look(cfg, "ckpt-999", missing_since=time.time() - 5, grace=1)
+    assert look(cfg, "ckpt-20")[0]["name"] == "ckpt-20"
+
+
+def test_sensor_deferrable_default_follows_airflow_config(tmp_path):
+    script = ("from tf_export_pipeline.operators.sensors import NewCheckpointSensor as S; "
+              "print(S(task_id='w', config_path='c.yaml').deferrable)")
+    for value in ("True", "False"):
+        env = {**os.environ, "AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE": value}
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip().splitlines()[-1] == value
 
 
 # -- which errors are retried --------------------------------------------------------------
