@@ -1,8 +1,9 @@
 """Seeds the docker-compose demo: trains the demo model's checkpoints and copies them into fake-gcs-server.
 
-Runs once before Airflow starts (service `demo-data`): the checkpoints land in
-/data/demo/train (deploy/configs/demo.yaml) and in gs://tf-export-demo/train
-(deploy/configs/demo_gcs.yaml). Nothing is done twice on a restart.
+Runs once before Airflow starts (service `demo-data`, as AIRFLOW_UID: `airflow-init` has
+handed /data to that user): the checkpoints land in /data/demo/train
+(deploy/configs/demo.yaml) and in gs://tf-export-demo/train (deploy/configs/demo_gcs.yaml).
+Nothing is done twice on a restart.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import os
 TRAIN = "/data/demo/train"
 BUCKET = "tf-export-demo"
 GCS_ENDPOINT = os.environ.get("DEMO_GCS_ENDPOINT", "http://fake-gcs:4443")
-AIRFLOW_UID = int(os.environ.get("AIRFLOW_UID", "50000"))
 
 
 def main() -> None:
@@ -22,10 +22,6 @@ def main() -> None:
     if not glob.glob(os.path.join(TRAIN, "*.index")):
         print("training the demo model into", TRAIN, flush=True)
         train(TRAIN, steps=30, checkpoint_every=10)
-    for root, dirs, files in os.walk("/data"):  # the Airflow containers run as AIRFLOW_UID
-        for name in dirs + files:
-            os.chown(os.path.join(root, name), AIRFLOW_UID, 0)
-    os.chown("/data", AIRFLOW_UID, 0)
 
     import gcsfs
 
