@@ -8,11 +8,11 @@ redacted (:func:`xcom`).
 Example::
 
     from tf_export_pipeline.operators.base import load, stage_errors, xcom
-    from tf_export_pipeline import runner
+    from tf_export_pipeline import stages
 
     cfg = load("/opt/airflow/dags/configs/demo.yaml", "google_cloud_default")
     with stage_errors():
-        result = runner.stage_prune(cfg, dry_run=True)
+        result = stages.stage_prune(cfg, dry_run=True)
     print(xcom(result))
 """
 
@@ -123,6 +123,6 @@ class PipelineOperator(BaseOperator):
     def pass_through(self, context: Context, record: Any) -> None:
         """Skip when the stage before had nothing for this one (no new checkpoint, already published, gated)."""
         if isinstance(record, dict) and record.get("status") in NOTHING_TO_DO:
-            from tf_export_pipeline.runner import public
+            from tf_export_pipeline.stages import public
 
             self.skip_with(context, public(record), f"{record['status']}: {record.get('checkpoint')}")

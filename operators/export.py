@@ -1,7 +1,7 @@
 """One operator per pipeline stage: discover, export, validate, publish, prune.
 
 Each takes the config path (templated) and what the stage before returned,
-calls the matching function of :mod:`tf_export_pipeline.runner` and returns its small
+calls the matching function of :mod:`tf_export_pipeline.stages` and returns its small
 JSON-serialisable record to XCom. Staging lives in the export base's own
 storage, so consecutive tasks may run on different workers, and a retry of
 any task is safe: the ledger and the version claims make each stage
@@ -64,7 +64,7 @@ class DiscoverCheckpointsOperator(PipelineOperator):
 
     def execute(self, context: Context) -> Any:
         from tf_export_pipeline.operators.selection import new_since_exported, newest, small
-        from tf_export_pipeline import runner
+        from tf_export_pipeline import stages
         from tf_export_pipeline.errors import CheckpointError, ConfigError
 
         cfg = self.config()
@@ -72,15 +72,15 @@ class DiscoverCheckpointsOperator(PipelineOperator):
             if self.select not in SELECT:
                 raise ConfigError(f"select must be one of {', '.join(SELECT)}, got {self.select!r}")
             if self.select == "pending":
-                items = [small(r) for r in runner.pending_for_backfill(
+                items = [small(r) for r in stages.pending_for_backfill(
                     cfg, as_int(self.from_step), as_int(self.to_step), include_removed=as_bool(self.include_removed),
                     allow_outrank=as_bool(self.allow_outrank))]
             elif self.select == "new":
-                items = [small(r) for r in new_since_exported(runner.discover(cfg))]
+                items = [small(r) for r in new_since_exported(stages.discover(cfg))]
             if self.select != "newest":
                 self.log.info("%d checkpoint(s) to export: %s", len(items), [i["name"] for i in items])
                 return xcom(items)
-            chosen = newest(runner.discover(cfg))
+            chosen = newest(stages.discover(cfg))
         if chosen is None:
             self.skip_with(context, {"status": "no_new_checkpoint", "checkpoint": None, "step": None},
                            f"no complete checkpoint in {cfg.training_dir}")
@@ -121,12 +121,12 @@ class ExportCheckpointOperator(PipelineOperator):
         self.force = force
 
     def execute(self, context: Context) -> dict:
-        from tf_export_pipeline import runner
+        from tf_export_pipeline import stages
 
         self.pass_through(context, self.checkpoint)
         cfg = self.config()
         with stage_errors():
-            record = runner.stage_export(cfg, _checkpoint_ref(self.checkpoint), force=as_bool(self.force))
+            record = stages.stage_export(cfg, _checkpoint_ref(self.checkpoint), force=as_bool(self.force))
         self.pass_through(context, record)
         self.log.info("%s %s -> %s", record["status"], record.get("checkpoint"),
                       record.get("staging") or record.get("path"))
@@ -148,12 +148,12 @@ class ValidateExportOperator(PipelineOperator):
         self.staged = staged
 
     def execute(self, context: Context) -> dict:
-        from tf_export_pipeline import runner
+        from tf_export_pipeline import stages
 
         self.pass_through(context, self.staged)
         cfg = self.config()
         with stage_errors():
-            record = runner.stage_validate(cfg, self.staged)
+            record = stages.stage_validate(cfg, self.staged)
         report = record.get("validation") or {}
         self.log.info("%s %s (%d checks)", record["status"], record.get("staging") or record.get("path"),
                       len(report.get("checks") or []))
@@ -192,7 +192,7 @@ class PublishVersionOperator(PipelineOperator):
         self.allow_outrank = allow_outrank
 
     def execute(self, context: Context) -> dict | list:
-        from tf_export_pipeline import runner
+        from tf_export_pipeline import stages
         from tf_export_pipeline.redaction import redact
 
         if self.validated is None:  # e.g. a mapped validate task with no instance that succeeded
@@ -214,7 +214,7 @@ class PublishVersionOperator(PipelineOperator):
         records, failures = [], []
         for item in items:
             if item.get("status") in NOTHING_TO_DO:
-                records.append(runner.public(item))
+                records.append(stages.public(item))
                 continue
             try:
                 records.append(self._publish(cfg, item))
@@ -224,7 +224,7 @@ class PublishVersionOperator(PipelineOperator):
                 message = redact(str(err))
                 self.log.error("publishing %s failed: %s", item.get("checkpoint"), message)
                 failures.append(f"{item.get('checkpoint')}: {message}")
-                records.append({**runner.public(item), "status": "failed", "error": message})
+                records.append({**stages.public(item), "status": "failed", "error": message})
         if failures:
             # No event is recorded for a failed task; its retry finds these versions published and announces them.
             raise AirflowException(f"{len(failures)} of {len(items)} publishes failed: {'; '.join(failures)}")
@@ -235,12 +235,12 @@ class PublishVersionOperator(PipelineOperator):
         return xcom(records)
 
     def _publish(self, cfg, validated: dict) -> dict:
-        from tf_export_pipeline import runner
+        from tf_export_pipeline import stages
 
         if validated.get("status") == "published":
-            return runner.public(validated)  # finished by the export stage (a publish that died)
+            return stages.public(validated)  # finished by the export stage (a publish that died)
         with stage_errors():
-            record = runner.stage_publish(cfg, validated, versioning=self.versioning or None,
+            record = stages.stage_publish(cfg, validated, versioning=self.versioning or None,
                                           allow_outrank=as_bool(self.allow_outrank))
         if record["status"] == "skipped" and _published_by_earlier_try(cfg, validated, record):
             self.log.info("version %s was published by an earlier try of this task", record["version"])
@@ -269,7 +269,7 @@ class PublishVersionOperator(PipelineOperator):
 
 def _published_by_earlier_try(cfg, validated: dict, record: dict) -> bool:
     """Whether the ledger names this record's own staging, whole: an earlier try died after its ledger entry."""
-    from tf_export_pipeline.runner import Context
+    from tf_export_pipeline.stages import Context
 
     ctx = Context(cfg)
     entry = ctx.publisher.ledger_entry(validated.get("ledger_key") or "") or {}
@@ -294,7 +294,7 @@ class PruneVersionsOperator(PipelineOperator):
         self.dry_run = dry_run
 
     def execute(self, context: Context) -> dict:
-        from tf_export_pipeline import runner
+        from tf_export_pipeline import stages
 
         if isinstance(self.published, dict) and self.published.get("status") != "published":
             self.skip_with(context, {"removed_versions": [], "removed_staging": [], "dry_run": as_bool(self.dry_run)},
@@ -305,6 +305,6 @@ class PruneVersionsOperator(PipelineOperator):
                           if isinstance(r, dict) and r.get("status") == "published" and r.get("version") is not None]
         with stage_errors():
             # What this DAG run published is kept by its own prune, whatever its rank.
-            result = runner.stage_prune(cfg, dry_run=as_bool(self.dry_run), keep_versions=tuple(just_published))
+            result = stages.stage_prune(cfg, dry_run=as_bool(self.dry_run), keep_versions=tuple(just_published))
         self.log.info("removed versions %s, staging %s", result["removed_versions"], result["removed_staging"])
         return xcom(result)

@@ -1,4 +1,4 @@
-"""Which checkpoint counts as new: pure functions over :func:`tf_export_pipeline.runner.discover`'s records.
+"""Which checkpoint counts as new: pure functions over :func:`tf_export_pipeline.stages.discover`'s records.
 
 A record is a checkpoint's ``to_dict()`` plus ``version`` (None when it has no
 version under the config yet). Nothing here reads storage.

@@ -40,11 +40,11 @@ def look(cfg, wanted: str | None = None, missing_since: float | None = None,
     ``missing_since`` for longer than ``grace`` seconds.
     """
     from tf_export_pipeline.operators.selection import in_progress, matches, missing, new_checkpoint, newest_name
-    from tf_export_pipeline import runner
+    from tf_export_pipeline import stages
     from tf_export_pipeline.errors import CheckpointError, CheckpointMissingError
 
     try:
-        records = runner.discover(cfg)
+        records = stages.discover(cfg)
     except CheckpointError as err:  # nothing there yet, or a checkpoint still arriving
         return None, str(err)
     found = new_checkpoint(records, wanted)

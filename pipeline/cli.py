@@ -216,7 +216,7 @@ def _version_cell(item: dict) -> str:
 
 
 def cmd_discover(args, cfg) -> int:
-    from tf_export_pipeline.runner import discover
+    from tf_export_pipeline.stages import discover
 
     items = discover(cfg)
     rows = [[i["name"], i["step"], _when(i["written_at"]), "yes" if i["complete"] else "NO: missing " + ", ".join(i["missing"]),
@@ -226,7 +226,7 @@ def cmd_discover(args, cfg) -> int:
 
 
 def cmd_run(args, cfg) -> int:
-    from tf_export_pipeline.runner import public, run_once
+    from tf_export_pipeline.stages import public, run_once
 
     record = run_once(cfg, checkpoint=args.checkpoint, versioning=args.versioning, force=args.force,
                       allow_outrank=args.allow_outrank)
@@ -245,7 +245,7 @@ def cmd_run(args, cfg) -> int:
 
 
 def cmd_backfill(args, cfg) -> int:
-    from tf_export_pipeline.runner import backfill, pending_for_backfill, public
+    from tf_export_pipeline.stages import backfill, pending_for_backfill, public
 
     pending = pending_for_backfill(cfg, args.from_step, args.to_step, args.include_removed, args.allow_outrank)
     bar = None
@@ -283,7 +283,7 @@ def cmd_backfill(args, cfg) -> int:
 
 
 def cmd_status(args, cfg) -> int:
-    from tf_export_pipeline.runner import status
+    from tf_export_pipeline.stages import status
 
     st = status(cfg)
     rows = [[v["version"], v["step"], v["checkpoint"] or "(no manifest)", ",".join(v.get("labels") or []) or "-",
@@ -310,7 +310,7 @@ def cmd_validate(args, cfg) -> int:
     if against and not os.path.isfile(os.path.join(against, "saved_model.pb")):
         raise ConfigError(f"--against is not a SavedModel directory: {against}")
     if report.get("ok") and (against or (cfg and cfg.validation.contract)):
-        from tf_export_pipeline.contract import load_contract
+        from tf_export_pipeline.validate.contract import load_contract
         from tf_export_pipeline.validate import apply_signature_checks, signatures_of
 
         contract = load_contract(cfg.validation.contract) if cfg and cfg.validation.contract else None
@@ -327,7 +327,7 @@ def cmd_validate(args, cfg) -> int:
 
 
 def cmd_gc(args, cfg) -> int:
-    from tf_export_pipeline.runner import stage_prune
+    from tf_export_pipeline.stages import stage_prune
 
     result = stage_prune(cfg, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
@@ -355,7 +355,7 @@ def cmd_predict(args, cfg) -> int:
 def cmd_demo(args, _cfg) -> int:
     from tf_export_pipeline.config import load_config
     from tf_export_pipeline.demo import SERVING, train, write_config
-    from tf_export_pipeline.runner import public, run_once, status
+    from tf_export_pipeline.stages import public, run_once, status
     from tf_export_pipeline.serving import ServingControl
 
     workdir = os.path.abspath(args.workdir)

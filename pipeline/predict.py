@@ -103,7 +103,7 @@ def _signature(loaded: Any, name: str, path: str) -> Any:
 def predict(path: str, *, inputs_file: str | None = None, examples_file: str | None = None,
             signature: str | None = None) -> tuple[str, dict[str, np.ndarray]]:
     """Run a signature of the local SavedModel at ``path``; returns (signature name, outputs)."""
-    from tf_export_pipeline.examples import INPUT_NAME, read_spec, serialize_examples
+    from tf_export_pipeline.export.examples import INPUT_NAME, read_spec, serialize_examples
     from tf_export_pipeline.export import import_tensorflow_quietly
 
     if not os.path.isfile(os.path.join(path, "saved_model.pb")):

@@ -19,9 +19,9 @@ import re
 import secrets
 import time
 
-from tf_export_pipeline.promotion import MARKER
+from tf_export_pipeline.publish.promotion import MARKER
 from tf_export_pipeline.publish import CLAIM_TTL_SECONDS, CLAIMS_DIR, EXPORTS_DIR, LEDGER_DIR, REMOVED_DIR, STAGING_PREFIX, Publisher
-from tf_export_pipeline.staging import LEASES_DIR, last_renewed, lease_times, staging_name
+from tf_export_pipeline.publish.staging import LEASES_DIR, last_renewed, lease_times, staging_name
 from tf_export_pipeline.storage import TEMP_MARK, Storage
 
 _DELETING = re.compile(r"^temp-deleting-\d+-[0-9a-z]+$")

@@ -355,7 +355,7 @@ class ServingControl:
 
     def _is_whole(self, pub, version: int) -> bool:
         """A published version: whole, with its saved_model.pb and its manifest."""
-        from tf_export_pipeline.promotion import MARKER
+        from tf_export_pipeline.publish.promotion import MARKER
 
         final = pub.version_path(version)
         # is_whole trusts a local directory (a rename made it whole); a directory made by hand is not

@@ -93,7 +93,7 @@ def test_killed_while_the_validation_process_runs(workspace):
         def validating():
             try:
                 kids = psutil.Process(proc.pid).children(recursive=True)
-                return any("tf_export_pipeline.validate_worker" in " ".join(k.cmdline()) for k in kids)
+                return any("tf_export_pipeline.validate.worker" in " ".join(k.cmdline()) for k in kids)
             except psutil.Error:  # a child that just exited (a zombie) or the parent gone
                 return False
 

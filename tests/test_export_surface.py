@@ -38,7 +38,7 @@ ENDPOINTS_FACTORY = '''
 import keras
 import tensorflow as tf
 
-from tf_export_pipeline.endpoints import Endpoints
+from tf_export_pipeline.export.endpoints import Endpoints
 
 
 def model():
@@ -144,7 +144,7 @@ def test_keras_export_archive_and_unnamed_outputs_in_process():
     assert list(sigs["serve"].structured_outputs) == ["score"]
     assert list(sigs["doubled"].structured_outputs) == ["twice"]
 
-    from tf_export_pipeline.endpoints import Endpoints
+    from tf_export_pipeline.export.endpoints import Endpoints
 
     loose = Endpoints(model)
     loose.add_endpoint("pair", lambda x: (model(x), model(x)), [tf.TensorSpec([None, 4], tf.float32)])

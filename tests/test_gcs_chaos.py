@@ -52,7 +52,7 @@ import pytest
 from tf_export_pipeline.checkpoints import Checkpoint
 from tf_export_pipeline.errors import PipelineError
 from tf_export_pipeline.publish import MANIFEST, Publisher
-from tf_export_pipeline.staging import file_list
+from tf_export_pipeline.publish.staging import file_list
 from tf_export_pipeline.storage import open_storage
 from tests.conftest import cli_cmd, cli_env, run_cli
 from tests.support.fault_proxy import DROP, DROP_AFTER, FAIL_503, FaultProxy
@@ -339,7 +339,7 @@ def test_kills_at_random_instants_converge_to_each_checkpoint_once(tmp_path, tra
     assert backfill.rc == 0 and all(r["status"] == "published" for r in backfill.json), figures
     assert run.rc == 0 and run.json["status"] in ("published", "skipped") and run.json["step"] == newest, figures
     from tf_export_pipeline.config import load_config
-    from tf_export_pipeline.runner import list_pending
+    from tf_export_pipeline.stages import list_pending
 
     direct_config = write_config(str(tmp_path), name="direct.yaml", training_dir=gcs_bucket.url("train"),
                                  export_base=gcs_bucket.url(BASE), storage_options=gcs_bucket.storage_options,
@@ -728,7 +728,7 @@ def test_run_whose_ledger_entry_landed_unseen_keeps_its_claim_and_recovers(
     """The same lost commit through the runner (in process, so that gcsfs's back-off is short):
     the claim of the committed version stays, and the next run publishes the checkpoint, once."""
     from tf_export_pipeline.config import config_from_dict
-    from tf_export_pipeline.runner import export_one
+    from tf_export_pipeline.stages import export_one
     from tests.test_gcs_end_to_end import upload_tree
 
     upload_tree(gcs_bucket, trained_dir, "train")

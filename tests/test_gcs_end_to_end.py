@@ -27,7 +27,7 @@ from tf_export_pipeline.checkpoints import Checkpoint, crc32c_b64, discover_chec
 from tf_export_pipeline.config import config_from_dict
 from tf_export_pipeline.errors import CheckpointError, PipelineError
 from tf_export_pipeline.publish import Publisher
-from tf_export_pipeline.staging import file_list
+from tf_export_pipeline.publish.staging import file_list
 from tf_export_pipeline.storage import open_storage
 from tests.conftest import CliResult, cli_cmd, cli_env, run_cli
 from tests.support.gcs_fixtures import (  # noqa: F401  (fixtures)
@@ -331,7 +331,7 @@ def test_watcher_never_sees_a_partial_version_while_objects_move(gcs_bucket, gcs
             fs.rm_file(entry.path)
     assert seed_watch.violations(), "the watcher should catch saved_model.pb before variables/"
 
-    from tf_export_pipeline.promotion import ObjectMove, choose_strategy
+    from tf_export_pipeline.publish.promotion import ObjectMove, choose_strategy
 
     strategy = choose_strategy(store, "auto")
     assert isinstance(strategy, ObjectMove)
@@ -495,7 +495,7 @@ def test_publishes_under_faults_succeed_or_fail_cleanly(gcs_bucket, gcs_fault_pr
 
 def test_whole_pipeline_from_gs_under_faults(trained_dir, gcs_bucket, gcs_fault_proxy, fast_gcs_retries, tmp_path):
     """Checkpoint download, upload, validation download and publish, in process, with faults."""
-    from tf_export_pipeline.runner import export_one
+    from tf_export_pipeline.stages import export_one
 
     upload_tree(gcs_bucket, trained_dir, "train")
     via = gcs_bucket.via(gcs_fault_proxy)
@@ -555,7 +555,7 @@ def test_discovery_costs_a_fixed_number_of_requests(gcs_bucket, gcs_fault_proxy)
 
 
 def test_restore_copy_is_checked_against_the_discovered_index(gcs_bucket, trained_dir, tmp_path):
-    from tf_export_pipeline.runner import _local_checkpoint
+    from tf_export_pipeline.stages import _local_checkpoint
 
     upload_tree(gcs_bucket, trained_dir, "train")
     store = open_storage(gcs_bucket.url("train"), gcs_bucket.storage_options)

@@ -72,7 +72,7 @@ def test_cli_demo_runs_where_airflow_cannot_be_imported(tmp_path):
 
 def test_importing_the_package_imports_neither_airflow_nor_tensorflow():
     script = ("import sys, tf_export_pipeline, tf_export_pipeline.cli, tf_export_pipeline.config, "
-              "tf_export_pipeline.runner, tf_export_pipeline.operators.provider as p; p.get_provider_info(); "
+              "tf_export_pipeline.stages, tf_export_pipeline.operators.provider as p; p.get_provider_info(); "
               "print(sorted({m.split('.')[0] for m in sys.modules} & {'airflow', 'tensorflow', 'keras'}))")
     proc = subprocess.run([sys.executable, "-c", script], env=cli_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -19,11 +19,11 @@ STAGES = textwrap.dedent("""
     import logging, sys
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     from tf_export_pipeline.config import load_config
-    from tf_export_pipeline import runner
+    from tf_export_pipeline import stages
     cfg = load_config(sys.argv[1])
-    staged = runner.stage_export(cfg, None)
-    validated = runner.stage_validate(cfg, staged)
-    published = runner.stage_publish(cfg, validated)
+    staged = stages.stage_export(cfg, None)
+    validated = stages.stage_validate(cfg, staged)
+    published = stages.stage_publish(cfg, validated)
     print(published["status"], published["version"])
 """)
 

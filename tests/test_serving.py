@@ -353,7 +353,7 @@ def test_file_that_does_not_parse_is_reported_and_left_alone(tmp_path, published
 def test_publish_whose_label_cannot_be_written_reports_it(tmp_path, published):
     """The version is published whatever happens to its label: the error is in the record, not raised."""
     from tf_export_pipeline.config import load_config
-    from tf_export_pipeline.runner import export_and_validate, public, stage_publish
+    from tf_export_pipeline.stages import export_and_validate, public, stage_publish
 
     ws = copy_of(published, tmp_path, serving=SERVING)
     cfg = load_config(str(ws.config))

@@ -220,7 +220,7 @@ def test_warmup_records_parse_back_and_match_the_samples(tmp_path, trained_dir):
     path = ws.base / str(rec.json["version"]) / "assets.extra" / "tf_serving_warmup_requests"
     import tensorflow as tf
 
-    from tf_export_pipeline.warmup import read_warmup
+    from tf_export_pipeline.validate.warmup import read_warmup
 
     logs = read_warmup(str(path))
     assert len(logs) == 3

@@ -288,7 +288,7 @@ def test_errors_no_retry_can_mend_fail_at_once_and_transient_ones_are_retried():
     from tf_export_pipeline.operators.base import stage_errors
     from tf_export_pipeline.errors import (CheckpointError, ConfigError, ModelMismatchError, PipelineError,
                                  ServingOrderError, ValidationError)
-    from tf_export_pipeline.staging import StagingGone
+    from tf_export_pipeline.publish.staging import StagingGone
 
     permanent = [ConfigError("unknown factory 'x:y': c.yaml"), ModelMismatchError("checkpoint is of a different "
                  "model: /t/ckpt-1"), ValidationError("contract violated: /s"), StagingGone("staging is gone: /s"),

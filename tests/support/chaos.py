@@ -341,18 +341,18 @@ class Running:
 _FRAME = re.compile(r'File "(?P<file>[^"]+)", line \d+ in (?P<func>\S+)')
 # (phase, file ending, function): the innermost match in a thread's stack names its phase.
 _STAGES = (
-    ("exit", "pipeline/validate.py", "__exit__"),  # a backfill closing its validation process, all done
-    ("publish", "pipeline/publish.py", "_finish"),
+    ("exit", "pipeline/validate/__init__.py", "__exit__"),  # a backfill closing its validation process, all done
+    ("publish", "pipeline/publish/__init__.py", "_finish"),
     ("gc", "pipeline/retention.py", "prune"),
-    ("gc", "pipeline/runner.py", "stage_prune"),
+    ("gc", "pipeline/stages.py", "stage_prune"),
     ("gc", "pipeline/cli.py", "cmd_gc"),
-    ("publish", "pipeline/runner.py", "stage_publish"),
-    ("validation", "pipeline/runner.py", "stage_validate"),
-    ("validation", "pipeline/runner.py", "_validate_timed"),
-    ("discover", "pipeline/runner.py", "_choose"),
-    ("discover", "pipeline/runner.py", "list_pending"),
-    ("discover", "pipeline/runner.py", "discover"),
-    ("export", "pipeline/runner.py", "stage_export"),
+    ("publish", "pipeline/stages.py", "stage_publish"),
+    ("validation", "pipeline/stages.py", "stage_validate"),
+    ("validation", "pipeline/stages.py", "_validate_timed"),
+    ("discover", "pipeline/stages.py", "_choose"),
+    ("discover", "pipeline/stages.py", "list_pending"),
+    ("discover", "pipeline/stages.py", "discover"),
+    ("export", "pipeline/stages.py", "stage_export"),
 )
 _PRIORITY = {p: i for i, p in enumerate(PHASES)}
 

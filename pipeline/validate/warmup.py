@@ -5,7 +5,7 @@ the first real request does not pay for graph initialisation.
 
 Example::
 
-    from tf_export_pipeline.warmup import write_warmup
+    from tf_export_pipeline.validate.warmup import write_warmup
     write_warmup("/tmp/staged/assets.extra", {"features": x}, signature="serving_default")
 """
 

@@ -50,7 +50,7 @@ class Checkpoint:
         ``tf.train.Checkpoint`` records the crc32c of every tensor it saved
         (and the save counter), so two different saves never share it; for a
         ``.keras`` file it is the zip directory's checksum (see
-        :mod:`tf_export_pipeline.keras_files`).
+        :mod:`tf_export_pipeline.checkpoints.keras_files`).
         """
         return {"kind": self.kind, "index_size": self.index_size, "index_crc32c": self.index_crc32c}
 
@@ -123,7 +123,7 @@ def discover_checkpoints(store: Storage, training_dir: str | None = None, fmt: s
     One directory listing, one read of the state file, and one read of each
     index whose checksum the storage does not report itself. ``fmt`` "keras"
     (or "auto" on a folder of ``*.keras`` files only) lists Keras files instead
-    (see :mod:`tf_export_pipeline.keras_files`).
+    (see :mod:`tf_export_pipeline.checkpoints.keras_files`).
     """
     directory = training_dir or store.root
     entries = store.list_dir(directory)
@@ -131,7 +131,7 @@ def discover_checkpoints(store: Storage, training_dir: str | None = None, fmt: s
         raise CheckpointError(f"training directory does not exist: {store.url(directory)}")
     by_name: dict[str, Entry] = {e.name: e for e in entries if not e.is_dir}
     if fmt != "checkpoint":
-        from tf_export_pipeline import keras_files
+        from tf_export_pipeline.checkpoints import keras_files
 
         if fmt == "keras" or keras_files.is_keras_dir(by_name):
             return keras_files.discover(store, directory, list(by_name.values()), step_pattern)

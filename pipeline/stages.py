@@ -3,7 +3,7 @@
 Example::
 
     from tf_export_pipeline.config import load_config
-    from tf_export_pipeline.runner import run_once
+    from tf_export_pipeline.stages import run_once
     record = run_once(load_config("serving.yaml"))
     print(record["status"], record["version"])
 
@@ -29,7 +29,7 @@ from tf_export_pipeline.config import Config
 from tf_export_pipeline.errors import CheckpointError, ConfigError, ExportError, PipelineError
 from tf_export_pipeline.publish import EXPORTS_DIR, STAGING_PREFIX, Publisher
 from tf_export_pipeline.retention import prune
-from tf_export_pipeline.staging import FILES_NAME, LeaseHeartbeat, StagingGone, drop_lease, file_list, staging_name
+from tf_export_pipeline.publish.staging import FILES_NAME, LeaseHeartbeat, StagingGone, drop_lease, file_list, staging_name
 from tf_export_pipeline.storage import Storage, open_storage
 from tf_export_pipeline.validate import require_ok, validate_saved_model
 
@@ -78,7 +78,7 @@ class Context:
 
         import_tensorflow_quietly()  # before a model factory imports it, with its start-up chatter
         if ckpt is not None and ckpt.kind == "keras":
-            from tf_export_pipeline.keras_files import KerasFileExporter
+            from tf_export_pipeline.checkpoints.keras_files import KerasFileExporter
 
             return KerasFileExporter(self.cfg)  # each file carries its own model
         key = (self.cfg.model.factory, self.cfg.model.checkpoint_key, self.cfg.config_hash, self.cfg.config_dir)
@@ -340,7 +340,7 @@ def _export_into(ctx: Context, cfg: Config, ckpt: Checkpoint, exporter, staging:
     local_model = staging if ctx.base.is_local else os.path.join(scratch, "saved_model")
     exporter.write(local_model)
     if cfg.validation.warmup:
-        from tf_export_pipeline.warmup import write_warmup
+        from tf_export_pipeline.validate.warmup import write_warmup
 
         write_warmup(os.path.join(local_model, "assets.extra"), inputs)
     local_work = work if ctx.base.is_local else os.path.join(scratch, "work")
@@ -365,7 +365,7 @@ def _local_checkpoint(store: Storage, ckpt: Checkpoint, scratch: str) -> str:
     since its crc32c is part of the checkpoint's identity in the ledger.
     """
     if ckpt.kind == "keras":
-        from tf_export_pipeline.keras_files import local_copy
+        from tf_export_pipeline.checkpoints.keras_files import local_copy
 
         return local_copy(store, ckpt, scratch)
     if store.is_local:
@@ -459,9 +459,9 @@ def stage_validate(cfg: Config, staged: dict, session=None) -> dict:
 
 def _check_signatures(ctx: Context, report: dict) -> None:
     """The contract and the breaking-change diff against the live version, added to ``report``."""
-    from tf_export_pipeline.contract import load_contract
+    from tf_export_pipeline.validate.contract import load_contract
     from tf_export_pipeline.validate import apply_signature_checks
-    from tf_export_pipeline.validate_worker import signatures_from_bytes
+    from tf_export_pipeline.validate.worker import signatures_from_bytes
 
     contract = load_contract(ctx.cfg.validation.contract) if ctx.cfg.validation.contract else None
     live = ctx.reference_version()
@@ -625,7 +625,7 @@ def backfill(cfg: Config, from_step: int | None = None, to_step: int | None = No
 
     The model is built and traced once per worker process; each checkpoint then
     costs a restore, a write of the variables (see
-    :mod:`tf_export_pipeline.savedmodel_writer`) and a load in a shared validation process.
+    :mod:`tf_export_pipeline.export.writer`) and a load in a shared validation process.
     ``jobs`` > 1 exports and validates in that many worker processes, each with
     its own model; versions are still published one by one in checkpoint order.
 

@@ -3,7 +3,7 @@
 Example (a factory in ``my_pkg/model.py``, config ``model.factory: my_pkg.model:build``)::
 
     import keras, tensorflow as tf
-    from tf_export_pipeline.endpoints import Endpoints
+    from tf_export_pipeline.export.endpoints import Endpoints
 
     def build():
         model = make_functional_model()          # input "features", output "score"

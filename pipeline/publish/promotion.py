@@ -20,7 +20,7 @@ directory appears only when it is complete (on a flat object store: it holds
 
 Example::
 
-    from tf_export_pipeline.promotion import choose_strategy
+    from tf_export_pipeline.publish.promotion import choose_strategy
     strategy = choose_strategy(store, "auto")
     strategy.promote(store, "/srv/m/temp-1732147260-ab12", "/srv/m/1732147260")
 """

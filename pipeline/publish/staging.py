@@ -2,7 +2,7 @@
 
 Example::
 
-    from tf_export_pipeline.staging import file_list, verify_staging
+    from tf_export_pipeline.publish.staging import file_list, verify_staging
     from tf_export_pipeline.storage import open_storage
     store = open_storage("/srv/models/m")
     files = file_list("/srv/models/m/temp-1732147260-ab12")

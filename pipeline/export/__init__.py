@@ -145,7 +145,7 @@ class ServingModel:
         self.model = model
         self.root = tf.Module()
         track_model(self.root, model)
-        from tf_export_pipeline.endpoints import build_endpoint_signatures, is_endpoints
+        from tf_export_pipeline.export.endpoints import build_endpoint_signatures, is_endpoints
 
         if is_endpoints(model):
             build_endpoint_signatures(self, model)
@@ -254,7 +254,7 @@ class Exporter:
         if variables is not None and len(variables) == 0:
             raise ConfigError("model from the factory has no variables yet; build it before returning it")
         if example_signature is not None:
-            from tf_export_pipeline.examples import add_example_signature
+            from tf_export_pipeline.export.examples import add_example_signature
 
             add_example_signature(self.serving, example_signature)
 
@@ -311,10 +311,10 @@ class Exporter:
 
         The first write of this exporter is a full ``tf.saved_model.save``; later
         ones reuse its graph and write only the variables (see
-        :mod:`tf_export_pipeline.savedmodel_writer`).
+        :mod:`tf_export_pipeline.export.writer`).
         """
         if getattr(self, "_writer", None) is None:
-            from tf_export_pipeline.savedmodel_writer import SavedModelWriter
+            from tf_export_pipeline.export.writer import SavedModelWriter
 
             self._writer = SavedModelWriter()
         try:
@@ -325,7 +325,7 @@ class Exporter:
                                     f"{directory}") from None
             raise PipelineError(f"writing the SavedModel failed ({type(err).__name__}: {_first_line(err)}): {directory}") from None
         if getattr(self.serving, "example_spec", None):
-            from tf_export_pipeline.examples import write_spec
+            from tf_export_pipeline.export.examples import write_spec
 
             write_spec(directory, self.serving.example_spec)
 

@@ -11,7 +11,7 @@ The export base holds, besides the integer version directories TF Serving loads:
 
     _exports/claims/<version>        create-only: who owns a version number
     _exports/ledger/<ledger-key>     create-only: checkpoint identity + config -> version
-    _exports/leases/<staging name>   renewed while staging is in use (see tf_export_pipeline.staging)
+    _exports/leases/<staging name>   renewed while staging is in use (see tf_export_pipeline.publish.staging)
 
 The order of a publish is: renew the staging lease, check staging against its
 file list, claim a number (and check the serving order against the other
@@ -37,8 +37,8 @@ from typing import Any
 from tf_export_pipeline import __version__, faults
 from tf_export_pipeline.checkpoints import Checkpoint
 from tf_export_pipeline.errors import PipelineError, PublishError, ServingOrderError
-from tf_export_pipeline.promotion import MARKER, PromotionStrategy, VersionExistsError, choose_strategy
-from tf_export_pipeline.staging import EXPORTS_DIR, StagingGone, claim_lease_for_publish, drop_lease, staging_name, verify_staging
+from tf_export_pipeline.publish.promotion import MARKER, PromotionStrategy, VersionExistsError, choose_strategy
+from tf_export_pipeline.publish.staging import EXPORTS_DIR, StagingGone, claim_lease_for_publish, drop_lease, staging_name, verify_staging
 from tf_export_pipeline.storage import TEMP_MARK, Storage
 
 MANIFEST = "assets.extra/export_manifest.json"
@@ -386,8 +386,8 @@ class Publisher:
         """Check staging, claim, manifest, check again, ledger, promote. Returns the run record.
 
         ``files`` is the file list made when staging was written
-        (:func:`tf_export_pipeline.staging.file_list`); nothing that does not match it
-        is committed. Raises :class:`tf_export_pipeline.staging.StagingGone` when
+        (:func:`tf_export_pipeline.publish.staging.file_list`); nothing that does not match it
+        is committed. Raises :class:`tf_export_pipeline.publish.staging.StagingGone` when
         staging is gone, incomplete or past its lease: nothing was published,
         and the next run exports the checkpoint again.
         """

@@ -8,7 +8,7 @@ Both work on the plain description of signatures that validation reports::
 
 Example::
 
-    from tf_export_pipeline.contract import load_contract, check_contract
+    from tf_export_pipeline.validate.contract import load_contract, check_contract
     problems = check_contract(load_contract("contract.yaml"), report["signatures"])
 
 A contract file (YAML)::

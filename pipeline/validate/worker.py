@@ -1,4 +1,4 @@
-"""Entry point of the fresh validation process: ``python -m tf_export_pipeline.validate_worker DIR --report FILE``.
+"""Entry point of the fresh validation process: ``python -m tf_export_pipeline.validate.worker DIR --report FILE``.
 
 It loads the SavedModel from disk with nothing of the exporting process in
 memory, checks the serving signature, runs a smoke inference and writes a JSON
@@ -131,7 +131,7 @@ def run(path: str, samples: str | None, expected: str | None, rtol: float, atol:
     warmup = os.path.join(path, "assets.extra", "tf_serving_warmup_requests")
     if os.path.exists(warmup):
         try:
-            from tf_export_pipeline.warmup import read_warmup
+            from tf_export_pipeline.validate.warmup import read_warmup
 
             logs = read_warmup(warmup)
             bad = [i for i, log in enumerate(logs)
@@ -161,7 +161,7 @@ def run(path: str, samples: str | None, expected: str | None, rtol: float, atol:
                                 f" (rtol={rtol}, atol={atol})")
         report["parity_max_abs_diff"] = worst
         checks.add("parity_with_checkpoint", not problems, "; ".join(problems))
-    from tf_export_pipeline.examples import check_example_signature
+    from tf_export_pipeline.export.examples import check_example_signature
 
     # A tf.Example-parsing signature must give serving_default's outputs for the same samples.
     check_example_signature(loaded, path, inputs, outputs, checks.add, rtol, atol)

@@ -8,7 +8,7 @@ Example::
 
 An in-process load can hide a missing file (the model's variables are already in
 memory), so the load, the signature checks and the smoke inference run in a new
-Python process (:mod:`tf_export_pipeline.validate_worker`); this module starts it and
+Python process (:mod:`tf_export_pipeline.validate.worker`); this module starts it and
 reads its JSON report.
 """
 
@@ -52,7 +52,7 @@ class ValidationSession:
     def start(self) -> "ValidationSession":
         """Start the process without waiting for it, so its start-up overlaps other work."""
         if self._proc is None:
-            self._proc = subprocess.Popen([sys.executable, "-m", "tf_export_pipeline.validate_worker", "--serve"],
+            self._proc = subprocess.Popen([sys.executable, "-m", "tf_export_pipeline.validate.worker", "--serve"],
                                           env=_worker_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                           stderr=subprocess.DEVNULL, text=True, bufsize=1)
             self._loads = 0
@@ -124,7 +124,7 @@ def validate_saved_model(path: str, *, samples: str | None = None, expected: str
         return session.validate(path, samples=samples, expected=expected, rtol=rtol, atol=atol, timeout=timeout)
     with tempfile.TemporaryDirectory(prefix="tf-export-validate-") as tmp:
         report_path = os.path.join(tmp, "report.json")
-        cmd = [sys.executable, "-m", "tf_export_pipeline.validate_worker", path, "--report", report_path,
+        cmd = [sys.executable, "-m", "tf_export_pipeline.validate.worker", path, "--report", report_path,
                "--rtol", repr(rtol), "--atol", repr(atol)]
         if samples:
             cmd += ["--samples", samples]
@@ -148,7 +148,7 @@ def validate_saved_model(path: str, *, samples: str | None = None, expected: str
 def apply_signature_checks(report: dict, *, contract: dict | None = None, live_signatures: dict | None = None,
                            live_version: int | None = None, allow_breaking: bool = False) -> dict:
     """Add the contract check and the diff against the live version to a worker report."""
-    from tf_export_pipeline.contract import check_contract, diff_signatures
+    from tf_export_pipeline.validate.contract import check_contract, diff_signatures
 
     found = report.get("signatures")
     if found is None:
@@ -180,7 +180,7 @@ def apply_signature_checks(report: dict, *, contract: dict | None = None, live_s
 
 def signatures_of(path: str) -> dict:
     """Signatures of a local SavedModel directory, read from ``saved_model.pb`` without loading it."""
-    from tf_export_pipeline.validate_worker import signatures_from_bytes
+    from tf_export_pipeline.validate.worker import signatures_from_bytes
 
     with open(os.path.join(path, "saved_model.pb"), "rb") as fh:
         return signatures_from_bytes(fh.read())
