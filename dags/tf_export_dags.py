@@ -63,6 +63,7 @@ from pathlib import Path
 import pendulum
 from airflow.sdk import DAG, AssetAlias, Param, task, task_group
 
+from tf_export_pipeline.layout import VERSIONINGS
 from tf_export_pipeline.operators.assets import export_asset, requested_checkpoint, serving_asset, training_asset
 from tf_export_pipeline.operators.export import (
     DiscoverCheckpointsOperator,
@@ -87,7 +88,6 @@ DEFAULT_ARGS = {
     "retries": int(os.environ.get("TF_EXPORT_RETRIES", "2")),
     "retry_delay": timedelta(seconds=float(os.environ.get("TF_EXPORT_RETRY_DELAY_SECONDS", "60"))),
 }
-VERSIONING = ["checkpoint_time", "timestamp", "step"]
 
 
 def config_files(folder: Path = CONFIG_DIR) -> list[Path]:
@@ -182,7 +182,7 @@ def backfill(model: str, path: str, cfg) -> DAG:
         params={
             "from_step": Param(None, type=["null", "integer"], description="first step (inclusive)"),
             "to_step": Param(None, type=["null", "integer"], description="last step (inclusive)"),
-            "versioning": Param("checkpoint_time", enum=VERSIONING,
+            "versioning": Param("checkpoint_time", enum=list(VERSIONINGS),
                                 description="checkpoint_time keeps history below the live version"),
             "allow_outrank": Param(False, type="boolean",
                                    description="allow an older checkpoint above the live version"),

@@ -16,6 +16,8 @@ import sys
 import time
 from typing import Any
 
+from tf_export_pipeline.layout import SAVED_MODEL_PB, VERSIONINGS
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 DESCRIPTION = """\
@@ -59,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "exported checkpoint reports 'skipped' with its version.")
     _common(p)
     p.add_argument("--checkpoint", metavar="PREFIX", help="a checkpoint prefix, its base name (ckpt-300) or its step")
-    p.add_argument("--versioning", choices=["timestamp", "checkpoint_time", "step"],
+    p.add_argument("--versioning", choices=VERSIONINGS,
                    help="override the config's version numbering for this run")
     p.add_argument("--force", action="store_true",
                    help="publish even when the metric gate finds the checkpoint worse than the live version")
@@ -78,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--from-step", type=int, metavar="N", help="first step (inclusive)")
     p.add_argument("--to-step", type=int, metavar="M", help="last step (inclusive)")
-    p.add_argument("--versioning", choices=["timestamp", "checkpoint_time", "step"], default="checkpoint_time",
+    p.add_argument("--versioning", choices=VERSIONINGS, default="checkpoint_time",
                    help="version numbering (default: checkpoint_time)")
     p.add_argument("--allow-outrank", action="store_true",
                    help="publish even when a version would break training order (an older checkpoint above a "
@@ -307,7 +309,7 @@ def cmd_validate(args, cfg) -> int:
     timeout = cfg.validation.timeout_seconds if cfg else 300
     report = validate_saved_model(path, timeout=timeout)
     against = os.path.abspath(args.against) if args.against else None
-    if against and not os.path.isfile(os.path.join(against, "saved_model.pb")):
+    if against and not os.path.isfile(os.path.join(against, SAVED_MODEL_PB)):
         raise ConfigError(f"--against is not a SavedModel directory: {against}")
     if report.get("ok") and (against or (cfg and cfg.validation.contract)):
         from tf_export_pipeline.validate.contract import load_contract

@@ -20,10 +20,10 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
                       field_validator)
 from pydantic_core import PydanticCustomError
 
+from tf_export_pipeline.layout import Versioning
 from tf_export_pipeline.errors import ConfigError
 from tf_export_pipeline.redaction import GCS_TOKEN_KEYWORDS, register_options
 
-Versioning = Literal["timestamp", "checkpoint_time", "step"]
 
 
 class _Strict(BaseModel):

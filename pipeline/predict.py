@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from tf_export_pipeline.layout import SAVED_MODEL_PB, SERVING_KEY
 from tf_export_pipeline.errors import ConfigError, PipelineError
 
-SERVING_KEY = "serving_default"
 
 
 def load_npz(path: str) -> dict[str, np.ndarray]:
@@ -103,10 +103,10 @@ def _signature(loaded: Any, name: str, path: str) -> Any:
 def predict(path: str, *, inputs_file: str | None = None, examples_file: str | None = None,
             signature: str | None = None) -> tuple[str, dict[str, np.ndarray]]:
     """Run a signature of the local SavedModel at ``path``; returns (signature name, outputs)."""
-    from tf_export_pipeline.export.examples import INPUT_NAME, read_spec, serialize_examples
+    from tf_export_pipeline.export.examples import read_spec, serialize_examples
     from tf_export_pipeline.export import import_tensorflow_quietly
 
-    if not os.path.isfile(os.path.join(path, "saved_model.pb")):
+    if not os.path.isfile(os.path.join(path, SAVED_MODEL_PB)):
         raise ConfigError(f"not a SavedModel directory (no saved_model.pb): {path}")
     arrays = load_npz(inputs_file) if inputs_file else None
     rows = load_examples(examples_file) if examples_file else None
@@ -188,7 +188,7 @@ def resolve_target(target: str, cfg: Any, scratch: str) -> str:
 
         store = open_storage(cfg.export_base, cfg.storage_options)
         remote = store.join(store.root, target)
-        if not store.exists(store.join(remote, "saved_model.pb")):
+        if not store.exists(store.join(remote, SAVED_MODEL_PB)):
             raise ConfigError(f"version {target} is not published in the export base: {store.url(remote)}")
         if store.is_local:
             return remote

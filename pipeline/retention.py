@@ -19,12 +19,13 @@ import re
 import secrets
 import time
 
-from tf_export_pipeline.publish.promotion import MARKER
-from tf_export_pipeline.publish import CLAIM_TTL_SECONDS, CLAIMS_DIR, EXPORTS_DIR, LEDGER_DIR, REMOVED_DIR, STAGING_PREFIX, Publisher
-from tf_export_pipeline.publish.staging import LEASES_DIR, last_renewed, lease_times, staging_name
-from tf_export_pipeline.storage import TEMP_MARK, Storage
 
-_DELETING = re.compile(r"^temp-deleting-\d+-[0-9a-z]+$")
+from tf_export_pipeline.layout import CLAIMS_DIR, DELETING_PREFIX, EXPORTS_DIR, LEASES_DIR, LEDGER_DIR, REMOVED_DIR, SAVED_MODEL_PB, STAGING_PREFIX, TEMP_MARK, WORK_DIR
+from tf_export_pipeline.publish import CLAIM_TTL_SECONDS, Publisher
+from tf_export_pipeline.publish.staging import last_renewed, lease_times, staging_name
+from tf_export_pipeline.storage import Storage
+
+_DELETING = re.compile(rf"^{re.escape(DELETING_PREFIX)}\d+-[0-9a-z]+$")
 # A create-only write's temporary name lives for milliseconds; one this old was left by a kill.
 TEMP_FILE_SECONDS = 3600.0
 
@@ -81,7 +82,7 @@ def prune(store: Storage, *, keep: int, pinned: list[int] | tuple[int, ...] = ()
             pub.retire(version)
         for name in stale:
             store.rm(store.join(store.root, name), recursive=True)
-            store.rm(store.join(store.root, EXPORTS_DIR, "work", name), recursive=True)
+            store.rm(store.join(store.root, EXPORTS_DIR, WORK_DIR, name), recursive=True)
             store.rm(store.join(store.root, EXPORTS_DIR, LEASES_DIR, name))
         for version in removed_claims:
             if not pub.is_whole(pub.version_path(version)):
@@ -94,7 +95,7 @@ def prune(store: Storage, *, keep: int, pinned: list[int] | tuple[int, ...] = ()
 def _collect_leftovers(store: Storage, leases: dict[str, float], lease_seconds: float, now: float) -> None:
     """Work files and leases whose staging is gone, and temporary names of killed create-only writes."""
     staging = {e.name for e in store.list_dir(store.root) if e.name.startswith(STAGING_PREFIX)}
-    work_dir = store.join(store.root, EXPORTS_DIR, "work")
+    work_dir = store.join(store.root, EXPORTS_DIR, WORK_DIR)
     for e in store.list_dir(work_dir):
         renewed = last_renewed(store, e.name, leases)
         if e.name not in staging and renewed is not None and now - renewed > lease_seconds:
@@ -114,7 +115,7 @@ def _remove_version(store: Storage, pub: Publisher, version: int) -> None:
     path = pub.version_path(version)
     if store.is_local:
         # Renamed out of TF Serving's sight first, so it never sees a half-deleted version.
-        hidden = store.join(store.root, f"temp-deleting-{version}-{secrets.token_hex(4)}")
+        hidden = store.join(store.root, f"{DELETING_PREFIX}{version}-{secrets.token_hex(4)}")
         try:
             os.rename(path, hidden)
         except FileNotFoundError:
@@ -124,7 +125,7 @@ def _remove_version(store: Storage, pub: Publisher, version: int) -> None:
     # Object stores: one listing, then deletes matched to the listed generations.
     # The SavedModel marker goes first, so the remains never load as a model.
     objects = store.walk(path)
-    marker = [e for e in objects if e.name == MARKER]
+    marker = [e for e in objects if e.name == SAVED_MODEL_PB]
     if marker:
         store.delete_objects(marker)
-    store.delete_objects([e for e in objects if e.name != MARKER])
+    store.delete_objects([e for e in objects if e.name != SAVED_MODEL_PB])

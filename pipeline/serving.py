@@ -42,12 +42,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from tf_export_pipeline.layout import HISTORY_DIR, SAVED_MODEL_PB
 from tf_export_pipeline.errors import ConfigError, PipelineError
 from tf_export_pipeline.storage import Storage, open_storage
 
 STABLE, CANARY = "stable", "canary"
 LABEL_PATTERN = re.compile(r"^[a-zA-Z0-9_]+$")
-HISTORY_DIR = ("_exports", "serving", "history")
 WRITE_ATTEMPTS = 8
 RELOAD_MARGIN_MAX_SECONDS = 30.0
 WRITE_NONCE_KEY = "tf-export-write"
@@ -355,12 +355,12 @@ class ServingControl:
 
     def _is_whole(self, pub, version: int) -> bool:
         """A published version: whole, with its saved_model.pb and its manifest."""
-        from tf_export_pipeline.publish.promotion import MARKER
+        
 
         final = pub.version_path(version)
         # is_whole trusts a local directory (a rename made it whole); a directory made by hand is not
         # a publish, and TF Serving fails to load a version without saved_model.pb: check the file.
-        return version >= 0 and pub.is_whole(final) and self.base.isfile(self.base.join(final, MARKER)) \
+        return version >= 0 and pub.is_whole(final) and self.base.isfile(self.base.join(final, SAVED_MODEL_PB)) \
             and pub.manifest(version) is not None
 
     def move(self, moves: dict[str, int], command: str, now: bool = False,

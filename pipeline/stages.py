@@ -23,13 +23,14 @@ import tempfile
 import time
 from typing import Any, Callable
 
+from tf_export_pipeline.layout import ASSETS_EXTRA, EXPORTS_DIR, FILES_NAME, SAVED_MODEL_PB, STAGING_PREFIX, WORK_DIR
 from tf_export_pipeline import faults
 from tf_export_pipeline.checkpoints import Checkpoint, being_written, discover_checkpoints, find_checkpoint
 from tf_export_pipeline.config import Config
 from tf_export_pipeline.errors import CheckpointError, ConfigError, ExportError, PipelineError
-from tf_export_pipeline.publish import EXPORTS_DIR, STAGING_PREFIX, Publisher
+from tf_export_pipeline.publish import Publisher
 from tf_export_pipeline.retention import prune
-from tf_export_pipeline.publish.staging import FILES_NAME, LeaseHeartbeat, StagingGone, drop_lease, file_list, staging_name
+from tf_export_pipeline.publish.staging import LeaseHeartbeat, StagingGone, drop_lease, file_list, staging_name
 from tf_export_pipeline.storage import Storage, open_storage
 from tf_export_pipeline.validate import require_ok, validate_saved_model
 
@@ -203,7 +204,7 @@ def _choose(ctx: Context, wanted: str | None) -> Checkpoint | None:
 
 # -- stages ----------------------------------------------------------------------
 def _work_dir(ctx: Context, staging_name: str) -> str:
-    return ctx.base.join(ctx.base.root, EXPORTS_DIR, "work", staging_name)
+    return ctx.base.join(ctx.base.root, EXPORTS_DIR, WORK_DIR, staging_name)
 
 
 def _from_discovery(record) -> Checkpoint | None:
@@ -342,7 +343,7 @@ def _export_into(ctx: Context, cfg: Config, ckpt: Checkpoint, exporter, staging:
     if cfg.validation.warmup:
         from tf_export_pipeline.validate.warmup import write_warmup
 
-        write_warmup(os.path.join(local_model, "assets.extra"), inputs)
+        write_warmup(os.path.join(local_model, ASSETS_EXTRA), inputs)
     local_work = work if ctx.base.is_local else os.path.join(scratch, "work")
     os.makedirs(local_work, exist_ok=True)
     np.savez(os.path.join(local_work, "samples.npz"), **_plain_arrays(inputs))
@@ -469,7 +470,7 @@ def _check_signatures(ctx: Context, report: dict) -> None:
     if live is not None:
         try:
             live_signatures = signatures_from_bytes(
-                ctx.base.read_bytes(ctx.base.join(ctx.publisher.version_path(live), "saved_model.pb")))
+                ctx.base.read_bytes(ctx.base.join(ctx.publisher.version_path(live), SAVED_MODEL_PB)))
         except FileNotFoundError:
             live_signatures = None  # removed by retention meanwhile; nothing to compare with
     apply_signature_checks(report, contract=contract, live_signatures=live_signatures, live_version=live,

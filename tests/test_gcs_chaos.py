@@ -49,9 +49,10 @@ from pathlib import Path
 
 import pytest
 
+from tf_export_pipeline.layout import MANIFEST
 from tf_export_pipeline.checkpoints import Checkpoint
 from tf_export_pipeline.errors import PipelineError
-from tf_export_pipeline.publish import MANIFEST, Publisher
+from tf_export_pipeline.publish import Publisher
 from tf_export_pipeline.publish.staging import file_list
 from tf_export_pipeline.storage import open_storage
 from tests.conftest import cli_cmd, cli_env, run_cli

@@ -22,9 +22,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from tf_export_pipeline.layout import SERVING_KEY
 from tf_export_pipeline.errors import CheckpointError, ConfigError, ModelMismatchError, PipelineError
 
-SERVING_KEY = "serving_default"
 _NAME_OK = re.compile(r"[^A-Za-z0-9_.\-/]")
 
 

@@ -28,9 +28,9 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable, Iterator
 
+from tf_export_pipeline.layout import SERVING_KEY
 from tf_export_pipeline.errors import ConfigError
 
-SERVING_KEY = "serving_default"
 
 
 class Endpoints:

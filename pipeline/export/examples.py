@@ -27,11 +27,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from tf_export_pipeline.layout import EXAMPLE_SPEC, SERVING_KEY
 from tf_export_pipeline.errors import ConfigError
 
-SERVING_KEY = "serving_default"
 INPUT_NAME = "examples"
-SPEC_FILE = os.path.join("assets.extra", "example_signature.json")
 
 
 def _np_dtype(dtype: str):
@@ -137,7 +136,7 @@ def add_example_signature(serving: Any, config: Any) -> None:
 
 
 def write_spec(saved_model_dir: str, spec: dict) -> None:
-    path = os.path.join(saved_model_dir, SPEC_FILE)
+    path = os.path.join(saved_model_dir, EXAMPLE_SPEC)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as fh:
         json.dump(spec, fh, indent=1, sort_keys=True)
@@ -145,7 +144,7 @@ def write_spec(saved_model_dir: str, spec: dict) -> None:
 
 def read_spec(saved_model_dir: str) -> dict | None:
     """The example signature's spec stored in a SavedModel, or None."""
-    path = os.path.join(saved_model_dir, SPEC_FILE)
+    path = os.path.join(saved_model_dir, EXAMPLE_SPEC)
     if not os.path.isfile(path):
         return None
     with open(path, encoding="utf-8") as fh:
@@ -228,7 +227,7 @@ def check_example_signature(loaded: Any, saved_model_dir: str, inputs: dict[str,
     try:
         spec = read_spec(saved_model_dir)
     except (OSError, ValueError) as err:
-        add("example_signature_parity", False, f"{SPEC_FILE} does not parse ({type(err).__name__})")
+        add("example_signature_parity", False, f"{EXAMPLE_SPEC} does not parse ({type(err).__name__})")
         return
     if spec is None:
         return
@@ -236,7 +235,7 @@ def check_example_signature(loaded: Any, saved_model_dir: str, inputs: dict[str,
 
     name = spec.get("name")
     if name not in loaded.signatures:
-        add("example_signature_parity", False, f"signature '{name}' named in {SPEC_FILE} is missing")
+        add("example_signature_parity", False, f"signature '{name}' named in {EXAMPLE_SPEC} is missing")
         return
     try:
         serialized = serialize_examples(rows_of(inputs, list(spec["features"])), spec["features"])

@@ -27,6 +27,8 @@ import os
 import shutil
 import tempfile
 
+from tf_export_pipeline.layout import SAVED_MODEL_PB
+
 VARIABLES = os.path.join("variables", "variables")
 
 
@@ -62,7 +64,7 @@ class SavedModelWriter:
         track_captured_variables(root, signatures)
         tf.saved_model.save(root, directory, signatures=signatures)
         template = tempfile.mkdtemp(prefix="tf-export-template-")
-        shutil.copy2(os.path.join(directory, "saved_model.pb"), template)
+        shutil.copy2(os.path.join(directory, SAVED_MODEL_PB), template)
         if os.path.isdir(os.path.join(directory, "assets")):
             shutil.copytree(os.path.join(directory, "assets"), os.path.join(template, "assets"))
         self.close()
@@ -80,7 +82,7 @@ class SavedModelWriter:
         if _variable_layout(prefix) != self._layout:
             shutil.rmtree(directory)
             return False
-        shutil.copy2(os.path.join(self._template, "saved_model.pb"), directory)
+        shutil.copy2(os.path.join(self._template, SAVED_MODEL_PB), directory)
         if os.path.isdir(os.path.join(self._template, "assets")):
             shutil.copytree(os.path.join(self._template, "assets"), os.path.join(directory, "assets"))
         write_fingerprint(directory)

@@ -34,18 +34,14 @@ import os
 import time
 from typing import Any
 
+from tf_export_pipeline.layout import CLAIMS_DIR, EXPORTS_DIR, LEDGER_DIR, MANIFEST, REMOVED_DIR, SAVED_MODEL_PB, TEMP_MARK
 from tf_export_pipeline import __version__, faults
 from tf_export_pipeline.checkpoints import Checkpoint
 from tf_export_pipeline.errors import PipelineError, PublishError, ServingOrderError
-from tf_export_pipeline.publish.promotion import MARKER, PromotionStrategy, VersionExistsError, choose_strategy
-from tf_export_pipeline.publish.staging import EXPORTS_DIR, StagingGone, claim_lease_for_publish, drop_lease, staging_name, verify_staging
-from tf_export_pipeline.storage import TEMP_MARK, Storage
+from tf_export_pipeline.publish.promotion import PromotionStrategy, VersionExistsError, choose_strategy
+from tf_export_pipeline.publish.staging import StagingGone, claim_lease_for_publish, drop_lease, staging_name, verify_staging
+from tf_export_pipeline.storage import Storage
 
-MANIFEST = "assets.extra/export_manifest.json"
-STAGING_PREFIX = "temp-"
-CLAIMS_DIR = "claims"
-LEDGER_DIR = "ledger"
-REMOVED_DIR = "removed"  # one record per checkpoint whose version retention removed
 # A claim with neither a ledger entry nor a version directory this long after
 # it was taken belongs to a publish that died before its commit: it no longer
 # counts for the serving order, and gc removes it. A publish takes seconds
@@ -295,7 +291,7 @@ class Publisher:
         being moved is listed before it is whole; ``saved_model.pb`` moves last."""
         if self.store.is_local:
             return self.store.isdir(final)
-        return self.store.isfile(self.store.join(final, MARKER))
+        return self.store.isfile(self.store.join(final, SAVED_MODEL_PB))
 
     def taken(self) -> set[int]:
         """Numbers already claimed or published, from one listing of each."""

@@ -32,13 +32,13 @@ import os
 import time
 from typing import Protocol
 
+from tf_export_pipeline.layout import SAVED_MODEL_PB
 from tf_export_pipeline import faults
 from tf_export_pipeline.errors import PublishError
 from tf_export_pipeline.storage import Entry, Storage, fsync_dir, fsync_tree
 
 log = logging.getLogger(__name__)
 
-MARKER = "saved_model.pb"
 PROMOTIONS = ("auto", "rename", "object_move")
 
 
@@ -94,8 +94,8 @@ class FolderRename:
         before = store.walk(staging)
         if not before:
             raise FileNotFoundError(f"staging is empty or gone: {store.url(staging)}")
-        if not any(e.name == MARKER for e in before):
-            raise PublishError(f"staging holds no {MARKER}; refusing to promote it: {store.url(staging)}")
+        if not any(e.name == SAVED_MODEL_PB for e in before):
+            raise PublishError(f"staging holds no {SAVED_MODEL_PB}; refusing to promote it: {store.url(staging)}")
         if store.isdir(final):
             raise VersionExistsError(f"version directory already exists: {store.url(final)}")
         try:
@@ -128,8 +128,8 @@ class ObjectMove:
         if not sources:
             raise FileNotFoundError(f"staging is empty or gone: {store.url(staging)}")
         by_name = {e.name: e for e in sources}
-        if MARKER not in by_name:
-            raise PublishError(f"staging holds no {MARKER}; refusing to promote it: {store.url(staging)}")
+        if SAVED_MODEL_PB not in by_name:
+            raise PublishError(f"staging holds no {SAVED_MODEL_PB}; refusing to promote it: {store.url(staging)}")
 
         # Explicit existence check: not every server honours create-only on copies.
         present = {e.name: e for e in store.walk(final)}
@@ -138,7 +138,7 @@ class ObjectMove:
             raise VersionExistsError(
                 f"version directory already exists with other content ({len(foreign)} objects, "
                 f"e.g. {foreign[0]}): {store.url(final)}")
-        if MARKER in present:
+        if SAVED_MODEL_PB in present:
             # An earlier attempt copied everything and died before deleting staging.
             self._delete_sources(store, sources)
             self._record(started, sources, 0)
@@ -149,10 +149,10 @@ class ObjectMove:
         # deleting those objects here could pull them from under that finisher.
         copied = 0
         body = [(e, store.join(final, e.name)) for n, e in sorted(by_name.items())
-                if n != MARKER and n not in present]
+                if n != SAVED_MODEL_PB and n not in present]
         copied += store.copy_objects(body, limit=self.concurrency)
         faults.hold("promoting")
-        copied += store.copy_objects([(by_name[MARKER], store.join(final, MARKER))])
+        copied += store.copy_objects([(by_name[SAVED_MODEL_PB], store.join(final, SAVED_MODEL_PB))])
         self._delete_sources(store, sources)
         self._record(started, sources, copied)
 

@@ -29,12 +29,10 @@ import threading
 import time
 from typing import Any
 
+from tf_export_pipeline.layout import EXPORTS_DIR, LEASES_DIR
 from tf_export_pipeline.errors import PipelineError, PublishError
 from tf_export_pipeline.storage import Storage, crc32c_of_file
 
-EXPORTS_DIR = "_exports"
-LEASES_DIR = "leases"
-FILES_NAME = "files.json"
 # A publish refuses staging whose lease is this close to running out: gc
 # deciding to remove it and the publish renewing it must never both succeed.
 LEASE_MARGIN_SECONDS = 60.0

@@ -52,6 +52,7 @@ from urllib.parse import urlsplit
 
 import fsspec
 
+from tf_export_pipeline.layout import TEMP_MARK
 from tf_export_pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,6 @@ _GOOGLE_HOSTS = ("googleapis.com", "storage.mtls.googleapis.com")
 # (S3's If-None-Match). Elsewhere fsspec emulates it with exists-then-write,
 # which two writers can both pass.
 ATOMIC_CREATE_PROTOCOLS = ("s3", "s3a")
-TEMP_MARK = ".tmp-"
 _LAYOUTS: dict[tuple[str, str], str] = {}
 
 

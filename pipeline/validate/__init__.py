@@ -21,9 +21,9 @@ import sys
 import tempfile
 import time
 
+from tf_export_pipeline.layout import SAVED_MODEL_PB
 from tf_export_pipeline.errors import ValidationError
 
-PREDICT_METHOD = "tensorflow/serving/predict"
 
 
 def _worker_env() -> dict:
@@ -182,7 +182,7 @@ def signatures_of(path: str) -> dict:
     """Signatures of a local SavedModel directory, read from ``saved_model.pb`` without loading it."""
     from tf_export_pipeline.validate.worker import signatures_from_bytes
 
-    with open(os.path.join(path, "saved_model.pb"), "rb") as fh:
+    with open(os.path.join(path, SAVED_MODEL_PB), "rb") as fh:
         return signatures_from_bytes(fh.read())
 
 

@@ -30,9 +30,9 @@ from typing import Any
 
 import yaml
 
+from tf_export_pipeline.layout import PREDICT_METHOD, SERVING_KEY
 from tf_export_pipeline.errors import ConfigError
 
-PREDICT = "tensorflow/serving/predict"
 
 
 def _norm_shape(shape: Any) -> list[int] | None:
@@ -60,7 +60,7 @@ def load_contract(path: str) -> dict:
         extra = set(sig) - {"method", "inputs", "outputs"}
         if extra:
             raise ConfigError(f"invalid contract: unknown key 'signatures.{key}.{sorted(extra)[0]}': {path}")
-        entry = {"method": sig.get("method", PREDICT)}
+        entry = {"method": sig.get("method", PREDICT_METHOD)}
         for kind in ("inputs", "outputs"):
             tensors = {}
             for name, spec in (sig.get(kind) or {}).items():
@@ -81,7 +81,7 @@ def _fmt(t: dict | None) -> str:
 def check_contract(contract: dict, found: dict) -> list[str]:
     """Every way ``found`` differs from ``contract``; empty when it holds exactly."""
     problems = []
-    if contract.get("require_serving_default", True) and "serving_default" not in found:
+    if contract.get("require_serving_default", True) and SERVING_KEY not in found:
         problems.append(f"signature 'serving_default' is required but missing (found: {sorted(found) or 'none'})")
     for key, want in contract["signatures"].items():
         got = found.get(key)

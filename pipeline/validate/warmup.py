@@ -15,10 +15,11 @@ import os
 
 import numpy as np
 
-WARMUP_FILE = "tf_serving_warmup_requests"
+from tf_export_pipeline.layout import SERVING_KEY, WARMUP_FILE
 
 
-def build_logs(inputs: dict[str, np.ndarray], signature: str = "serving_default", model_name: str = "model",
+
+def build_logs(inputs: dict[str, np.ndarray], signature: str = SERVING_KEY, model_name: str = "model",
                per_record: int = 1) -> list[bytes]:
     """Serialized ``PredictionLog`` records, ``per_record`` rows of the samples each."""
     import tensorflow as tf
@@ -36,7 +37,7 @@ def build_logs(inputs: dict[str, np.ndarray], signature: str = "serving_default"
     return out
 
 
-def write_warmup(assets_extra: str, inputs: dict[str, np.ndarray], signature: str = "serving_default",
+def write_warmup(assets_extra: str, inputs: dict[str, np.ndarray], signature: str = SERVING_KEY,
                  model_name: str = "model") -> str:
     import tensorflow as tf
 

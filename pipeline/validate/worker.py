@@ -15,8 +15,8 @@ import traceback
 
 import numpy as np
 
-PREDICT_METHOD = "tensorflow/serving/predict"
-SERVING_KEY = "serving_default"
+from tf_export_pipeline.layout import ASSETS_EXTRA, PREDICT_METHOD, SAVED_MODEL_PB, SERVING_KEY, WARMUP_FILE
+
 
 
 class _Checks:
@@ -43,7 +43,7 @@ def _tensor_info(info) -> dict:
 
 def read_signatures(path: str) -> dict:
     """Signature defs from ``saved_model.pb``, without loading the model."""
-    with open(os.path.join(path, "saved_model.pb"), "rb") as fh:
+    with open(os.path.join(path, SAVED_MODEL_PB), "rb") as fh:
         return signatures_from_bytes(fh.read())
 
 
@@ -76,8 +76,8 @@ def run(path: str, samples: str | None, expected: str | None, rtol: float, atol:
             report["reason"] = reason
         return report
 
-    if not checks.add("saved_model_pb", os.path.isfile(os.path.join(path, "saved_model.pb")),
-                      "" if os.path.isfile(os.path.join(path, "saved_model.pb")) else "saved_model.pb is missing"):
+    if not checks.add("saved_model_pb", os.path.isfile(os.path.join(path, SAVED_MODEL_PB)),
+                      "" if os.path.isfile(os.path.join(path, SAVED_MODEL_PB)) else "saved_model.pb is missing"):
         return done()
     try:
         sigs = read_signatures(path)
@@ -128,7 +128,7 @@ def run(path: str, samples: str | None, expected: str | None, rtol: float, atol:
     checks.add("smoke_inference", True, f"batch of {len(next(iter(inputs.values())))}")
     bad = [k for k, v in outputs.items() if v.dtype.kind in "fc" and not np.all(np.isfinite(v))]
     checks.add("finite_outputs", not bad, f"non-finite values in output(s) {bad}" if bad else "")
-    warmup = os.path.join(path, "assets.extra", "tf_serving_warmup_requests")
+    warmup = os.path.join(path, ASSETS_EXTRA, WARMUP_FILE)
     if os.path.exists(warmup):
         try:
             from tf_export_pipeline.validate.warmup import read_warmup

@@ -1,0 +1,52 @@
+"""Every name and path of an export base, and the names a SavedModel is checked by.
+
+An export base, as TF Serving and this package see it::
+
+    <export_base>/
+      1700000000/                       a version: TF Serving loads integer-named folders
+        saved_model.pb  variables/  assets.extra/export_manifest.json
+      temp-1700000300-ab12cd34/          staging: an export being written or validated
+      _exports/                          the publishing protocol's records (TF Serving ignores it)
+        claims/<version>                 a version number taken by a publish
+        ledger/<checkpoint key>          the commit record: checkpoint -> version
+        removed/<checkpoint key>         a version retention removed
+        leases/<staging name>            renewed while staging is in use
+        work/<staging name>/files.json   the file list staging is verified against
+        serving/history/                 label changes (serving control)
+
+Nothing here does I/O; every module that lays out or reads an export base
+takes its names from here.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+# -- the export base -------------------------------------------------------------
+EXPORTS_DIR = "_exports"
+CLAIMS_DIR = "claims"
+LEDGER_DIR = "ledger"
+REMOVED_DIR = "removed"
+LEASES_DIR = "leases"
+WORK_DIR = "work"
+SERVING_DIR = "serving"
+HISTORY_DIR = (EXPORTS_DIR, SERVING_DIR, "history")
+FILES_NAME = "files.json"
+STAGING_PREFIX = "temp-"
+DELETING_PREFIX = "temp-deleting-"  # a version renamed out of TF Serving's sight before it is removed
+TEMP_MARK = ".tmp-"  # temporary name of a create-only write
+
+# -- a SavedModel ----------------------------------------------------------------
+SAVED_MODEL_PB = "saved_model.pb"  # written last by a promotion, removed first by retention
+ASSETS_EXTRA = "assets.extra"
+MANIFEST = f"{ASSETS_EXTRA}/export_manifest.json"
+EXAMPLE_SPEC = f"{ASSETS_EXTRA}/example_signature.json"
+WARMUP_FILE = "tf_serving_warmup_requests"
+
+# -- signatures ------------------------------------------------------------------
+SERVING_KEY = "serving_default"
+PREDICT_METHOD = "tensorflow/serving/predict"
+
+# -- version numbering -----------------------------------------------------------
+Versioning = Literal["timestamp", "checkpoint_time", "step"]
+VERSIONINGS: tuple[str, ...] = get_args(Versioning)
