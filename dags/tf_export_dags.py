@@ -210,10 +210,20 @@ def backfill(model: str, path: str, cfg) -> DAG:
         validated = export_each.expand(checkpoint=listed.output)
         # As after training: one task publishes them all in checkpoint order, whatever order the
         # exports finished in, so history is numbered as it was trained.
-        PublishVersionOperator(task_id="publish", config_path=path, validated=validated.output,
-                               versioning="{{ params.versioning }}", allow_outrank="{{ params.allow_outrank }}",
-                               outlets=[AssetAlias(f"tf_export__{model}__backfill")],
-                               trigger_rule="all_done_min_one_success")
+        publish = PublishVersionOperator(task_id="publish", config_path=path, validated=validated.output,
+                                         versioning="{{ params.versioning }}",
+                                         allow_outrank="{{ params.allow_outrank }}",
+                                         outlets=[AssetAlias(f"tf_export__{model}__backfill")],
+                                         trigger_rule="all_done_min_one_success")
+
+        @task(task_id="done", trigger_rule="none_failed")
+        def done(published=None) -> int:
+            """The run's verdict: a checkpoint that failed fails the run, though the others were published."""
+            records = published if isinstance(published, list) else [published] if published else []
+            return sum(1 for r in records if isinstance(r, dict) and r.get("status") == "published")
+
+        finished = done(publish.output)
+        validated >> finished
     return dag
 
 

@@ -263,3 +263,21 @@ def test_backfill_dag_refuses_history_that_retention_would_remove(tmp_path, trai
     assert states.get("publish") in (None, ["upstream_failed"])
     assert versions(base) == [live]
     assert asset_events(refused.run_id) == []
+
+
+def test_backfill_run_fails_when_a_checkpoint_fails_though_the_others_are_published(tmp_path, trained_dir):
+    from tf_export_pipeline.demo import build_wide, train
+
+    m = model_dags(tmp_path / "ws", "backfill_fail", trained_dir)
+    train_dir = m.config.parent / "train"
+    # ckpt-50 is a checkpoint of another model: its export fails at once, without retries.
+    train(str(train_dir), steps=10, checkpoint_every=10, start_step=40, factory=build_wide, resume=False)
+    _state_file(train_dir, ["ckpt-10", "ckpt-20", "ckpt-30", "ckpt-50"])
+    base = m.config.parent / "serving" / "demo_regressor"
+    dr = m.test("backfill")
+    states = task_states(dr)
+    assert states["export_each.export"] == ["success", "success", "success", "failed"], states
+    assert states["publish"] == ["success"] and states["done"] == ["upstream_failed"]
+    assert dr.state == "failed"
+    assert [r["step"] for r in xcom(dr, "publish")] == [10, 20, 30]
+    assert len(versions(base)) == 3
