@@ -184,7 +184,8 @@ def bench_model(name: str, k: int, workdir: str, env: dict) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| model | params | K | naive (s) | backfill, validated (s) | of which export (s) | validation (s) | publish (s) "
+        "| model | params | K | naive (s) | backfill, validated (s) | of which export (s) | validation (s) "
+        "| publish (s) "
         "| floor (s) | backfill vs naive | export vs floor | steady export vs floor | worker peak RSS (MB) "
         "| TF-only RSS + 2 x model (MB) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",

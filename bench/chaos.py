@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no process log on stderr")
     args = parser.parse_args(argv)
 
-    from tf_export_pipeline.demo import train
     from tests.support.chaos import Chaos, ServingWatcher, prepare
+    from tf_export_pipeline.demo import train
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="tf-export-chaos-")).resolve()
     root.mkdir(parents=True, exist_ok=True)

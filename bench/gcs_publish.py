@@ -44,7 +44,7 @@ HEADING = "## Cloud storage publish"
 
 def build_model(directory: str, mib: float) -> int:
     """Write a SavedModel with one ~``mib`` MiB variable; returns its size in bytes."""
-    from tf_export_pipeline.export import import_tensorflow_quietly
+    from tf_export_pipeline.quiet_tf import import_tensorflow_quietly
 
     tf = import_tensorflow_quietly()
     n = int(math.sqrt(mib * 2**20 / 4))
@@ -159,9 +159,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
 
-    from tf_export_pipeline.storage import open_storage
     from tests.support.fault_proxy import FaultProxy
     from tests.support.gcs_emulator import GcsEmulator, make_fs
+    from tf_export_pipeline.storage import open_storage
 
     tmp = tempfile.mkdtemp(prefix="bench-gcs-")
     model_dir, work_dir = os.path.join(tmp, "model"), os.path.join(tmp, "work")

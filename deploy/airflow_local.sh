@@ -20,6 +20,10 @@
 #                             as tests/airflow/test_celery.py, with its settings for
 #                             retrying a lost worker's tasks on the other one.
 #
+# With the LocalExecutor the components serve no logs themselves; one process
+# (tf_export_pipeline.operators.local_logs) serves the logs folder on 127.0.0.1
+# for the UI's view of running and deferred tasks.
+#
 # The api-server's JWT secret and secret key are random, generated once and kept
 # in $AIRFLOW_HOME (jwt_secret, api_secret_key; mode 600), shared by every component.
 #
@@ -156,6 +160,8 @@ if [ "$EXECUTOR" = celery ]; then
 else
   export AIRFLOW__CORE__EXECUTOR=LocalExecutor
   export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=sqlite:///$AIRFLOW_HOME/airflow.db
+  # One machine: task logs of running and deferred tasks served on loopback (the UI asks 127.0.0.1).
+  export AIRFLOW__CORE__HOSTNAME_CALLABLE=tf_export_pipeline.operators.local_logs.loopback_hostname
 fi
 
 echo "migrating the metadata database ($EXECUTOR executor) ..."
@@ -165,6 +171,7 @@ start api-server airflow api-server
 start scheduler airflow scheduler --skip-serve-logs
 start dag-processor airflow dag-processor
 start triggerer airflow triggerer --skip-serve-logs
+if [ "$EXECUTOR" = local ]; then start log-server python -m tf_export_pipeline.operators.local_logs; fi
 WORKERS=()
 if [ "$EXECUTOR" = celery ]; then
   UNSHARE=0

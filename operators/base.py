@@ -19,22 +19,29 @@ Example::
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from functools import cached_property
+from typing import Any
 
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-# Records with one of these statuses carry nothing for the next stage to do.
-NOTHING_TO_DO = ("skipped", "no_new_checkpoint", "gated")
+from tf_export_pipeline.operators.hooks import ExportHook
+from tf_export_pipeline.records import nothing_to_do
 
 
 def load(config_path: str, conn_id: str | None = None):
     """The config at ``config_path``, with the storage options of its connection."""
-    from tf_export_pipeline.operators.connections import config_with_connection, protect
-    from tf_export_pipeline.config import load_config
+    return ExportHook(config_path, conn_id).config
 
-    protect()
-    return config_with_connection(load_config(str(config_path)), conn_id or None)
+
+def checkpoint_ref(checkpoint: Any) -> str | None:
+    """A checkpoint as a stage takes it: a record from discovery or the sensor, or a prefix, name or step."""
+    if isinstance(checkpoint, dict):
+        return checkpoint.get("prefix") or checkpoint.get("checkpoint")
+    if checkpoint in (None, "", "None"):
+        return None
+    return str(checkpoint)
 
 
 def xcom(value: Any) -> Any:
@@ -109,9 +116,14 @@ class PipelineOperator(BaseOperator):
         self.config_path = config_path
         self.conn_id = conn_id
 
+    @cached_property
+    def hook(self) -> ExportHook:
+        """Made when the task runs, after ``config_path`` is rendered."""
+        return ExportHook(self.config_path, self.conn_id)
+
     def config(self):
         with stage_errors():
-            return load(self.config_path, self.conn_id)
+            return self.hook.config
 
     def skip_with(self, context: Context, record: dict, reason: str) -> None:
         """Keep ``record`` as the task's XCom, then end the task as skipped."""
@@ -122,7 +134,5 @@ class PipelineOperator(BaseOperator):
 
     def pass_through(self, context: Context, record: Any) -> None:
         """Skip when the stage before had nothing for this one (no new checkpoint, already published, gated)."""
-        if isinstance(record, dict) and record.get("status") in NOTHING_TO_DO:
-            from tf_export_pipeline.stages import public
-
-            self.skip_with(context, public(record), f"{record['status']}: {record.get('checkpoint')}")
+        if nothing_to_do(record):
+            self.skip_with(context, self.hook.public(record), f"{record['status']}: {record.get('checkpoint')}")

@@ -161,7 +161,8 @@ def options_from_connection(conn: Any) -> dict[str, Any]:
     else:
         raise ConnectionOptionsError(
             f"connection '{conn_id}' has type '{conn_type}', which names no storage; use a "
-            f"tf_export_storage, google_cloud_platform or aws connection, or put the options under the extra 'storage_options'")
+            f"tf_export_storage, google_cloud_platform or aws connection, or put the options under the extra "
+            f"'storage_options'")
     if "storage_options" in extras:
         opts.update(_as_dict(extras["storage_options"], "extra 'storage_options'", conn_id))
     register(opts)

@@ -1,7 +1,7 @@
 """One operator per pipeline stage: discover, export, validate, publish, prune.
 
 Each takes the config path (templated) and what the stage before returned,
-calls the matching function of :mod:`tf_export_pipeline.stages` and returns its small
+makes the matching call of :class:`~tf_export_pipeline.operators.hooks.ExportHook` and returns its small
 JSON-serialisable record to XCom. Staging lives in the export base's own
 storage, so consecutive tasks may run on different workers, and a retry of
 any task is safe: the ledger and the version claims make each stage
@@ -25,12 +25,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from airflow.sdk import Context
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from airflow.sdk import AssetAlias, Context
+from airflow.sdk.exceptions import AirflowException
 
-from tf_export_pipeline.operators.base import NOTHING_TO_DO, PipelineOperator, as_bool, as_int, stage_errors, xcom
+from tf_export_pipeline.operators.base import PipelineOperator, as_bool, as_int, checkpoint_ref, stage_errors, xcom
+from tf_export_pipeline.operators.selection import small
+from tf_export_pipeline.records import Status
 
 SELECT = ("newest", "new", "pending")
+EVENT_KEYS = ("version", "path", "checkpoint", "step")
 
 
 class DiscoverCheckpointsOperator(PipelineOperator):
@@ -56,50 +59,33 @@ class DiscoverCheckpointsOperator(PipelineOperator):
                  to_step: int | str | None = None, include_removed: bool | str = False,
                  allow_outrank: bool | str = False, conn_id: str | None = None, **kwargs: Any) -> None:
         super().__init__(config_path=config_path, conn_id=conn_id, **kwargs)
-        self.select = select
-        self.from_step = from_step
-        self.to_step = to_step
-        self.include_removed = include_removed
-        self.allow_outrank = allow_outrank
+        self.select, self.from_step, self.to_step = select, from_step, to_step
+        self.include_removed, self.allow_outrank = include_removed, allow_outrank
 
     def execute(self, context: Context) -> Any:
-        from tf_export_pipeline.operators.selection import new_since_exported, newest, small
-        from tf_export_pipeline import stages
-        from tf_export_pipeline.errors import CheckpointError, ConfigError
+        from tf_export_pipeline.errors import ConfigError
 
-        cfg = self.config()
+        hook = self.hook
         with stage_errors():
             if self.select not in SELECT:
                 raise ConfigError(f"select must be one of {', '.join(SELECT)}, got {self.select!r}")
-            if self.select == "pending":
-                items = [small(r) for r in stages.pending_for_backfill(
-                    cfg, as_int(self.from_step), as_int(self.to_step), include_removed=as_bool(self.include_removed),
-                    allow_outrank=as_bool(self.allow_outrank))]
-            elif self.select == "new":
-                items = [small(r) for r in new_since_exported(stages.discover(cfg))]
             if self.select != "newest":
-                self.log.info("%d checkpoint(s) to export: %s", len(items), [i["name"] for i in items])
-                return xcom(items)
-            chosen = newest(stages.discover(cfg))
+                found = hook.new() if self.select == "new" else hook.pending(
+                    as_int(self.from_step), as_int(self.to_step), as_bool(self.include_removed),
+                    as_bool(self.allow_outrank))
+                self.log.info("%d checkpoint(s) to export: %s", len(found), [c["name"] for c in found])
+                return xcom([small(c) for c in found])
+            chosen = hook.newest()
         if chosen is None:
-            self.skip_with(context, {"status": "no_new_checkpoint", "checkpoint": None, "step": None},
-                           f"no complete checkpoint in {cfg.training_dir}")
+            self.skip_with(context, {"status": Status.NO_NEW_CHECKPOINT.value, "checkpoint": None, "step": None},
+                           f"no complete checkpoint in {hook.config.training_dir}")
         if chosen["version"] is not None:
-            self.skip_with(context, {"status": "skipped", "checkpoint": chosen["prefix"], "step": chosen["step"],
-                                     "version": chosen["version"]},
+            self.skip_with(context, {"status": Status.SKIPPED.value, "checkpoint": chosen["prefix"],
+                                     "step": chosen["step"], "version": chosen["version"]},
                            f"newest checkpoint {chosen['name']} already has version {chosen['version']}")
-        if not chosen["complete"]:
-            raise CheckpointError(f"checkpoint is incomplete, missing {', '.join(chosen['missing'])}: "
-                                  f"{chosen['prefix']}")
-        return xcom({"status": "new", "checkpoint": chosen["prefix"], **small(chosen)})
-
-
-def _checkpoint_ref(checkpoint: Any) -> str | None:
-    if isinstance(checkpoint, dict):
-        return checkpoint.get("prefix") or checkpoint.get("checkpoint")
-    if checkpoint in (None, "", "None"):
-        return None
-    return str(checkpoint)
+        with stage_errors():
+            hook.require_complete(chosen)
+        return xcom({"status": Status.NEW.value, "checkpoint": chosen["prefix"], **small(chosen)})
 
 
 class ExportCheckpointOperator(PipelineOperator):
@@ -121,12 +107,9 @@ class ExportCheckpointOperator(PipelineOperator):
         self.force = force
 
     def execute(self, context: Context) -> dict:
-        from tf_export_pipeline import stages
-
         self.pass_through(context, self.checkpoint)
-        cfg = self.config()
         with stage_errors():
-            record = stages.stage_export(cfg, _checkpoint_ref(self.checkpoint), force=as_bool(self.force))
+            record = self.hook.export(checkpoint_ref(self.checkpoint), force=as_bool(self.force))
         self.pass_through(context, record)
         self.log.info("%s %s -> %s", record["status"], record.get("checkpoint"),
                       record.get("staging") or record.get("path"))
@@ -148,15 +131,11 @@ class ValidateExportOperator(PipelineOperator):
         self.staged = staged
 
     def execute(self, context: Context) -> dict:
-        from tf_export_pipeline import stages
-
         self.pass_through(context, self.staged)
-        cfg = self.config()
         with stage_errors():
-            record = stages.stage_validate(cfg, self.staged)
-        report = record.get("validation") or {}
-        self.log.info("%s %s (%d checks)", record["status"], record.get("staging") or record.get("path"),
-                      len(report.get("checks") or []))
+            record = self.hook.validate(self.staged)
+        checks = (record.get("validation") or {}).get("checks") or []
+        self.log.info("%s %s (%d checks)", record["status"], record.get("staging") or record.get("path"), len(checks))
         return xcom(record)
 
 
@@ -192,91 +171,41 @@ class PublishVersionOperator(PipelineOperator):
         self.allow_outrank = allow_outrank
 
     def execute(self, context: Context) -> dict | list:
-        from tf_export_pipeline import stages
-        from tf_export_pipeline.redaction import redact
-
-        if self.validated is None:  # e.g. a mapped validate task with no instance that succeeded
-            self.skip_with(context, [], "nothing to publish")
+        options = {"versioning": self.versioning or None, "allow_outrank": as_bool(self.allow_outrank)}
         if isinstance(self.validated, dict):
             self.pass_through(context, self.validated)
-            cfg = self.config()
-            record = self._publish(cfg, self.validated)
-            if record["status"] != "published":
+            with stage_errors():
+                record = self.hook.publish(self.validated, **options)
+            if record["status"] != Status.PUBLISHED:
                 self.skip_with(context, record, f"{record['status']}: {record.get('checkpoint')} is version "
                                                 f"{record.get('version')}")
-            self._announce(context, cfg, [record])
+            self._announce(context, [record])
             return xcom(record)
-
-        items = [dict(item) for item in self.validated]  # map-index order: oldest first, newest last
-        if not items:
+        items = [dict(item) for item in self.validated or []]  # map-index order: oldest first, newest last
+        if not items:  # e.g. a mapped validate task with no instance that succeeded
             self.skip_with(context, [], "nothing to publish")
-        cfg = self.config()
-        records, failures = [], []
-        for item in items:
-            if item.get("status") in NOTHING_TO_DO:
-                records.append(stages.public(item))
-                continue
-            try:
-                records.append(self._publish(cfg, item))
-            except AirflowFailException:
-                raise
-            except Exception as err:  # noqa: BLE001 - the newer ones are still published; the task fails after
-                message = redact(str(err))
-                self.log.error("publishing %s failed: %s", item.get("checkpoint"), message)
-                failures.append(f"{item.get('checkpoint')}: {message}")
-                records.append({**stages.public(item), "status": "failed", "error": message})
+        with stage_errors():
+            records, failures = self.hook.publish_in_order(items, **options)
         if failures:
             # No event is recorded for a failed task; its retry finds these versions published and announces them.
             raise AirflowException(f"{len(failures)} of {len(items)} publishes failed: {'; '.join(failures)}")
-        published = [r for r in records if r["status"] == "published"]
+        published = [r for r in records if r["status"] == Status.PUBLISHED]
         if not published:
             self.skip_with(context, records, "every checkpoint was published already")
-        self._announce(context, cfg, published)
+        self._announce(context, published)
         return xcom(records)
 
-    def _publish(self, cfg, validated: dict) -> dict:
-        from tf_export_pipeline import stages
-
-        if validated.get("status") == "published":
-            return stages.public(validated)  # finished by the export stage (a publish that died)
-        with stage_errors():
-            record = stages.stage_publish(cfg, validated, versioning=self.versioning or None,
-                                          allow_outrank=as_bool(self.allow_outrank))
-        if record["status"] == "skipped" and _published_by_earlier_try(cfg, validated, record):
-            self.log.info("version %s was published by an earlier try of this task", record["version"])
-            record = {**record, "status": "published"}
-        if record["status"] == "published":
-            self.log.info("published version %s at %s", record["version"], record["path"])
-        return record
-
-    def _announce(self, context: Context, cfg, published: list[dict]) -> None:
-        from airflow.sdk import AssetAlias
-
+    def _announce(self, context: Context, published: list[dict]) -> None:
         from tf_export_pipeline.operators.assets import export_asset
 
-        extras = [{k: r.get(k) for k in ("version", "path", "checkpoint", "step")} for r in published]
+        extras = [{k: r.get(k) for k in EVENT_KEYS} for r in published]
         for outlet in self.outlets or []:
-            if isinstance(outlet, AssetAlias):
-                asset = export_asset(cfg)
+            if isinstance(outlet, AssetAlias):  # one event per version, for the export base's Asset
                 for extra in extras:
-                    context["outlet_events"][outlet].add(asset, extra=extra)
+                    context["outlet_events"][outlet].add(export_asset(self.hook.config), extra=extra)
             else:
-                extra = dict(extras[-1])
-                if len(extras) > 1:
-                    extra["versions"] = [e["version"] for e in extras]
-                context["outlet_events"][outlet].extra = extra
-
-
-def _published_by_earlier_try(cfg, validated: dict, record: dict) -> bool:
-    """Whether the ledger names this record's own staging, whole: an earlier try died after its ledger entry."""
-    from tf_export_pipeline.stages import Context
-
-    ctx = Context(cfg)
-    entry = ctx.publisher.ledger_entry(validated.get("ledger_key") or "") or {}
-    staging = validated.get("staging")
-    return (staging is not None and entry.get("staging") == ctx.base.strip(staging)
-            and record.get("version") is not None
-            and ctx.publisher.is_whole(ctx.publisher.version_path(record["version"])))
+                versions = {"versions": [e["version"] for e in extras]} if len(extras) > 1 else {}
+                context["outlet_events"][outlet].extra = {**extras[-1], **versions}
 
 
 class PruneVersionsOperator(PipelineOperator):
@@ -287,24 +216,21 @@ class PruneVersionsOperator(PipelineOperator):
     template_fields = ("config_path", "published", "dry_run")
     ui_color = "#fce8e6"
 
-    def __init__(self, *, config_path: str, published: dict | None = None, dry_run: bool | str = False,
+    def __init__(self, *, config_path: str, published: dict | list | None = None, dry_run: bool | str = False,
                  conn_id: str | None = None, **kwargs: Any) -> None:
         super().__init__(config_path=config_path, conn_id=conn_id, **kwargs)
         self.published = published
         self.dry_run = dry_run
 
     def execute(self, context: Context) -> dict:
-        from tf_export_pipeline import stages
-
-        if isinstance(self.published, dict) and self.published.get("status") != "published":
+        records = self.published if isinstance(self.published, list) else [self.published] if self.published else []
+        if isinstance(self.published, dict) and self.published.get("status") != Status.PUBLISHED:
             self.skip_with(context, {"removed_versions": [], "removed_staging": [], "dry_run": as_bool(self.dry_run)},
                            "nothing was published")
-        cfg = self.config()
-        just_published = [r.get("version") for r in (self.published if isinstance(self.published, list)
-                                                      else [self.published] if isinstance(self.published, dict) else [])
-                          if isinstance(r, dict) and r.get("status") == "published" and r.get("version") is not None]
+        # What this DAG run published is kept by its own prune, whatever its rank.
+        mine = tuple(r["version"] for r in records if isinstance(r, dict) and r.get("status") == Status.PUBLISHED
+                     and r.get("version") is not None)
         with stage_errors():
-            # What this DAG run published is kept by its own prune, whatever its rank.
-            result = stages.stage_prune(cfg, dry_run=as_bool(self.dry_run), keep_versions=tuple(just_published))
+            result = self.hook.prune(dry_run=as_bool(self.dry_run), keep_versions=mine)
         self.log.info("removed versions %s, staging %s", result["removed_versions"], result["removed_staging"])
         return xcom(result)

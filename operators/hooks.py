@@ -1,4 +1,10 @@
-"""The hook behind the operators: a config, its storage connection, and the storage options they give.
+"""The hook below every operator: a model's config, its storage connection, and the stage calls.
+
+The operators hold templated arguments and hand results to XCom; everything
+that reads or writes an export base goes through :class:`ExportHook`, which
+loads the config when first asked (never at DAG parsing), lays the
+connection's storage options over the config's, and calls
+:mod:`tf_export_pipeline.stages`.
 
 The connection type ``tf_export_storage`` carries storage credentials for any
 backend the pipeline writes to, so no secret has to live in a config file;
@@ -7,22 +13,22 @@ backend the pipeline writes to, so no secret has to live in a config file;
 
 Example::
 
-    from tf_export_pipeline.operators.hooks import ExportStorageHook
+    from tf_export_pipeline.operators.hooks import ExportHook
 
-    hook = ExportStorageHook(conn_id="tf_export_storage_default")
-    cfg = hook.config("/opt/airflow/dags/configs/demo.yaml")
-    print(cfg.export_base)
+    hook = ExportHook("/opt/airflow/dags/configs/demo.yaml", conn_id="tf_export_storage_default")
+    print(hook.config.export_base, [c["name"] for c in hook.pending()])
 """
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any
 
 from airflow.sdk import BaseHook
 
 
-class ExportStorageHook(BaseHook):
-    """Storage options from an Airflow connection, laid over a config's own.
+class ExportHook(BaseHook):
+    """One model's export pipeline, as the operators, the sensor and the trigger reach it.
 
     ``conn_id=None`` means the config's ``airflow.conn_id``, and no connection
     at all when that is unset too.
@@ -33,21 +39,94 @@ class ExportStorageHook(BaseHook):
     conn_type = "tf_export_storage"
     hook_name = "TF export storage"
 
-    def __init__(self, conn_id: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, config_path: str | None = None, conn_id: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.config_path = config_path
         self.conn_id = conn_id
 
-    def storage_options(self) -> dict[str, Any]:
+    # The stages are imported when called: they load fsspec backends, which DAG parsing must not.
+    @property
+    def _stages(self):
+        from tf_export_pipeline import stages
+
+        return stages
+
+    @cached_property
+    def config(self):
+        """The config at ``config_path`` with the storage options of the connection laid over its own."""
+        from tf_export_pipeline.config import load_config
+        from tf_export_pipeline.operators.connections import config_with_connection, protect
+
+        protect()
+        return config_with_connection(load_config(str(self.config_path)), self.conn_id or None)
+
+    def get_conn(self) -> dict[str, Any]:
         """The fsspec ``storage_options`` the connection gives (its secrets registered for redaction)."""
         from tf_export_pipeline.operators.connections import storage_options
 
         return storage_options(self.conn_id) if self.conn_id else {}
 
-    def config(self, config_path: str):
-        """The config at ``config_path`` with this hook's connection (or the config's own) applied."""
-        from tf_export_pipeline.operators.base import load
+    # -- discovery ---------------------------------------------------------------
+    def newest(self) -> dict | None:
+        """The newest checkpoint not being written, with its version (None: no checkpoint)."""
+        from tf_export_pipeline.operators.selection import newest
 
-        return load(config_path, self.conn_id)
+        return newest(self._stages.discover(self.config))
 
-    def get_conn(self) -> dict[str, Any]:
-        return self.storage_options()
+    def new(self) -> list[dict]:
+        """Complete checkpoints with no version, newer than every one with a version, oldest first."""
+        from tf_export_pipeline.operators.selection import new_since_exported
+
+        return new_since_exported(self._stages.discover(self.config))
+
+    def pending(self, from_step: int | None = None, to_step: int | None = None, include_removed: bool = False,
+                allow_outrank: bool = False) -> list[dict]:
+        """What a backfill exports (refused when the next run's retention would remove it)."""
+        from tf_export_pipeline.backfill import pending_for_backfill
+
+        return pending_for_backfill(self.config, from_step, to_step, include_removed, allow_outrank)
+
+    def require_complete(self, record: dict) -> None:
+        """Raise the one-line error of a checkpoint whose index or data are missing."""
+        self._stages.require_complete_record(record)
+
+    def look(self, wanted: str | None, missing_since: float | None, grace: float) -> tuple[dict | None, str | None]:
+        """One poll of the sensor (see :func:`tf_export_pipeline.operators.triggers.look`)."""
+        from tf_export_pipeline.operators.triggers import look
+
+        return look(self.config, wanted, missing_since, grace)
+
+    # -- stages ------------------------------------------------------------------
+    def export(self, checkpoint: str | None, force: bool = False) -> dict:
+        return self._stages.stage_export(self.config, checkpoint, force=force)
+
+    def validate(self, staged: dict) -> dict:
+        return self._stages.stage_validate(self.config, staged)
+
+    def publish(self, validated: dict, versioning: str | None = None, allow_outrank: bool = False) -> dict:
+        return self._stages.publish_validated(self.config, validated, versioning, allow_outrank)
+
+    def publish_in_order(self, items: list[dict], versioning: str | None = None,
+                         allow_outrank: bool = False) -> tuple[list[dict], list[str]]:
+        return self._stages.publish_in_order(self.config, items, versioning, allow_outrank)
+
+    def prune(self, dry_run: bool = False, keep_versions: tuple[int, ...] = ()) -> dict:
+        return self._stages.stage_prune(self.config, dry_run=dry_run, keep_versions=keep_versions)
+
+    def public(self, record: dict) -> dict:
+        return self._stages.public(record)
+
+    # -- serving control ---------------------------------------------------------
+    def move_label(self, version: int | None, label: str, rollback: bool = False, to: int | None = None,
+                   now: bool = False) -> tuple[dict, list[dict]]:
+        """Promote ``version`` to ``label``, or roll stable back (see :func:`tf_export_pipeline.serving.move_label`)."""
+        from tf_export_pipeline.serving import ServingControl, move_label
+
+        return move_label(ServingControl.from_config(self.config), version=version, label=label,
+                          rollback=rollback, to=to, now=now)
+
+    def soak_verdict(self, soak_seconds: float) -> dict:
+        """Whether the canary may become stable (see :func:`tf_export_pipeline.canary.soak_verdict`)."""
+        from tf_export_pipeline.canary import soak_verdict
+
+        return soak_verdict(self.config, soak_seconds)

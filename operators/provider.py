@@ -32,7 +32,7 @@ def get_provider_info() -> dict[str, Any]:
         "hooks": [{"integration-name": INTEGRATION, "python-modules": [f"{_MODULES}.hooks"]}],
         "connection-types": [{
             "connection-type": CONN_TYPE,
-            "hook-class-name": f"{_MODULES}.hooks.ExportStorageHook",
+            "hook-class-name": f"{_MODULES}.hooks.ExportHook",
             "hook-name": "TF export storage",
             "ui-field-behaviour": {
                 "hidden-fields": ["host", "schema", "port", "login", "password"],
@@ -41,7 +41,8 @@ def get_provider_info() -> dict[str, Any]:
             },
             "conn-fields": {
                 "keyfile_dict": {"label": "Service account key (JSON)",
-                                 "description": "gs://: the key itself; leave empty for Application Default Credentials",
+                                 "description": "gs://: the key itself; leave empty for Application Default "
+                                                "Credentials",
                                  "schema": {"type": ["string", "null"], "format": "password"}},
                 "key_path": {"label": "Service account key file",
                              "description": "gs://: path of a key file on the workers",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tf_export_pipeline.checkpoints import being_written
+from tf_export_pipeline.checkpoints.checkpoint import being_written, names_checkpoint, step_of
 
 RECORD_KEYS = ("prefix", "name", "step", "written_at", "version")
 
@@ -45,22 +45,7 @@ def new_since_exported(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def matches(record: dict[str, Any], wanted: str) -> bool:
     """Whether ``wanted`` (a prefix, a base name or a step) names ``record``."""
-    wanted = wanted.strip().rstrip("/")
-    if wanted.endswith(".index"):
-        wanted = wanted[: -len(".index")]
-    prefix, name = record.get("prefix") or "", record.get("name")
-    if wanted in (prefix, name) or prefix.endswith("/" + wanted):
-        return True
-    return wanted.isdigit() and record.get("step") == int(wanted)
-
-
-def step_named(wanted: str) -> int | None:
-    """The step a checkpoint reference names: its trailing digits (``ckpt-80``, ``.../ckpt-80``, ``80``)."""
-    name = wanted.strip().rstrip("/").rsplit("/", 1)[-1]
-    if name.endswith(".index"):
-        name = name[: -len(".index")]
-    digits = name[len(name.rstrip("0123456789")):]
-    return int(digits) if digits else None
+    return names_checkpoint(record.get("prefix") or "", record.get("name"), record.get("step"), wanted)
 
 
 def missing(records: list[dict[str, Any]], wanted: str) -> str | None:
@@ -72,7 +57,7 @@ def missing(records: list[dict[str, Any]], wanted: str) -> str | None:
     """
     if any(matches(r, wanted) for r in records):
         return None
-    step = step_named(wanted)
+    step = step_of(wanted.strip().rstrip("/").rsplit("/", 1)[-1].removesuffix(".index"))
     newer = [r for r in records if r.get("step") is not None and step is not None and r["step"] > step]
     if not newer:
         return None

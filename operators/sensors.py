@@ -26,17 +26,18 @@ Example::
 
 from __future__ import annotations
 
-from datetime import timedelta
-from typing import Any
-
 import time
+from datetime import timedelta
+from functools import cached_property
+from typing import Any
 
 from airflow.sdk import BaseSensorOperator, Context, PokeReturnValue
 from airflow.sdk.configuration import conf
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSensorTimeout, AirflowSkipException
 
-from tf_export_pipeline.operators.base import load, stage_errors, xcom
-from tf_export_pipeline.operators.triggers import MISSING_GRACE_SECONDS, NewCheckpointTrigger, look
+from tf_export_pipeline.operators.base import stage_errors, xcom
+from tf_export_pipeline.operators.hooks import ExportHook
+from tf_export_pipeline.operators.triggers import MISSING_GRACE_SECONDS, NewCheckpointTrigger
 
 
 class NewCheckpointSensor(BaseSensorOperator):
@@ -61,19 +62,20 @@ class NewCheckpointSensor(BaseSensorOperator):
             return None
         return str(self.checkpoint).strip() or None
 
-    def _config(self):
-        with stage_errors():
-            return load(self.config_path, self.conn_id)
+    @cached_property
+    def hook(self) -> ExportHook:
+        """Made when the task runs, after ``config_path`` is rendered."""
+        return ExportHook(self.config_path, self.conn_id)
 
-    def _look(self, cfg) -> tuple[dict | None, str | None]:
+    def _look(self) -> tuple[dict | None, str | None]:
         if self._started is None:
             self._started = time.time()
         with stage_errors():
-            found, reason = look(cfg, self.wanted, self._started, self.missing_grace)
+            found, reason = self.hook.look(self.wanted, self._started, self.missing_grace)
         return xcom(found), xcom(reason)
 
     def poke(self, context: Context) -> bool | PokeReturnValue:
-        found, reason = self._look(self._config())
+        found, reason = self._look()
         if found is None:
             self.log.info("not yet: %s", reason)
             return False
@@ -85,15 +87,14 @@ class NewCheckpointSensor(BaseSensorOperator):
                 return super().execute(context)
             except AirflowSensorTimeout as err:
                 self._timed_out(str(err))
-        cfg = self._config()
-        found, reason = self._look(cfg)
+        found, reason = self._look()
         if found is not None:  # there already: no need to bother the triggerer
             return found
         self.log.info("deferring: %s", reason)
         max_polls = max(1, int(self.timeout // max(self.poke_interval, 0.001)))
         self.defer(
             trigger=NewCheckpointTrigger(config_path=str(self.config_path), checkpoint=self.wanted,
-                                         conn_id=self.conn_id or cfg.airflow.conn_id,
+                                         conn_id=self.conn_id or self.hook.config.airflow.conn_id,
                                          poll_interval=self.poke_interval, max_polls=max_polls,
                                          missing_grace=self.missing_grace),
             method_name="execute_complete",

@@ -69,34 +69,16 @@ class PromoteVersionOperator(PipelineOperator):
         self.now = now
 
     def execute(self, context: Context) -> dict:
-        from tf_export_pipeline.errors import ConfigError
-        from tf_export_pipeline.serving import STABLE, ServingControl
-
-        cfg = self.config()
-        rollback, now = as_bool(self.rollback), as_bool(self.now)
-        label = STABLE if rollback else (str(self.version_label or "").strip() or STABLE)
+        version = self.version.get("version") if isinstance(self.version, dict) else self.version
         with stage_errors():
-            control = ServingControl.from_config(cfg)
-            if rollback:
-                rec = control.rollback(to=as_int(self.to), now=now)  # no earlier stable: a ConfigError
-            else:
-                version = as_int(self.version.get("version") if isinstance(self.version, dict) else self.version)
-                if version is None:
-                    raise ConfigError(f"no version to promote was given: {cfg.source or cfg.export_base}")
-                rec = control.promote(version, label=label, now=now)
-        before, after = rec.get("labels_before") or {}, rec.get("labels_after") or {}
-        result = {"status": "rolled_back" if rollback else "promoted", "command": rec.get("command"),
-                  "model": rec.get("model"), "label": label, "version": after.get(label),
-                  "previous": before.get(label), "labels": after, "versions": rec.get("versions_after"),
-                  "file": rec.get("file")}
-        changes = [{**result, "label": name, "version": after.get(name), "previous": before.get(name)}
-                   for name in sorted(set(before) | set(after)) if before.get(name) != after.get(name)]
+            result, changes = self.hook.move_label(as_int(version), self.version_label, as_bool(self.rollback),
+                                                   as_int(self.to), as_bool(self.now))
         if not changes:
             self.skip_with(context, {**result, "status": "unchanged"},
-                           f"{label} points at version {after.get(label)} already")
+                           f"{result['label']} points at version {result['version']} already")
         self.log.info("%s: %s", result["status"],
                       "; ".join(f"{c['label']} {c['previous']} -> {c['version']}" for c in changes))
-        self._announce(context, cfg, changes)
+        self._announce(context, self.hook.config, changes)
         return xcom(result)
 
     def _announce(self, context: Context, cfg, changes: list[dict]) -> None:
@@ -138,11 +120,10 @@ class CheckCanaryOperator(PipelineOperator):
         self.soak_seconds = soak_seconds
 
     def execute(self, context: Context) -> dict:
-        from tf_export_pipeline.canary import HELD, READY, soak_verdict
+        from tf_export_pipeline.canary import HELD, READY
 
-        cfg = self.config()
         with stage_errors():
-            verdict = soak_verdict(cfg, float(self.soak_seconds))
+            verdict = self.hook.soak_verdict(float(self.soak_seconds))
         if verdict["status"] == HELD:
             self.log.warning("canary held back: %s", verdict["reason"])
         if verdict["status"] != READY:

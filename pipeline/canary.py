@@ -18,6 +18,9 @@ from __future__ import annotations
 import time
 
 from tf_export_pipeline.errors import ConfigError
+from tf_export_pipeline.gate import GateError, compare, read_metric
+from tf_export_pipeline.publish import Publisher
+from tf_export_pipeline.serving import CANARY, STABLE, ServingControl
 
 #: Verdicts: only ``ready`` leads to a promotion.
 READY, SOAKING, HELD, NO_CANARY, ALREADY_STABLE, WAS_STABLE = (
@@ -42,7 +45,6 @@ def stable_since(history: list[dict], version: int, since: float) -> bool:
 def metric_of(cfg, publisher, version: int) -> float | None:
     """The gate metric of a published version: read again from the gate's source for its checkpoint
     (a value updated during the soak counts), else the value recorded at publish time."""
-    from tf_export_pipeline.gate import GateError, read_metric
 
     manifest = publisher.manifest(version) or {}
     ck = manifest.get("checkpoint") or {}
@@ -68,8 +70,6 @@ def soak_verdict(cfg, soak_seconds: float, now: float | None = None, control=Non
     Returns ``{"status", "version", "stable", "since", "soaked_seconds",
     "reason"}`` plus ``metric``, ``value``, ``stable_value`` with a gate.
     """
-    from tf_export_pipeline.publish import Publisher
-    from tf_export_pipeline.serving import CANARY, STABLE, ServingControl
 
     control = control or ServingControl.from_config(cfg)
     if control.serving.policy != "labels":
@@ -99,7 +99,6 @@ def soak_verdict(cfg, soak_seconds: float, now: float | None = None, control=Non
     if cfg.gate is None:
         return {**out, "status": READY, "reason": f"canary {canary} soaked {now - since:.0f} s"}
 
-    from tf_export_pipeline.gate import compare
 
     value = metric_of(cfg, publisher, canary)
     stable_value = metric_of(cfg, publisher, stable) if stable is not None else None

@@ -16,7 +16,18 @@ import sys
 import time
 from typing import Any
 
+from tf_export_pipeline import __version__, redaction
+from tf_export_pipeline.backfill import backfill, pending_for_backfill
+from tf_export_pipeline.config import load_config
+from tf_export_pipeline.demo import SERVING, train, write_config
+from tf_export_pipeline.errors import ConfigError, ExportError, PipelineError
 from tf_export_pipeline.layout import SAVED_MODEL_PB, VERSIONINGS
+from tf_export_pipeline.predict import format_outputs, predict, resolve_target, to_json
+from tf_export_pipeline.quiet_tf import import_tensorflow_quietly
+from tf_export_pipeline.redaction import redact
+from tf_export_pipeline.serving import ServingControl
+from tf_export_pipeline.stages import discover, public, run_once, stage_prune, status
+from tf_export_pipeline.validate import check_signatures, format_report, signatures_of, validate_saved_model
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -45,7 +56,6 @@ def _common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tf-export", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    from tf_export_pipeline import __version__
 
     parser.add_argument("--version", action="version", version=f"tf-export {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -171,7 +181,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _emit(args, data: Any, human: str) -> None:
-    from tf_export_pipeline.redaction import redact
 
     if args.json:
         sys.stdout.write(redact(json.dumps(data, indent=1, default=str)) + "\n")
@@ -181,7 +190,6 @@ def _emit(args, data: Any, human: str) -> None:
 
 def _error(message: str) -> None:
     """The one line of a failed command, on stderr; never a secret."""
-    from tf_export_pipeline.redaction import redact
 
     print(f"tf-export: error: {redact(message)}", file=sys.stderr)
 
@@ -192,7 +200,7 @@ def _when(ts: float | None) -> str:
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    fmt = "  ".join("{:<%d}" % w for w in widths)
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*header)] + [fmt.format(*map(str, r)) for r in rows])
 
 
@@ -218,28 +226,26 @@ def _version_cell(item: dict) -> str:
 
 
 def cmd_discover(args, cfg) -> int:
-    from tf_export_pipeline.stages import discover
 
     items = discover(cfg)
-    rows = [[i["name"], i["step"], _when(i["written_at"]), "yes" if i["complete"] else "NO: missing " + ", ".join(i["missing"]),
+    rows = [[i["name"], i["step"], _when(i["written_at"]),
+             "yes" if i["complete"] else "NO: missing " + ", ".join(i["missing"]),
              _version_cell(i)] for i in items]
-    _emit(args, items, _table(rows, ["CHECKPOINT", "STEP", "WRITTEN", "COMPLETE", "VERSION"]) if rows else "no checkpoints")
+    _emit(args, items,
+          _table(rows, ["CHECKPOINT", "STEP", "WRITTEN", "COMPLETE", "VERSION"]) if rows else "no checkpoints")
     return EXIT_OK
 
 
 def cmd_run(args, cfg) -> int:
-    from tf_export_pipeline.stages import public, run_once
 
     record = run_once(cfg, checkpoint=args.checkpoint, versioning=args.versioning, force=args.force,
                       allow_outrank=args.allow_outrank)
     _emit(args, public(record), _run_line(record))
     if record.get("serving_error"):
-        from tf_export_pipeline.redaction import redact
 
         print(f"tf-export: warning: published, but its serving label was not set: "
               f"{redact(record['serving_error'])}", file=sys.stderr)
     if record.get("prune_error"):
-        from tf_export_pipeline.redaction import redact
 
         print(f"tf-export: warning: published, but retention failed: {redact(record['prune_error'])}",
               file=sys.stderr)
@@ -247,7 +253,6 @@ def cmd_run(args, cfg) -> int:
 
 
 def cmd_backfill(args, cfg) -> int:
-    from tf_export_pipeline.stages import backfill, pending_for_backfill, public
 
     pending = pending_for_backfill(cfg, args.from_step, args.to_step, args.include_removed, args.allow_outrank)
     bar = None
@@ -262,7 +267,6 @@ def cmd_backfill(args, cfg) -> int:
             bar.set_postfix_str(f"step {rec['step']} {rec['status']}", refresh=False)
 
     if args.jobs < 1:
-        from tf_export_pipeline.errors import ConfigError
 
         raise ConfigError(f"--jobs must be at least 1, got {args.jobs}: {cfg.source}")
     records = backfill(cfg, args.from_step, args.to_step, versioning=args.versioning,
@@ -285,7 +289,6 @@ def cmd_backfill(args, cfg) -> int:
 
 
 def cmd_status(args, cfg) -> int:
-    from tf_export_pipeline.stages import status
 
     st = status(cfg)
     rows = [[v["version"], v["step"], v["checkpoint"] or "(no manifest)", ",".join(v.get("labels") or []) or "-",
@@ -300,8 +303,6 @@ def cmd_status(args, cfg) -> int:
 
 
 def cmd_validate(args, cfg) -> int:
-    from tf_export_pipeline.errors import ConfigError
-    from tf_export_pipeline.validate import format_report, validate_saved_model
 
     path = os.path.abspath(args.path)
     if not os.path.isdir(path):
@@ -312,15 +313,10 @@ def cmd_validate(args, cfg) -> int:
     if against and not os.path.isfile(os.path.join(against, SAVED_MODEL_PB)):
         raise ConfigError(f"--against is not a SavedModel directory: {against}")
     if report.get("ok") and (against or (cfg and cfg.validation.contract)):
-        from tf_export_pipeline.validate.contract import load_contract
-        from tf_export_pipeline.validate import apply_signature_checks, signatures_of
 
-        contract = load_contract(cfg.validation.contract) if cfg and cfg.validation.contract else None
-        live = signatures_of(against) if against else None
         name = os.path.basename(against.rstrip("/")) if against else None
-        apply_signature_checks(report, contract=contract, live_signatures=live,
-                               live_version=int(name) if name and name.isdigit() else name,
-                               allow_breaking=bool(cfg and cfg.validation.allow_breaking))
+        check_signatures(report, cfg.validation if cfg else None, signatures_of(against) if against else None,
+                         int(name) if name and name.isdigit() else name)
     _emit(args, report, format_report(report))
     if not report.get("ok"):
         _error(f"validation failed: {report.get('reason')}: {path}")
@@ -329,11 +325,11 @@ def cmd_validate(args, cfg) -> int:
 
 
 def cmd_gc(args, cfg) -> int:
-    from tf_export_pipeline.stages import stage_prune
 
     result = stage_prune(cfg, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
-    human = f"{verb} versions: {result['removed_versions'] or 'none'}\n{verb} staging: {result['removed_staging'] or 'none'}"
+    human = (f"{verb} versions: {result['removed_versions'] or 'none'}\n"
+             f"{verb} staging: {result['removed_staging'] or 'none'}")
     _emit(args, result, human)
     return EXIT_OK
 
@@ -342,7 +338,6 @@ def cmd_predict(args, cfg) -> int:
     import shutil
     import tempfile
 
-    from tf_export_pipeline.predict import format_outputs, predict, resolve_target, to_json
 
     scratch = tempfile.mkdtemp(prefix="tf-export-predict-")
     try:
@@ -355,10 +350,6 @@ def cmd_predict(args, cfg) -> int:
 
 
 def cmd_demo(args, _cfg) -> int:
-    from tf_export_pipeline.config import load_config
-    from tf_export_pipeline.demo import SERVING, train, write_config
-    from tf_export_pipeline.stages import public, run_once, status
-    from tf_export_pipeline.serving import ServingControl
 
     workdir = os.path.abspath(args.workdir)
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
@@ -373,7 +364,6 @@ def cmd_demo(args, _cfg) -> int:
 
     def labelled(record: dict) -> dict:
         if record.get("serving_error"):
-            from tf_export_pipeline.errors import PipelineError
 
             raise PipelineError(f"published, but its serving label was not set: {record['serving_error']}")
         return record
@@ -419,7 +409,7 @@ def cmd_demo(args, _cfg) -> int:
                  ", ".join(sorted(k for k, n in labels.items() if n == v["version"]))] for v in st["versions"]]
         print("\n" + _table(rows, ["VERSION", "STEP", "CHECKPOINT", "LABELS"]))
         print(f"\nExport base (the model's base_path in the model config file): {cfg.export_base}")
-        for root, dirs, files in sorted(os.walk(cfg.export_base)):
+        for root, _dirs, files in sorted(os.walk(cfg.export_base)):
             depth = root[len(cfg.export_base):].count(os.sep)
             if depth > 2 or "/_exports/" in root + "/":
                 continue
@@ -448,7 +438,6 @@ def _labels_line(view: dict) -> str:
 
 
 def cmd_labels(args, cfg) -> int:
-    from tf_export_pipeline.serving import ServingControl
 
     view = ServingControl.from_config(cfg).view()
     _emit(args, view, _labels_line(view))
@@ -473,7 +462,6 @@ def _say_wait(args, control) -> None:
 
 
 def cmd_promote(args, cfg) -> int:
-    from tf_export_pipeline.serving import ServingControl
 
     control = ServingControl.from_config(cfg)
     _say_wait(args, control)
@@ -483,7 +471,6 @@ def cmd_promote(args, cfg) -> int:
 
 
 def cmd_rollback(args, cfg) -> int:
-    from tf_export_pipeline.serving import ServingControl
 
     control = ServingControl.from_config(cfg)
     _say_wait(args, control)
@@ -493,7 +480,6 @@ def cmd_rollback(args, cfg) -> int:
 
 
 def cmd_history(args, cfg) -> int:
-    from tf_export_pipeline.serving import ServingControl
 
     records = ServingControl.from_config(cfg).history()
     _emit(args, records, "\n".join(_change_line(r) for r in records) or "no changes recorded")
@@ -520,14 +506,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("tensorflow").setLevel(logging.ERROR)
         os.environ.setdefault("KERAS_BACKEND", "tensorflow")
         if args.command in ("run", "demo", "validate"):  # backfill imports it itself, later
-            from tf_export_pipeline.export import import_tensorflow_quietly
 
             import_tensorflow_quietly()
     else:
         os.environ["TF_EXPORT_VERBOSE"] = "1"
-    from tf_export_pipeline import redaction
-    from tf_export_pipeline.config import load_config
-    from tf_export_pipeline.errors import ExportError
 
     redaction.install()  # whatever a library logs or warns goes out redacted too
     cfg = None

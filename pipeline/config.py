@@ -16,14 +16,12 @@ import re
 from typing import Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo,
-                      field_validator)
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-from tf_export_pipeline.layout import Versioning
 from tf_export_pipeline.errors import ConfigError
+from tf_export_pipeline.layout import Versioning
 from tf_export_pipeline.redaction import GCS_TOKEN_KEYWORDS, register_options
-
 
 
 class _Strict(BaseModel):
@@ -164,7 +162,7 @@ class Config(_Strict):
         blob = json.dumps(shaping, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
-    def with_overrides(self, **changes: Any) -> "Config":
+    def with_overrides(self, **changes: Any) -> Config:
         clone = self.model_copy(update=changes)
         clone._config_dir = self._config_dir
         clone._source = self._source

@@ -43,9 +43,8 @@ def _tfrecords(data: bytes):
 
 
 def _scalar_from_events(store, directory: str, metric: str, step: int) -> float | None:
-    from tensorflow.core.util import event_pb2
-
     import tensorflow as tf
+    from tensorflow.core.util import event_pb2
 
     found: tuple[float, float] | None = None  # (wall_time, value)
     for entry in sorted(store.list_dir(directory), key=lambda e: e.name):

@@ -22,9 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from tf_export_pipeline.layout import SAVED_MODEL_PB, SERVING_KEY
 from tf_export_pipeline.errors import ConfigError, PipelineError
-
+from tf_export_pipeline.export.examples import read_spec, serialize_examples
+from tf_export_pipeline.layout import SAVED_MODEL_PB, SERVING_KEY
+from tf_export_pipeline.quiet_tf import import_tensorflow_quietly
+from tf_export_pipeline.storage import open_storage
 
 
 def load_npz(path: str) -> dict[str, np.ndarray]:
@@ -103,8 +105,6 @@ def _signature(loaded: Any, name: str, path: str) -> Any:
 def predict(path: str, *, inputs_file: str | None = None, examples_file: str | None = None,
             signature: str | None = None) -> tuple[str, dict[str, np.ndarray]]:
     """Run a signature of the local SavedModel at ``path``; returns (signature name, outputs)."""
-    from tf_export_pipeline.export.examples import read_spec, serialize_examples
-    from tf_export_pipeline.export import import_tensorflow_quietly
 
     if not os.path.isfile(os.path.join(path, SAVED_MODEL_PB)):
         raise ConfigError(f"not a SavedModel directory (no saved_model.pb): {path}")
@@ -184,7 +184,6 @@ def resolve_target(target: str, cfg: Any, scratch: str) -> str:
     if target.isdigit() and (cfg is not None or not os.path.isdir(target)):
         if cfg is None:
             raise ConfigError(f"a version number needs --config to find the export base: {target}")
-        from tf_export_pipeline.storage import open_storage
 
         store = open_storage(cfg.export_base, cfg.storage_options)
         remote = store.join(store.root, target)

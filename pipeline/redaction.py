@@ -58,7 +58,8 @@ import os
 import re
 import threading
 import traceback
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 from urllib.parse import quote, quote_plus
 
 MASK = "***"

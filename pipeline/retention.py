@@ -19,8 +19,18 @@ import re
 import secrets
 import time
 
-
-from tf_export_pipeline.layout import CLAIMS_DIR, DELETING_PREFIX, EXPORTS_DIR, LEASES_DIR, LEDGER_DIR, REMOVED_DIR, SAVED_MODEL_PB, STAGING_PREFIX, TEMP_MARK, WORK_DIR
+from tf_export_pipeline.layout import (
+    CLAIMS_DIR,
+    DELETING_PREFIX,
+    EXPORTS_DIR,
+    LEASES_DIR,
+    LEDGER_DIR,
+    REMOVED_DIR,
+    SAVED_MODEL_PB,
+    STAGING_PREFIX,
+    TEMP_MARK,
+    WORK_DIR,
+)
 from tf_export_pipeline.publish import CLAIM_TTL_SECONDS, Publisher
 from tf_export_pipeline.publish.staging import last_renewed, lease_times, staging_name
 from tf_export_pipeline.storage import Storage

@@ -39,11 +39,13 @@ import re
 import secrets
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
-from tf_export_pipeline.layout import HISTORY_DIR, SAVED_MODEL_PB
 from tf_export_pipeline.errors import ConfigError, PipelineError
+from tf_export_pipeline.layout import HISTORY_DIR, SAVED_MODEL_PB
+from tf_export_pipeline.publish import Publisher
 from tf_export_pipeline.storage import Storage, open_storage
 
 STABLE, CANARY = "stable", "canary"
@@ -111,12 +113,12 @@ class ModelConfigFile:
                 raise ConfigError(f"model config file is a directory: {self.url}") from None
         for _ in range(WRITE_ATTEMPTS):
             try:
-                before = self.store._gcs_object(self.path)
+                before = self.store.object_info(self.path)
             except FileNotFoundError:
                 return pb2.ModelServerConfig(), 0
             try:
                 data = self.store.read_bytes(self.path)
-                same = self.store._gcs_object(self.path).get("generation") == before.get("generation")
+                same = self.store.object_info(self.path).get("generation") == before.get("generation")
             except FileNotFoundError:
                 continue  # replaced or removed between the two requests: read it again
             if same:  # the bytes are those of the generation the write will be conditional on
@@ -150,11 +152,11 @@ class ModelConfigFile:
         # meets a precondition failure caused by our own write, which the nonce tells apart.
         nonce = secrets.token_hex(16)
         try:
-            with self.store._errors("writing the model config file", self.path, write=True):
-                out = self.store._gcs_upload(self.path, data, {WRITE_NONCE_KEY: nonce}, if_generation_match=token)
+            out = self.store.upload(self.path, data, {WRITE_NONCE_KEY: nonce}, if_generation_match=token,
+                                    action="writing the model config file")
         except FileExistsError:
             try:
-                now = self.store._gcs_object(self.path)
+                now = self.store.object_info(self.path)
             except FileNotFoundError:
                 raise ConcurrentChange(self.url) from None
             if (now.get("metadata") or {}).get(WRITE_NONCE_KEY) == nonce:
@@ -224,7 +226,7 @@ class ServingControl:
         self.file = file
 
     @classmethod
-    def from_config(cls, cfg, base: Storage | None = None) -> "ServingControl":
+    def from_config(cls, cfg, base: Storage | None = None) -> ServingControl:
         if cfg.serving is None:
             raise ConfigError(f"the config has no serving: section (model_name, model_config_file, policy): "
                               f"{cfg.source or cfg.export_base}")
@@ -238,7 +240,6 @@ class ServingControl:
 
     def view(self) -> dict:
         """The entry, and the checkpoint each labelled or listed version came from."""
-        from tf_export_pipeline.publish import Publisher
 
         state = self.current()
         pub = Publisher(self.base)
@@ -346,7 +347,6 @@ class ServingControl:
                               f"{self.cfg.source or self.file.url}")
 
     def _require_whole(self, version: int) -> None:
-        from tf_export_pipeline.publish import Publisher
 
         pub = Publisher(self.base)
         if not self._is_whole(pub, version):
@@ -355,7 +355,7 @@ class ServingControl:
 
     def _is_whole(self, pub, version: int) -> bool:
         """A published version: whole, with its saved_model.pb and its manifest."""
-        
+
 
         final = pub.version_path(version)
         # is_whole trusts a local directory (a rename made it whole); a directory made by hand is not
@@ -479,3 +479,28 @@ class ServingControl:
             self.base.create_only(path, text.encode(),
                                   metadata={HISTORY_METADATA_KEY: text} if self.base.is_gcs else None)
         return rec
+
+
+def move_label(control: ServingControl, *, version: int | None, label: str = STABLE, rollback: bool = False,
+               to: int | None = None, now: bool = False) -> tuple[dict, list[dict]]:
+    """Point ``label`` at ``version``, or roll ``stable`` back (to ``to``, or to the previous stable).
+
+    Returns the result (``status`` ``promoted`` or ``rolled_back``, the label,
+    its version before and after, every label after) and one change per label
+    that moved (none: it pointed there already).
+    """
+    label = STABLE if rollback else (str(label or "").strip() or STABLE)
+    if rollback:
+        rec = control.rollback(to=to, now=now)  # no earlier stable: a ConfigError
+    else:
+        if version is None:
+            raise ConfigError(f"no version to promote was given: {control.cfg.source or control.cfg.export_base}")
+        rec = control.promote(version, label=label, now=now)
+    before, after = rec.get("labels_before") or {}, rec.get("labels_after") or {}
+    result = {"status": "rolled_back" if rollback else "promoted", "command": rec.get("command"),
+              "model": rec.get("model"), "label": label, "version": after.get(label),
+              "previous": before.get(label), "labels": after, "versions": rec.get("versions_after"),
+              "file": rec.get("file")}
+    changes = [{**result, "label": name, "version": after.get(name), "previous": before.get(name)}
+               for name in sorted(set(before) | set(after)) if before.get(name) != after.get(name)]
+    return result, changes

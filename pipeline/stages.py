@@ -21,18 +21,28 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any
 
-from tf_export_pipeline.layout import ASSETS_EXTRA, EXPORTS_DIR, FILES_NAME, SAVED_MODEL_PB, STAGING_PREFIX, WORK_DIR
 from tf_export_pipeline import faults
 from tf_export_pipeline.checkpoints import Checkpoint, being_written, discover_checkpoints, find_checkpoint
+from tf_export_pipeline.checkpoints.keras_files import local_copy
 from tf_export_pipeline.config import Config
 from tf_export_pipeline.errors import CheckpointError, ConfigError, ExportError, PipelineError
-from tf_export_pipeline.publish import Publisher
-from tf_export_pipeline.retention import prune
+from tf_export_pipeline.export import Exporter, sample_inputs
+from tf_export_pipeline.export.keras_exporter import KerasFileExporter
+from tf_export_pipeline.gate import GateError, compare, read_metric
+from tf_export_pipeline.layout import ASSETS_EXTRA, EXPORTS_DIR, FILES_NAME, SAVED_MODEL_PB, STAGING_PREFIX, WORK_DIR
+from tf_export_pipeline.publish import UNKNOWN, Publisher
 from tf_export_pipeline.publish.staging import LeaseHeartbeat, StagingGone, drop_lease, file_list, staging_name
-from tf_export_pipeline.storage import Storage, open_storage
-from tf_export_pipeline.validate import require_ok, validate_saved_model
+from tf_export_pipeline.quiet_tf import import_tensorflow_quietly
+from tf_export_pipeline.records import PUBLIC_KEYS, StageRecord, Status, nothing_to_do
+from tf_export_pipeline.redaction import redact
+from tf_export_pipeline.retention import prune
+from tf_export_pipeline.serving import ServingControl
+from tf_export_pipeline.storage import ChecksumMismatch, Storage, open_storage
+from tf_export_pipeline.validate import check_signatures, require_ok, validate_saved_model
+from tf_export_pipeline.validate.signatures import signatures_from_bytes
+from tf_export_pipeline.validate.warmup import write_warmup
 
 _EXPORTERS: dict[tuple, Any] = {}
 
@@ -58,7 +68,6 @@ class Context:
         """The model's entry in TF Serving's model config file (None without a serving: section)."""
         if self.cfg.serving is None:
             return None
-        from tf_export_pipeline.serving import ServingControl
 
         return ServingControl.from_config(self.cfg, self.base)
 
@@ -75,34 +84,36 @@ class Context:
         return found
 
     def exporter(self, ckpt: Checkpoint | None = None):
-        from tf_export_pipeline.export import import_tensorflow_quietly
 
         import_tensorflow_quietly()  # before a model factory imports it, with its start-up chatter
         if ckpt is not None and ckpt.kind == "keras":
-            from tf_export_pipeline.checkpoints.keras_files import KerasFileExporter
 
             return KerasFileExporter(self.cfg)  # each file carries its own model
         key = (self.cfg.model.factory, self.cfg.model.checkpoint_key, self.cfg.config_hash, self.cfg.config_dir)
         if key not in _EXPORTERS:
-            from tf_export_pipeline.export import Exporter
 
             _EXPORTERS[key] = Exporter.from_config(self.cfg)
         return _EXPORTERS[key]
 
 
-def _record(status: str, ckpt: Checkpoint | None = None, version: int | None = None,
+def _record(status: Status | str, ckpt: Checkpoint | None = None, version: int | None = None,
             path: str | None = None, **extra: Any) -> dict:
-    return {"status": status, "version": version, "path": path,
-            "checkpoint": ckpt.prefix if ckpt else None, "step": ckpt.step if ckpt else None, **extra}
+    return StageRecord(Status(status), ckpt.prefix if ckpt else None, ckpt.step if ckpt else None, version, path,
+                       extra).to_json()
 
 
 def _in_progress(ckpt: Checkpoint) -> bool:
     return being_written(ckpt.to_dict())
 
 
+def require_complete_record(record: dict) -> None:
+    """:func:`_require_complete` for a discovery record."""
+    if not record["complete"]:
+        raise CheckpointError(f"checkpoint is incomplete, missing {', '.join(record['missing'])}: {record['prefix']}")
+
+
 def _require_complete(ckpt: Checkpoint) -> None:
-    if not ckpt.complete:
-        raise CheckpointError(f"checkpoint is incomplete, missing {', '.join(ckpt.missing)}: {ckpt.prefix}")
+    require_complete_record(ckpt.to_dict())
 
 
 # -- discovery -------------------------------------------------------------------
@@ -129,7 +140,8 @@ def discover(cfg: Config) -> list[dict]:
         gone = removed.get(key) if key and entry is None else None
         out.append({**ckpt.to_dict(), "ledger_key": key, "version": version if version in listed else None,
                     "committed": entry is not None and version not in listed,
-                    "removed": {"version": gone.get("version"), "removed_at": gone.get("removed_at")} if gone else None})
+                    "removed": ({"version": gone.get("version"), "removed_at": gone.get("removed_at")}
+                                if gone else None)})
     return out
 
 
@@ -152,36 +164,6 @@ def list_pending(cfg: Config, from_step: int | None = None, to_step: int | None 
         if item["complete"] and item["version"] is None:
             pending.append(item)
     return pending
-
-
-def pending_for_backfill(cfg: Config, from_step: int | None = None, to_step: int | None = None,
-                         include_removed: bool = False, allow_outrank: bool = False) -> list[dict]:
-    """What a backfill exports (:func:`list_pending`), refused when retention would remove it at once."""
-    discovered = discover(cfg)
-    pending = list_pending(cfg, from_step, to_step, include_removed, items=discovered)
-    if not allow_outrank:  # outranking versions do not follow training order; retention then removes others
-        check_retention_keeps(cfg, discovered, pending)
-    return pending
-
-
-def check_retention_keeps(cfg: Config, discovered: list[dict], pending: list[dict]) -> None:
-    """Refuse a backfill whose versions the next run's retention would remove at once.
-
-    Versions follow training order (the serving-order rule), so after the
-    backfill retention keeps the ``retention.keep`` newest checkpoints that
-    have a version; a pending checkpoint below them would be published only
-    to be removed by the next prune.
-    """
-    keys = {item["ledger_key"] for item in pending}
-    having = [item for item in discovered if item["version"] is not None or item["ledger_key"] in keys]
-    kept = {item["ledger_key"] for item in having[-cfg.retention.keep:]}
-    doomed = [item for item in pending if item["ledger_key"] not in kept]
-    if doomed:
-        needed = len(having)
-        raise ConfigError(
-            f"backfill of {len(pending)} checkpoint(s): the next run's retention (retention.keep: "
-            f"{cfg.retention.keep}) would remove {len(doomed)} of them, {doomed[0]['name']} first; set "
-            f"retention.keep to at least {needed} in {cfg.source or 'the config'}, or narrow the step range")
 
 
 def _choose(ctx: Context, wanted: str | None) -> Checkpoint | None:
@@ -227,7 +209,6 @@ def _gate(ctx: Context, ckpt: Checkpoint) -> dict | None:
     gate = ctx.cfg.gate
     if gate is None:
         return None
-    from tf_export_pipeline.gate import compare, read_metric
 
     value = read_metric(gate.source, gate.metric, step=ckpt.step, name=ckpt.name,
                         storage_options=ctx.cfg.storage_options)
@@ -244,7 +225,6 @@ def _sample_inputs(cfg: Config, exporter) -> dict:
     """The validation samples: ``validation.samples`` if given, else generated from the TensorSpecs."""
     import numpy as np
 
-    from tf_export_pipeline.export import sample_inputs
 
     specs = exporter.serving.input_specs()
     if not cfg.validation.samples:
@@ -287,15 +267,14 @@ def stage_export(cfg: Config, checkpoint: str | dict | None = None, force: bool 
             checkpoint = checkpoint.get("prefix") or checkpoint.get("checkpoint")
         ckpt = _choose(ctx, checkpoint)
     if ckpt is None:
-        return _record("no_new_checkpoint")
+        return _record(Status.NO_NEW_CHECKPOINT)
     key = ckpt.ledger_key(cfg.config_hash)
     done = ctx.publisher.resolve(key)
     if done is not None:
         # A publish whose process died after its ledger entry was just finished.
-        status = "published" if done["state"] == "rolled_forward" else "skipped"
+        status = Status.PUBLISHED if done["state"] == Status.ROLLED_FORWARD else Status.SKIPPED
         return _record(status, ckpt, done["version"], done["path"], ledger_key=key)
 
-    from tf_export_pipeline.gate import GateError
 
     try:
         gate = _gate(ctx, ckpt)
@@ -304,7 +283,7 @@ def stage_export(cfg: Config, checkpoint: str | dict | None = None, force: bool 
             raise
         gate = None  # forced: publish without a recorded metric
     if gate is not None and gate["worse"] and not force:
-        return _record("gated", ckpt, ledger_key=key, gate=gate, metric=gate["metric"],
+        return _record(Status.GATED, ckpt, ledger_key=key, gate=gate, metric=gate["metric"],
                        value=gate["value"], live_value=gate["live_value"], live_version=gate["live_version"])
 
     exporter = ctx.exporter(ckpt)
@@ -322,7 +301,7 @@ def stage_export(cfg: Config, checkpoint: str | dict | None = None, force: bool 
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     faults.hold("exported")
-    return _record("staged", ckpt, staging=ctx.base.url(staging), work=ctx.base.url(work), ledger_key=key,
+    return _record(Status.STAGED, ckpt, staging=ctx.base.url(staging), work=ctx.base.url(work), ledger_key=key,
                    checkpoint_info=ckpt.to_dict(), exported_at=started, export_seconds=round(time.time() - started, 3),
                    gate=gate)
 
@@ -341,7 +320,6 @@ def _export_into(ctx: Context, cfg: Config, ckpt: Checkpoint, exporter, staging:
     local_model = staging if ctx.base.is_local else os.path.join(scratch, "saved_model")
     exporter.write(local_model)
     if cfg.validation.warmup:
-        from tf_export_pipeline.validate.warmup import write_warmup
 
         write_warmup(os.path.join(local_model, ASSETS_EXTRA), inputs)
     local_work = work if ctx.base.is_local else os.path.join(scratch, "work")
@@ -366,12 +344,10 @@ def _local_checkpoint(store: Storage, ckpt: Checkpoint, scratch: str) -> str:
     since its crc32c is part of the checkpoint's identity in the ledger.
     """
     if ckpt.kind == "keras":
-        from tf_export_pipeline.checkpoints.keras_files import local_copy
 
         return local_copy(store, ckpt, scratch)
     if store.is_local:
         return ckpt.prefix
-    from tf_export_pipeline.storage import ChecksumMismatch
 
     remote_prefix = store.strip(ckpt.prefix)
     directory = remote_prefix.rsplit("/", 1)[0]
@@ -408,7 +384,7 @@ def _discard(store: Storage, staging: str, work: str) -> None:
 
 
 def _strip(store: Storage, url: str) -> str:
-    return url if store.is_local else store.fs._strip_protocol(url)
+    return store.strip(url)
 
 
 def stage_validate(cfg: Config, staged: dict, session=None) -> dict:
@@ -417,7 +393,7 @@ def stage_validate(cfg: Config, staged: dict, session=None) -> dict:
     ``session`` (a :class:`tf_export_pipeline.validate.ValidationSession`) lets a backfill
     use one validation process for many versions.
     """
-    if staged.get("status") != "staged":
+    if staged.get("status") != Status.STAGED:
         return staged
     ctx = Context(cfg)
     staging = _strip(ctx.base, staged["staging"])
@@ -455,16 +431,11 @@ def stage_validate(cfg: Config, staged: dict, session=None) -> dict:
     if not report.get("ok"):
         _discard(ctx.base, staging, work)
     require_ok(report, staged["staging"])
-    return {**staged, "status": "validated", "validation": report}
+    return {**staged, "status": Status.VALIDATED.value, "validation": report}
 
 
 def _check_signatures(ctx: Context, report: dict) -> None:
     """The contract and the breaking-change diff against the live version, added to ``report``."""
-    from tf_export_pipeline.validate.contract import load_contract
-    from tf_export_pipeline.validate import apply_signature_checks
-    from tf_export_pipeline.validate.worker import signatures_from_bytes
-
-    contract = load_contract(ctx.cfg.validation.contract) if ctx.cfg.validation.contract else None
     live = ctx.reference_version()
     live_signatures = None
     if live is not None:
@@ -473,8 +444,7 @@ def _check_signatures(ctx: Context, report: dict) -> None:
                 ctx.base.read_bytes(ctx.base.join(ctx.publisher.version_path(live), SAVED_MODEL_PB)))
         except FileNotFoundError:
             live_signatures = None  # removed by retention meanwhile; nothing to compare with
-    apply_signature_checks(report, contract=contract, live_signatures=live_signatures, live_version=live,
-                           allow_breaking=ctx.cfg.validation.allow_breaking)
+    check_signatures(report, ctx.cfg.validation, live_signatures, live)
 
 
 def stage_publish(cfg: Config, validated: dict, versioning: str | None = None, allow_outrank: bool = False) -> dict:
@@ -483,9 +453,9 @@ def stage_publish(cfg: Config, validated: dict, versioning: str | None = None, a
     ``allow_outrank`` lets the checkpoint's version break training order (an
     older checkpoint above a newer one); without it such a publish is refused.
     """
-    if validated.get("status") in ("skipped", "no_new_checkpoint", "gated"):
+    if nothing_to_do(validated):
         return public(validated)
-    if validated.get("status") != "validated":
+    if validated.get("status") != Status.VALIDATED:
         raise PipelineError(f"refusing to publish a model that was not validated: {validated.get('staging')}")
     ctx = Context(cfg)
     ckpt = Checkpoint(**validated["checkpoint_info"])
@@ -510,7 +480,6 @@ def stage_publish(cfg: Config, validated: dict, versioning: str | None = None, a
         )
     except BaseException:
         # Staging that made it into the ledger is finished by the next run; any other is garbage.
-        from tf_export_pipeline.publish import UNKNOWN
 
         if ctx.publisher.committed_staging(validated["ledger_key"]) not in (staging, UNKNOWN):
             _discard(ctx.base, staging, work)
@@ -522,7 +491,7 @@ def stage_publish(cfg: Config, validated: dict, versioning: str | None = None, a
     record = _record(result["status"], ckpt, result["version"], result["path"],
                      claim_attempts=result.get("claim_attempts", 0))
     # Only the highest version gets a label: a backfilled (older) version must not take canary from the new one.
-    if result["status"] == "published" and cfg.serving is not None \
+    if result["status"] == Status.PUBLISHED and cfg.serving is not None \
             and result["version"] == ctx.publisher.live_version():
         # The version is published whatever happens to its label: a failure here is reported, not raised.
         try:
@@ -554,7 +523,6 @@ def stage_prune(cfg: Config, dry_run: bool = False, keep_versions: tuple[int, ..
 
 
 # -- whole runs ------------------------------------------------------------------
-_PUBLIC = ("status", "version", "path", "checkpoint", "step")
 
 
 _GATED = ("metric", "value", "live_value", "live_version")
@@ -566,8 +534,59 @@ _SERVING = ("labels", "serving_error")
 def public(record: dict) -> dict:
     """The ``tf-export run --json`` record (a gated run also names the metric and both values;
     a publish under a ``serving:`` section the labels it set, or why it set none)."""
-    keys = _PUBLIC + _GATED if record.get("status") == "gated" else _PUBLIC
+    keys = PUBLIC_KEYS + _GATED if record.get("status") == Status.GATED else PUBLIC_KEYS
     return {k: record.get(k) for k in keys} | {k: record[k] for k in _SERVING if k in record}
+
+
+def publish_validated(cfg: Config, validated: dict, versioning: str | None = None,
+                      allow_outrank: bool = False) -> dict:
+    """Publish one validated record (:func:`stage_publish`), counting a version an earlier try of the
+    same publish committed as this one's: a task retried after dying between its ledger entry and
+    its answer reports ``published``, not ``skipped``."""
+    if validated.get("status") == Status.PUBLISHED:
+        return public(validated)  # finished by the export stage (a publish that died)
+    record = stage_publish(cfg, validated, versioning=versioning, allow_outrank=allow_outrank)
+    if record["status"] == Status.SKIPPED and _published_by_earlier_try(cfg, validated, record):
+        record = {**record, "status": Status.PUBLISHED.value}
+    return record
+
+
+def _published_by_earlier_try(cfg: Config, validated: dict, record: dict) -> bool:
+    """Whether the ledger names this record's own staging, whole: an earlier try died after its ledger entry."""
+    ctx = Context(cfg)
+    entry = ctx.publisher.ledger_entry(validated.get("ledger_key") or "") or {}
+    staging = validated.get("staging")
+    return (staging is not None and entry.get("staging") == ctx.base.strip(staging)
+            and record.get("version") is not None
+            and ctx.publisher.is_whole(ctx.publisher.version_path(record["version"])))
+
+
+def publish_in_order(cfg: Config, items: list[dict], versioning: str | None = None,
+                     allow_outrank: bool = False) -> tuple[list[dict], list[str]]:
+    """Publish validated records one after the other in list order (oldest checkpoint first), so the
+    last gets the highest version whatever order their exports finished in.
+
+    Records with nothing to do are passed on. A publish that fails is recorded
+    (``status: failed``) and the later ones still go ahead; an error no retry
+    can mend (``permanent``) stops the list at once. Returns the records and
+    one line per failure.
+    """
+    records: list[dict] = []
+    failures: list[str] = []
+    for item in items:
+        if nothing_to_do(item):
+            records.append(public(item))
+            continue
+        try:
+            records.append(publish_validated(cfg, item, versioning, allow_outrank))
+        except Exception as err:  # noqa: BLE001 - the newer ones are still published; the caller fails after
+            if getattr(err, "permanent", False):
+                raise
+
+            message = redact(str(err))
+            failures.append(f"{item.get('checkpoint')}: {message}")
+            records.append({**public(item), "status": Status.FAILED.value, "error": message})
+    return records, failures
 
 
 def export_and_validate(cfg: Config, checkpoint: str | dict | None = None, force: bool = False,
@@ -576,7 +595,7 @@ def export_and_validate(cfg: Config, checkpoint: str | dict | None = None, force
     t0 = time.monotonic()
     staged = stage_export(cfg, checkpoint, force=force)
     t1 = time.monotonic()
-    if staged["status"] != "staged":
+    if staged["status"] != Status.STAGED:
         return staged
     validated = stage_validate(cfg, staged, session=session)
     validated["timings"] = {"export": round(t1 - t0, 4), "validate": round(time.monotonic() - t1, 4)}
@@ -586,12 +605,13 @@ def export_and_validate(cfg: Config, checkpoint: str | dict | None = None, force
 def export_one(cfg: Config, checkpoint: str | dict | None = None, versioning: str | None = None,
                allow_outrank: bool = False, force: bool = False, session=None) -> dict:
     validated = export_and_validate(cfg, checkpoint, force=force, session=session)
-    if validated["status"] != "validated":
+    if validated["status"] != Status.VALIDATED:
         return validated
-    return _publish_timed(cfg, validated, versioning, allow_outrank)
+    return publish_timed(cfg, validated, versioning, allow_outrank)
 
 
-def _publish_timed(cfg: Config, validated: dict, versioning: str | None, allow_outrank: bool) -> dict:
+def publish_timed(cfg: Config, validated: dict, versioning: str | None, allow_outrank: bool) -> dict:
+    """:func:`stage_publish`, with the publish's seconds added to the record's ``timings``."""
     t0 = time.monotonic()
     record = stage_publish(cfg, validated, versioning=versioning, allow_outrank=allow_outrank)
     record["timings"] = {**validated.get("timings", {}), "publish": round(time.monotonic() - t0, 4)}
@@ -610,133 +630,12 @@ def run_once(cfg: Config, checkpoint: str | None = None, versioning: str | None 
     ``published`` and carries the prune's error.
     """
     record = export_one(cfg, checkpoint, versioning, allow_outrank=allow_outrank, force=force)
-    if record["status"] == "published":
+    if record["status"] == Status.PUBLISHED:
         try:
             record["pruned"] = stage_prune(cfg, keep_versions=(record["version"],))["removed_versions"]
         except (ExportError, OSError) as err:  # ConfigError too: the serving file retention reads
             record["prune_error"] = str(err)
     return record
-
-
-def backfill(cfg: Config, from_step: int | None = None, to_step: int | None = None,
-             versioning: str = "checkpoint_time", allow_outrank: bool = False,
-             progress: Callable[[dict], None] | None = None, jobs: int = 1,
-             include_removed: bool = False) -> list[dict]:
-    """Export every pending checkpoint in the step range, oldest first.
-
-    The model is built and traced once per worker process; each checkpoint then
-    costs a restore, a write of the variables (see
-    :mod:`tf_export_pipeline.export.writer`) and a load in a shared validation process.
-    ``jobs`` > 1 exports and validates in that many worker processes, each with
-    its own model; versions are still published one by one in checkpoint order.
-
-    A failure of one checkpoint is recorded and the backfill goes on. Retention
-    is not applied: the point of a backfill is to keep what it writes, so a
-    backfill whose versions the next run's retention would remove is refused
-    up front (:func:`check_retention_keeps`). Checkpoints whose versions
-    retention removed before are left out unless ``include_removed``. The
-    metric gate does not hold back a backfill: historic checkpoints land below
-    the live version, and the gate guards what is served.
-    """
-    pending = pending_for_backfill(cfg, from_step, to_step, include_removed, allow_outrank)
-    records: list[dict] = []
-
-    def finish(item: dict, validated: dict | BaseException) -> None:
-        if isinstance(validated, PipelineError):
-            record = _failed_record(item, validated)
-        elif isinstance(validated, BaseException):
-            raise validated
-        elif validated.get("status") != "validated":
-            record = validated
-        else:
-            try:
-                record = _publish_timed(cfg, validated, versioning, allow_outrank)
-            except PipelineError as err:
-                record = _failed_record(item, err)
-        records.append(record)
-        if progress:
-            progress(record)
-
-    if jobs <= 1 or len(pending) <= 1:
-        from collections import deque
-        from concurrent.futures import Future, ThreadPoolExecutor
-
-        from tf_export_pipeline.export import import_tensorflow_quietly
-        from tf_export_pipeline.validate import ValidationSession
-
-        # The validation process starts first so that its TensorFlow import
-        # overlaps this one's; then checkpoint i+1 is exported while version i
-        # is being validated (the thread only waits on the other process).
-        with ValidationSession().start() as session, ThreadPoolExecutor(1) as validator:
-            import_tensorflow_quietly()
-            inflight: deque = deque()
-            for item in pending:
-                t0 = time.monotonic()
-                try:
-                    staged = stage_export(cfg, item, force=True)
-                    staged["timings"] = {"export": round(time.monotonic() - t0, 4)}
-                except PipelineError as err:
-                    staged = err
-                if isinstance(staged, dict) and staged.get("status") == "staged":
-                    ticket = validator.submit(_validate_timed, cfg, staged, session)
-                else:
-                    ticket = Future()
-                    ticket.set_result(staged)
-                inflight.append((item, ticket))
-                while len(inflight) > 1:
-                    done_item, done = inflight.popleft()
-                    finish(done_item, done.result())
-            while inflight:
-                done_item, done = inflight.popleft()
-                finish(done_item, done.result())
-        return records
-
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(processes=min(jobs, len(pending)), initializer=_worker_init) as pool:
-        results = pool.imap(_worker_export, [(cfg, item) for item in pending], chunksize=1)
-        for item, validated in zip(pending, results):
-            finish(item, validated)
-    return records
-
-
-def _validate_timed(cfg: Config, staged: dict, session) -> dict | PipelineError:
-    t0 = time.monotonic()
-    try:
-        validated = stage_validate(cfg, staged, session=session)
-    except PipelineError as err:
-        return err
-    validated["timings"] = {**staged.get("timings", {}), "validate": round(time.monotonic() - t0, 4)}
-    return validated
-
-
-def _failed_record(item: dict, err: BaseException) -> dict:
-    return {"status": "failed", "version": None, "path": None, "checkpoint": item["prefix"],
-            "step": item["step"], "error": str(err)}
-
-
-_WORKER_SESSION = None
-
-
-def _worker_init() -> None:
-    import atexit
-
-    from tf_export_pipeline.export import import_tensorflow_quietly
-    from tf_export_pipeline.validate import ValidationSession
-
-    global _WORKER_SESSION
-    _WORKER_SESSION = ValidationSession().start()
-    atexit.register(_WORKER_SESSION.close)
-    import_tensorflow_quietly()
-
-
-def _worker_export(task: tuple) -> dict | BaseException:
-    cfg, item = task
-    try:
-        return export_and_validate(cfg, item, force=True, session=_WORKER_SESSION)
-    except PipelineError as err:
-        return err
 
 
 def status(cfg: Config) -> dict:
@@ -771,5 +670,6 @@ def status(cfg: Config) -> dict:
             "removed": removed}
 
 
-__all__ = ["discover", "list_pending", "pending_for_backfill", "check_retention_keeps", "stage_export", "stage_validate", "stage_publish", "stage_prune",
-           "export_one", "run_once", "backfill", "status", "public"]
+__all__ = ["publish_validated", "publish_in_order", "discover", "list_pending", "stage_export", "stage_validate",
+           "stage_publish", "stage_prune",
+           "export_one", "run_once", "status", "public"]

@@ -9,8 +9,7 @@ import textwrap
 import pytest
 import yaml
 
-from tests.conftest import make_workspace, run_cli, one_line_error
-
+from tests.conftest import make_workspace, one_line_error, run_cli
 
 
 def _nothing_changed(ws, before):
@@ -146,7 +145,8 @@ def test_savedmodel_without_serving_signature(tmp_path):
 
 def test_module_factory_without_serving_function(tmp_path, trained_dir):
     ws = make_workspace(tmp_path, trained_dir, model={"factory": "bare_module:build"})
-    (tmp_path / "bare_module.py").write_text("import tensorflow as tf\n\ndef build():\n    m = tf.Module()\n    m.v = tf.Variable(1.0)\n    return m\n")
+    (tmp_path / "bare_module.py").write_text("import tensorflow as tf\n\ndef build():\n    m = tf.Module()\n"
+                                             "    m.v = tf.Variable(1.0)\n    return m\n")
     res = ws.cli("run")
     assert res.rc == 2
     assert "no serving function" in one_line_error(res)

@@ -13,17 +13,18 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import run_cli
 from tf_export_pipeline.canary import soak_verdict
 from tf_export_pipeline.config import config_from_dict
 from tf_export_pipeline.errors import ConfigError
 from tf_export_pipeline.serving import ServingControl
-from tests.conftest import run_cli
 
 HOUR = 3600.0
 
 
 def _cfg(root: Path, gate: bool = False, policy: str = "labels"):
-    data = {"training_dir": "./train", "export_base": "./serving/m", "model": {"factory": "tf_export_pipeline.demo:build"},
+    data = {"training_dir": "./train", "export_base": "./serving/m",
+            "model": {"factory": "tf_export_pipeline.demo:build"},
             "serving": {"model_name": "m", "model_config_file": "./serving/models.config", "policy": policy,
                         "reload_seconds": 0}}
     if gate:

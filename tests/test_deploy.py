@@ -210,7 +210,7 @@ def test_the_production_image_carries_the_dag_file_but_no_demo_config():
     chain = _stage_chain(stages, production)
     copied = [(src, dst) for stage in chain for sources, dst in _copies(stage) for src in sources]
     assert ("dags/tf_export_dags.py", "/opt/airflow/dags/tf_export_dags.py") in copied
-    for src, dst in copied:
+    for src, _dst in copied:
         assert not src.rstrip("/").endswith(("configs", ".yaml", ".yml")), f"production image gets {src}"
         assert src.rstrip("/") != "dags", "the whole dags/ folder (with dags/configs) goes into the image"
         assert not src.startswith("deploy/"), f"production image gets {src}"
@@ -254,7 +254,7 @@ def test_compose_services_volumes_files_and_names_exist():
         assert image and not image.endswith(":latest") and ":" in image, f"{name}: unpinned image {image!r}"
         env = _env(service)
         connections |= {k[len("AIRFLOW_CONN_"):].lower() for k in env if k.startswith("AIRFLOW_CONN_")}
-    for name, service in _airflow_services(compose).items():
+    for _name, service in _airflow_services(compose).items():
         env = _env(service)
         assert _url_host(env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]) in services
         assert _url_host(env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"]) in services

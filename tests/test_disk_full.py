@@ -175,7 +175,8 @@ class DiskFullBed:
         self.ns.unfill()
         if self.base.exists():
             shutil.rmtree(self.base)
-        assert self.ns.used() == 0, f"tmpfs not empty after reset: {sorted(os.listdir(self.ns.view(self.ns.mountpoint)))}"
+        assert self.ns.used() == 0, \
+            f"tmpfs not empty after reset: {sorted(os.listdir(self.ns.view(self.ns.mountpoint)))}"
 
     def versions(self) -> list[int]:
         if not self.base.exists():

@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import assert_no_partial_versions, cli_env, make_workspace, run_cli, one_line_error
-
+from tests.conftest import assert_no_partial_versions, cli_env, make_workspace, one_line_error, run_cli
 
 
 def _write_config(root: Path, **data) -> Path:

@@ -49,12 +49,6 @@ from pathlib import Path
 
 import pytest
 
-from tf_export_pipeline.layout import MANIFEST
-from tf_export_pipeline.checkpoints import Checkpoint
-from tf_export_pipeline.errors import PipelineError
-from tf_export_pipeline.publish import Publisher
-from tf_export_pipeline.publish.staging import file_list
-from tf_export_pipeline.storage import open_storage
 from tests.conftest import cli_cmd, cli_env, run_cli
 from tests.support.fault_proxy import DROP, DROP_AFTER, FAIL_503, FaultProxy
 from tests.support.gcs_fixtures import GcsBucket
@@ -66,6 +60,12 @@ from tests.test_gcs_end_to_end import (
     objects,
     versions_in,
 )
+from tf_export_pipeline.checkpoints import Checkpoint
+from tf_export_pipeline.errors import PipelineError
+from tf_export_pipeline.layout import MANIFEST
+from tf_export_pipeline.publish import Publisher
+from tf_export_pipeline.publish.staging import file_list
+from tf_export_pipeline.storage import open_storage
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -602,7 +602,7 @@ def test_cli_runs_through_faults_fail_in_one_line_and_converge(tmp_path, trained
         proxy.stop()
 
     statuses = []
-    for command, res in results:
+    for _command, res in results:
         tf_lines = [line for line in res.err.splitlines() if line.startswith("tf-export:")]
         assert "Traceback" not in res.err and "unexpected" not in res.err, res.err
         if res.rc == 0:
@@ -728,9 +728,9 @@ def test_run_whose_ledger_entry_landed_unseen_keeps_its_claim_and_recovers(
         gcs_server, gcs_bucket, fast_gcs_retries, trained_dir, tmp_path):
     """The same lost commit through the runner (in process, so that gcsfs's back-off is short):
     the claim of the committed version stays, and the next run publishes the checkpoint, once."""
+    from tests.test_gcs_end_to_end import upload_tree
     from tf_export_pipeline.config import config_from_dict
     from tf_export_pipeline.stages import export_one
-    from tests.test_gcs_end_to_end import upload_tree
 
     upload_tree(gcs_bucket, trained_dir, "train")
     outage = {"on": True, "creates": 0}
@@ -752,7 +752,8 @@ def test_run_whose_ledger_entry_landed_unseen_keeps_its_claim_and_recovers(
     try:
         via = gcs_bucket.via(proxy)
         cfg = config_from_dict({"training_dir": via.url("train"), "export_base": via.url(BASE),
-                                "model": {"factory": "tf_export_pipeline.demo:build"}, "storage_options": via.storage_options,
+                                "model": {"factory": "tf_export_pipeline.demo:build"},
+                                "storage_options": via.storage_options,
                                 "retention": {"keep": 100}}, str(tmp_path))
         with pytest.raises(PipelineError) as failed:
             export_one(cfg)

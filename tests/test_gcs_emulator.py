@@ -347,11 +347,11 @@ def test_emulator_reports_no_hierarchical_namespace(gcs_bucket):
 
 def test_storage_control_grpc_is_unavailable_fast(gcs_bucket):
     grpc = pytest.importorskip("grpc")
+    from google.api_core import exceptions as api_exceptions
     from google.cloud import storage_control_v2
     from google.cloud.storage_control_v2.services.storage_control.transports import (
         StorageControlGrpcTransport,
     )
-    from google.api_core import exceptions as api_exceptions
 
     host = gcs_bucket.endpoint.split("://", 1)[1]
     channel = grpc.insecure_channel(host)

@@ -23,12 +23,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tf_export_pipeline.checkpoints import Checkpoint, crc32c_b64, discover_checkpoints
-from tf_export_pipeline.config import config_from_dict
-from tf_export_pipeline.errors import CheckpointError, PipelineError
-from tf_export_pipeline.publish import Publisher
-from tf_export_pipeline.publish.staging import file_list
-from tf_export_pipeline.storage import open_storage
 from tests.conftest import CliResult, cli_cmd, cli_env, run_cli
 from tests.support.gcs_fixtures import (  # noqa: F401  (fixtures)
     GcsBucket,
@@ -37,6 +31,12 @@ from tests.support.gcs_fixtures import (  # noqa: F401  (fixtures)
     gcs_fault_proxy,
     gcs_server,
 )
+from tf_export_pipeline.checkpoints import Checkpoint, crc32c_b64, discover_checkpoints
+from tf_export_pipeline.config import config_from_dict
+from tf_export_pipeline.errors import CheckpointError, PipelineError
+from tf_export_pipeline.publish import Publisher
+from tf_export_pipeline.publish.staging import file_list
+from tf_export_pipeline.storage import open_storage
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -500,7 +500,8 @@ def test_whole_pipeline_from_gs_under_faults(trained_dir, gcs_bucket, gcs_fault_
     upload_tree(gcs_bucket, trained_dir, "train")
     via = gcs_bucket.via(gcs_fault_proxy)
     cfg = config_from_dict({"training_dir": via.url("train"), "export_base": via.url(BASE),
-                            "model": {"factory": "tf_export_pipeline.demo:build"}, "storage_options": via.storage_options},
+                            "model": {"factory": "tf_export_pipeline.demo:build"},
+                            "storage_options": via.storage_options},
                            str(tmp_path))
     gcs_fault_proxy.configure(fail_rate=0.1, drop_rate=0.05, drop_after_rate=0.05, seed=21)
     rec = export_one(cfg)
@@ -539,11 +540,11 @@ def test_discovery_costs_a_fixed_number_of_requests(gcs_bucket, gcs_fault_proxy)
     via = gcs_bucket.via(gcs_fault_proxy)
     costs = []
     for n in (3, 60):
-        state = ['model_checkpoint_path: "ckpt-%d"' % n]
+        state = [f'model_checkpoint_path: "ckpt-{n}"']
         for k in range(1, n + 1):
             fs.pipe_file(gcs_bucket.path(f"train{n}", f"ckpt-{k}.data-00000-of-00001"), b"d" * k)
             fs.pipe_file(gcs_bucket.path(f"train{n}", f"ckpt-{k}.index"), b"i" * k)
-            state.append('all_model_checkpoint_paths: "ckpt-%d"' % k)
+            state.append(f'all_model_checkpoint_paths: "ckpt-{k}"')
         fs.pipe_file(gcs_bucket.path(f"train{n}", "checkpoint"), "\n".join(state).encode())
         store = open_storage(via.url(f"train{n}"), via.storage_options)
         gcs_fault_proxy.reset_counters()

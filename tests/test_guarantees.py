@@ -14,8 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (CliResult, PartialVersionWatcher, assert_no_partial_versions, cli_cmd, cli_env, make_workspace,
-                            one_line_error)
+from tests.conftest import (
+    CliResult,
+    PartialVersionWatcher,
+    assert_no_partial_versions,
+    cli_cmd,
+    cli_env,
+    make_workspace,
+    one_line_error,
+)
 from tests.test_crash_safety import _kill, _start, _wait_hold
 
 pytestmark = pytest.mark.timeout(600)
@@ -186,11 +193,13 @@ def test_an_export_base_below_a_regular_file_is_named_as_such(tmp_path, trained_
 
 # 6. concurrent gc and prunes ------------------------------------------------------------------------
 def test_concurrent_gcs_and_a_runs_prune_tolerate_each_other(tmp_path, trained_dir):
-    ws = make_workspace(tmp_path, trained_dir, retention={"keep": 1, "lease_seconds": 5})
+    ws = make_workspace(tmp_path, trained_dir, retention={"keep": 5, "lease_seconds": 5})
     ws.train_more(30)  # six checkpoints
     back = ws.cli("backfill", "--to-step", "50", "--json")
     assert back.rc == 0, back.err
     assert len(ws.versions()) == 5
+    # Then retention tightened to one version: the run's prune and four gcs remove the backfilled ones.
+    ws.config.write_text(ws.config.read_text().replace("keep: 5", "keep: 1"))
     for i in range(4):  # abandoned staging for gc to collect
         (ws.base / f"temp-{int(time.time()) - 60}-dead{i:04x}" / "variables").mkdir(parents=True)
     cmds = [cli_cmd("gc", "--config", str(ws.config), "--json") for _ in range(4)]

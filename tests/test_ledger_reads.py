@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import time
 
+from tests.support.gcs_fixtures import gcs_bucket, gcs_fault_proxy, gcs_server  # noqa: F401  (fixtures)
 from tf_export_pipeline.publish import Publisher, _meta
 from tf_export_pipeline.retention import prune
 from tf_export_pipeline.storage import open_storage
-from tests.support.gcs_fixtures import gcs_bucket, gcs_fault_proxy, gcs_server  # noqa: F401  (fixtures)
 
 
 def _write_entries(store, pub: Publisher, n: int, start: int = 0) -> None:

@@ -101,5 +101,5 @@ def test_airflow_lists_the_provider_and_its_connection_type(tmp_path):
     import json
 
     hook, package, fields = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert hook == "tf_export_pipeline.operators.hooks.ExportStorageHook" and package == "tf-export-pipeline"
+    assert hook == "tf_export_pipeline.operators.hooks.ExportHook" and package == "tf-export-pipeline"
     assert {f.rsplit("__", 1)[1] for f in fields} >= {"keyfile_dict", "project", "endpoint_url", "storage_options"}

@@ -55,7 +55,7 @@ def test_quiet_import_keeps_what_is_not_startup_chatter(tmp_path):
         def constant(value):
             return _T()
     """))
-    script = "from tf_export_pipeline.export import import_tensorflow_quietly as q; q(); print('imported')"
+    script = "from tf_export_pipeline.quiet_tf import import_tensorflow_quietly as q; q(); print('imported')"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "fake"), str(REPO)])}
     env.pop("TF_EXPORT_VERBOSE", None)
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)

@@ -6,18 +6,16 @@ The Airflow side (trigger events, operator errors, XCom, the task log) is in
 
 from __future__ import annotations
 
-import os
-
 import json
 import logging
+import os
 import uuid
-from pathlib import Path
 
 import pytest
 
+from tests.conftest import one_line_error, run_cli
 from tf_export_pipeline import redaction
 from tf_export_pipeline.demo import write_config
-from tests.conftest import one_line_error, run_cli
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -65,7 +63,8 @@ def test_tokens_in_urls_are_redacted():
     assert redaction.redact(f"https://s.example/o?X-Goog-Signature={plain}&x=1") == \
         "https://s.example/o?X-Goog-Signature=***&x=1"
     assert redaction.redact(f"https://h.example/o?key={plain}") == "https://h.example/o?key=***"
-    assert redaction.redact(f"proxy http://user:{plain}@proxy:3128/ refused") == "proxy http://user:***@proxy:3128/ refused"
+    assert redaction.redact(f"proxy http://user:{plain}@proxy:3128/ refused") == \
+        "proxy http://user:***@proxy:3128/ refused"
     assert redaction.redact(f"{{'Authorization': 'Bearer {plain}'}}") == "{'Authorization': 'Bearer ***'}"
     assert redaction.redact(f"Authorization: Bearer {plain}") == "Authorization: Bearer ***"
     # Words and code stay: only values are masked.
@@ -231,7 +230,8 @@ def test_cli_on_refused_storage_prints_no_credential(tmp_path, command):
     assert_nowhere(needles, quiet.out, quiet.err, loud.out, loud.err, as_json.out, as_json.err)
 
 
-def test_cli_redacts_errors_tracebacks_and_output_of_any_command(tmp_path, monkeypatch, capsys, fresh_redactor, request):
+def test_cli_redacts_errors_tracebacks_and_output_of_any_command(tmp_path, monkeypatch, capsys, fresh_redactor,
+                                                                  request):
     """What a library puts in an error (here a URL with a token and a registered secret) never reaches the terminal.
 
     The command is replaced by one that fails the way google-auth fails when

@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from tf_export_pipeline.checkpoints import Checkpoint, discover_checkpoints, parse_state_file
+from tf_export_pipeline.checkpoints import Checkpoint, discover_checkpoints
+from tf_export_pipeline.checkpoints.tf_checkpoints import parse_state_file
 from tf_export_pipeline.config import config_from_dict, load_config
 from tf_export_pipeline.errors import ConfigError, PublishError
 from tf_export_pipeline.publish import Publisher, first_candidate

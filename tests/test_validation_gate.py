@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import assert_no_partial_versions, cli_cmd, cli_env, make_workspace, run_cli, one_line_error
+from tests.conftest import assert_no_partial_versions, cli_cmd, cli_env, make_workspace, one_line_error, run_cli
 from tests.models import save_checkpoints
 
 CONTRACT = {
@@ -80,13 +80,14 @@ def test_renamed_output_against_the_live_version(workspace):
     data["model"]["factory"] = "tests.models:renamed_output"
     workspace.config.write_text(yaml.safe_dump(data))
     line = _failed_cleanly(workspace, workspace.cli("run"), [live["version"]])
-    assert f"signature 'serving_default' output 'score' removed or renamed" in line
+    assert "signature 'serving_default' output 'score' removed or renamed" in line
     # allowed explicitly, the same export publishes and the diff is recorded
     data["validation"] = {"allow_breaking": True}
     workspace.config.write_text(yaml.safe_dump(data))
     res = workspace.cli("run", "--json")
     assert res.rc == 0, res.err
-    manifest = json.loads((workspace.base / str(res.json["version"]) / "assets.extra" / "export_manifest.json").read_text())
+    manifest = json.loads(
+        (workspace.base / str(res.json["version"]) / "assets.extra" / "export_manifest.json").read_text())
     diff = manifest["validation"]["diff"]
     assert diff["against"] == live["version"]
     assert diff["breaking"] == ["signature 'serving_default' output 'score' removed or renamed"]
@@ -117,8 +118,8 @@ def test_nan_in_the_weights(workspace):
 
 
 def test_parity_break_between_serving_function_and_restored_model(tmp_path):
-    from tf_export_pipeline.demo import write_config
     from tests.models import noisy_serving
+    from tf_export_pipeline.demo import write_config
 
     save_checkpoints(noisy_serving, str(tmp_path / "train"), steps=(10,))
     config = write_config(str(tmp_path), model={"factory": "tests.models:noisy_serving"})
@@ -127,7 +128,8 @@ def test_parity_break_between_serving_function_and_restored_model(tmp_path):
     line = one_line_error(res)
     assert "output 'python_noise' differs from the restored checkpoint by up to" in line
     assert not (tmp_path / "serving" / "demo_regressor").exists() or not [
-        p for p in (tmp_path / "serving" / "demo_regressor").iterdir() if p.name.isdigit() or p.name.startswith("temp-")]
+        p for p in (tmp_path / "serving" / "demo_regressor").iterdir()
+        if p.name.isdigit() or p.name.startswith("temp-")]
 
 
 def _corrupt_staging(ws, tmp_path, corrupt):

@@ -25,14 +25,13 @@ Object stores show an object only once it is whole.
 from __future__ import annotations
 
 import os
-import re
 import time
 import zipfile
-from typing import Any
 
-from tf_export_pipeline.checkpoints import Checkpoint, crc32c_b64
-from tf_export_pipeline.errors import CheckpointError, ConfigError, PipelineError
-from tf_export_pipeline.storage import Entry, Storage
+from tf_export_pipeline.checkpoints.checkpoint import Checkpoint, crc32c_b64
+from tf_export_pipeline.checkpoints.checkpoint import step_of as _step_in
+from tf_export_pipeline.errors import CheckpointError
+from tf_export_pipeline.storage import ChecksumMismatch, Entry, Storage
 
 SUFFIX = ".keras"
 DEFAULT_STEP_PATTERN = r"(\d+)"
@@ -47,15 +46,9 @@ def is_keras_dir(names: set[str] | list[str]) -> bool:
 
 
 def step_of(name: str, pattern: str | None) -> int | None:
+    """The step in a file's name (its stem): the pattern's group, by default its first number."""
     stem = name[: -len(SUFFIX)] if name.endswith(SUFFIX) else name
-    m = re.search(pattern or DEFAULT_STEP_PATTERN, stem)
-    if not m:
-        return None
-    group = m.groupdict().get("step") or next((g for g in m.groups() if g is not None), None)
-    try:
-        return int(group) if group is not None else None
-    except ValueError:
-        return None
+    return _step_in(stem, pattern or DEFAULT_STEP_PATTERN)
 
 
 def _inspect(path: str) -> tuple[str | None, str | None]:
@@ -82,16 +75,16 @@ def _inspect(path: str) -> tuple[str | None, str | None]:
     return None, crc
 
 
-def _archive_problem(path: str) -> str | None:
+def archive_problem(path: str) -> str | None:
     return _inspect(path)[0]
 
 
-def discover(store: Storage, directory: str, entries: list[Entry], step_pattern: str | None = None,
+def discover(store: Storage, directory: str, by_name: dict[str, Entry], step_pattern: str | None = None,
              now: float | None = None) -> list[Checkpoint]:
-    """The ``.keras`` files among ``entries`` as checkpoints, sorted by step, then write time."""
+    """The ``.keras`` files among the files ``by_name`` as checkpoints, sorted by step, then write time."""
     now = time.time() if now is None else now
     found = []
-    for e in entries:
+    for e in by_name.values():
         if e.is_dir or not e.name.endswith(SUFFIX):
             continue
         missing: list[str] = []
@@ -126,7 +119,6 @@ def local_copy(store: Storage, ckpt: Checkpoint, scratch: str) -> str:
     """A local path of the .keras file; downloaded (checked against the server's crc32c) from object stores."""
     if store.is_local:
         return ckpt.prefix
-    from tf_export_pipeline.storage import ChecksumMismatch
 
     remote = store.strip(ckpt.prefix)
     try:
@@ -143,47 +135,3 @@ def local_copy(store: Storage, ckpt: Checkpoint, scratch: str) -> str:
     except ChecksumMismatch:
         raise CheckpointError(f"Keras file does not match its crc32c after retries: {ckpt.prefix}") from None
     return os.path.join(local_dir, ckpt.name)
-
-
-class KerasFileExporter:
-    """The :class:`tf_export_pipeline.export.Exporter` interface for ``.keras`` files: ``restore`` loads the file."""
-
-    def __init__(self, cfg: Any):
-        self.cfg = cfg
-        self._inner = None
-
-    def restore(self, path: str) -> None:
-        from tf_export_pipeline.export import Exporter
-
-        problem = _archive_problem(path)
-        if problem:
-            raise CheckpointError(f"not a whole Keras model file, missing {problem}: {path}")
-        import keras
-
-        try:
-            model = keras.saving.load_model(path, compile=False)
-        except Exception as err:  # whatever Keras raises for a file it cannot revive
-            text = " ".join(str(err).split())[:240]
-            raise CheckpointError(f"cannot load Keras model file ({type(err).__name__}: {text}): {path}") from None
-        if not getattr(model, "inputs", None):
-            raise CheckpointError(f"the Keras model in the file has no defined inputs (a subclassed model?); "
-                                  f"export it with a factory instead: {path}")
-        try:
-            self._inner = Exporter(model, example_signature=self.cfg.model.example_signature)
-        except ConfigError as err:
-            raise ConfigError(f"{err}: {self.cfg.source or path}") from None
-
-    @property
-    def serving(self):
-        return self._loaded().serving
-
-    def reference_outputs(self, inputs):
-        return self._loaded().reference_outputs(inputs)
-
-    def write(self, directory: str) -> None:
-        self._loaded().write(directory)
-
-    def _loaded(self):
-        if self._inner is None:
-            raise PipelineError("no Keras file was loaded before export")
-        return self._inner

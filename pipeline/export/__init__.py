@@ -14,121 +14,17 @@ each checkpoint after that only restores variable values and writes them out.
 
 from __future__ import annotations
 
-import importlib
-import os
-import re
-import sys
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from tf_export_pipeline.layout import SERVING_KEY
 from tf_export_pipeline.errors import CheckpointError, ConfigError, ModelMismatchError, PipelineError
-
-_NAME_OK = re.compile(r"[^A-Za-z0-9_.\-/]")
-
-
-def load_factory(spec: str, config_dir: str | None = None) -> Callable[[], Any]:
-    """Import ``package.module:callable``; the config's folder is importable too."""
-    module_name, _, attr = spec.partition(":")
-    if config_dir and config_dir not in sys.path:
-        sys.path.insert(0, config_dir)
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as err:  # an ImportError, or whatever the module raises at import
-        raise ConfigError(f"cannot import model factory module '{module_name}' ({type(err).__name__}: {err}): {spec}") from None
-    try:
-        target: Any = module
-        for part in attr.split("."):
-            target = getattr(target, part)
-    except AttributeError:
-        raise ConfigError(f"model factory '{attr}' not found in module '{module_name}': {spec}") from None
-    if not callable(target):
-        raise ConfigError(f"model factory is not callable: {spec}")
-    return target
-
-
-def _clean_name(name: str, fallback: str) -> str:
-    name = (name or "").split(":")[0]
-    name = _NAME_OK.sub("_", name)
-    return name or fallback
-
-
-def plain_variables(model: Any) -> list:
-    """The model's variables as plain ``tf.Variable`` objects (Keras 3 wraps its own)."""
-    import tensorflow as tf
-
-    out = []
-    for var in getattr(model, "variables", None) or []:
-        inner = var if isinstance(var, tf.Variable) else getattr(var, "value", None)
-        if isinstance(inner, tf.Variable):
-            out.append(inner)
-    return out
-
-
-def track_model(root: Any, model: Any) -> None:
-    """Make ``root`` (the SavedModel's root object) carry the model's state.
-
-    A Keras 3 model is tracked through its plain variables only: tracked as a
-    Keras object as well, each variable would be written twice (once through its
-    Keras wrapper), doubling the size of every version. A ``tf.Module`` is
-    tracked as it is.
-    """
-    if _is_keras_model(model) or hasattr(model, "_tracker"):
-        root.model_variables = plain_variables(model)
-        resources = _resources(model)
-        if resources:  # lookup tables of StringLookup, TextVectorization, ...
-            root.model_resources = resources
-    else:
-        root.model = model
-
-
-def _resources(obj: Any) -> list:
-    """Resources (e.g. lookup tables) reachable from ``obj``, which the serving functions may capture."""
-    from tensorflow.python.trackable.resource import CapturableResource
-
-    found: list = []
-    seen: set[int] = set()
-    stack = [obj]
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        if isinstance(node, CapturableResource):
-            found.append(node)
-        try:
-            children = node._trackable_children(save_type="savedmodel")
-        except Exception:  # some Keras objects cannot list SavedModel children; their checkpoint ones do
-            try:
-                children = node._trackable_children()
-            except Exception:
-                continue
-        stack.extend(children.values())
-    return found
-
-
-def _is_keras_model(obj: Any) -> bool:
-    return hasattr(obj, "inputs") and hasattr(obj, "outputs") and hasattr(obj, "layers")
-
-
-def _keras_tensor_name(tensor: Any, fallback: str) -> str:
-    """A Keras tensor's own name; an auto-generated ``keras_tensor_N`` gives way to its layer's name."""
-    name = getattr(tensor, "name", "") or ""
-    if name.startswith("keras_tensor"):
-        history = getattr(tensor, "_keras_history", None)
-        layer = getattr(history[0], "name", "") if history else ""
-        name = layer or name
-    return _clean_name(name, fallback)
-
-
-def _keras_output_names(model: Any, n: int) -> list[str]:
-    names = list(getattr(model, "output_names", None) or [])
-    if len(names) != n:
-        names = [_keras_tensor_name(t, f"output_{i}") for i, t in enumerate(model.outputs)]
-    if len(set(names)) != n:
-        names = [f"output_{i}" for i in range(n)]
-    return names
+from tf_export_pipeline.export.endpoints import build_endpoint_signatures, is_endpoints
+from tf_export_pipeline.export.examples import add_example_signature, write_spec
+from tf_export_pipeline.export.model import is_keras_model, load_factory, track_model
+from tf_export_pipeline.export.naming import keras_output_names, keras_tensor_name
+from tf_export_pipeline.export.writer import SavedModelWriter
+from tf_export_pipeline.layout import SERVING_KEY
 
 
 class ServingModel:
@@ -145,11 +41,10 @@ class ServingModel:
         self.model = model
         self.root = tf.Module()
         track_model(self.root, model)
-        from tf_export_pipeline.export.endpoints import build_endpoint_signatures, is_endpoints
 
         if is_endpoints(model):
             build_endpoint_signatures(self, model)
-        elif _is_keras_model(model):
+        elif is_keras_model(model):
             self._from_keras(model)
         elif isinstance(model, tf.Module):
             self._from_module(model)
@@ -162,12 +57,13 @@ class ServingModel:
         import tensorflow as tf
 
         if not model.inputs:
-            raise ConfigError("model factory returned a Keras model without defined inputs; return a built functional model")
+            raise ConfigError("model factory returned a Keras model without defined inputs; "
+                              "return a built functional model")
         specs = [
-            tf.TensorSpec(shape=t.shape, dtype=t.dtype, name=_keras_tensor_name(t, f"input_{i}"))
+            tf.TensorSpec(shape=t.shape, dtype=t.dtype, name=keras_tensor_name(t, f"input_{i}"))
             for i, t in enumerate(model.inputs)
         ]
-        out_names = _keras_output_names(model, len(model.outputs))
+        out_names = keras_output_names(model, len(model.outputs))
 
         def call(*args):
             x = args[0] if len(args) == 1 else list(args)
@@ -183,13 +79,11 @@ class ServingModel:
         self.reference = call
 
     def _from_module(self, module: Any) -> None:
-        import tensorflow as tf
-
         fns: dict[str, Any] = {}
         declared = getattr(module, "signatures", None)
         if isinstance(declared, dict):
             fns.update(declared)
-        elif hasattr(module, "__call__") and hasattr(module.__call__, "get_concrete_function"):
+        elif hasattr(module, "__call__") and hasattr(module.__call__, "get_concrete_function"):  # noqa: B004 - reads the attribute (may be set on the instance), not callability
             fns[SERVING_KEY] = module.__call__
         if not fns:
             raise ConfigError(
@@ -220,7 +114,6 @@ class ServingModel:
         specs = list(args) + [kwargs[k] for k in sorted(kwargs)]
         return specs
 
-
 def sample_inputs(specs: list[Any], seed: int = 0, batch: int = 2) -> dict[str, np.ndarray]:
     """Deterministic inputs that fit ``specs`` (unknown dimensions become ``batch``)."""
     rng = np.random.default_rng(seed)
@@ -242,7 +135,6 @@ def sample_inputs(specs: list[Any], seed: int = 0, batch: int = 2) -> dict[str, 
         out[name] = arr
     return out
 
-
 class Exporter:
     """Restores checkpoints of one model and writes them as SavedModels."""
 
@@ -254,12 +146,11 @@ class Exporter:
         if variables is not None and len(variables) == 0:
             raise ConfigError("model from the factory has no variables yet; build it before returning it")
         if example_signature is not None:
-            from tf_export_pipeline.export.examples import add_example_signature
 
             add_example_signature(self.serving, example_signature)
 
     @classmethod
-    def from_config(cls, cfg) -> "Exporter":
+    def from_config(cls, cfg) -> Exporter:
         if not cfg.model.factory:
             raise ConfigError(f"model.factory is required to export TF checkpoints (.keras files need none): "
                               f"{cfg.source or cfg.training_dir}")
@@ -314,7 +205,6 @@ class Exporter:
         :mod:`tf_export_pipeline.export.writer`).
         """
         if getattr(self, "_writer", None) is None:
-            from tf_export_pipeline.export.writer import SavedModelWriter
 
             self._writer = SavedModelWriter()
         try:
@@ -323,79 +213,12 @@ class Exporter:
             if "No space left on device" in str(err):
                 raise PipelineError(f"disk full (no space left on device) while writing the SavedModel: "
                                     f"{directory}") from None
-            raise PipelineError(f"writing the SavedModel failed ({type(err).__name__}: {_first_line(err)}): {directory}") from None
+            raise PipelineError(f"writing the SavedModel failed ({type(err).__name__}: {_first_line(err)}): "
+                                f"{directory}") from None
         if getattr(self.serving, "example_spec", None):
-            from tf_export_pipeline.export.examples import write_spec
 
             write_spec(directory, self.serving.example_spec)
-
 
 def _first_line(err: BaseException) -> str:
     text = str(getattr(err, "message", None) or err).strip()
     return text.splitlines()[0][:240] if text else type(err).__name__
-
-
-# TensorFlow's start-up lines that say nothing about the model: CPU features, the absence of a GPU.
-_STARTUP_CHATTER = re.compile(
-    r"oneDNN custom operations|Could not find cuda drivers|failed call to cuInit|cuda_platform\.cc|"
-    r"cudart_stub\.cc|All log messages before absl::InitializeLog|This TensorFlow binary is optimized|"
-    r"rebuild TensorFlow with the appropriate compiler flags|Unable to register cu(DNN|FFT|BLAS) factory|"
-    r"computation placer already registered|Attempting to register factory|TF-TRT Warning|"
-    r"cpu_feature_guard\.cc|port\.cc:\d+\] oneDNN")
-
-
-def import_tensorflow_quietly():
-    """Import TensorFlow with its start-up chatter (oneDNN, CUDA probes on a CPU machine) kept off stderr.
-
-    TensorFlow's C++ logs before absl is initialised ignore TF_CPP_MIN_LOG_LEVEL,
-    so stderr's file descriptor is pointed at a temporary file for the import
-    and the first op, then restored; what it caught that is not start-up
-    chatter is written back to stderr, so real warnings still show.
-    ``TF_EXPORT_VERBOSE=1`` keeps everything.
-    """
-    if os.environ.get("TF_EXPORT_VERBOSE") or "tensorflow" in sys.modules:
-        import tensorflow as tf
-
-        return tf
-    import tempfile
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    sys.stderr.flush()
-    saved = os.dup(2)
-    caught = tempfile.TemporaryFile()
-    try:
-        os.dup2(caught.fileno(), 2)
-        import tensorflow as tf
-
-        tf.constant(0) + 0
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        caught.seek(0)
-        kept = [line for line in caught.read().decode("utf-8", "replace").splitlines()
-                if line.strip() and not _STARTUP_CHATTER.search(line)]
-        caught.close()
-        if kept:
-            sys.stderr.write("\n".join(kept) + "\n")
-            sys.stderr.flush()
-    import logging
-
-    logging.getLogger("tensorflow").setLevel(logging.ERROR)
-    return tf
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        import tensorflow as tf
-
-        tf.constant(0) + 0
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-    import logging
-
-    logging.getLogger("tensorflow").setLevel(logging.ERROR)
-    return tf

@@ -26,11 +26,13 @@ function returns, else by the model's output names; never ``output_0``.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
-from tf_export_pipeline.layout import SERVING_KEY
 from tf_export_pipeline.errors import ConfigError
-
+from tf_export_pipeline.export.model import track_model
+from tf_export_pipeline.export.naming import clean_name, keras_output_names, keras_tensor_name
+from tf_export_pipeline.layout import SERVING_KEY
 
 
 class Endpoints:
@@ -149,10 +151,9 @@ def _input_signature(tf: Any, name: str, fn: Callable, signature: Any) -> list:
 
 
 def _input_names(name: str, fn: Callable, flat: list[tuple[tuple, Any]], model: Any) -> list[str]:
-    from tf_export_pipeline.export import _clean_name, _keras_tensor_name
 
     params = _param_names(fn)
-    model_inputs = [_keras_tensor_name(t, f"input_{i}") for i, t in enumerate(model.inputs)] \
+    model_inputs = [keras_tensor_name(t, f"input_{i}") for i, t in enumerate(model.inputs)] \
         if _is_keras(model) and model.inputs else []
     has_keys = any(isinstance(p, str) for path, _ in flat for p in path)
     names = []
@@ -167,7 +168,7 @@ def _input_names(name: str, fn: Callable, flat: list[tuple[tuple, Any]], model: 
         else:
             base = params[arg] if arg < len(params) else f"input_{arg}"
             got = "_".join([base, *map(str, inner)])
-        names.append(_clean_name(got, f"input_{k}"))
+        names.append(clean_name(got, f"input_{k}"))
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ConfigError(f"endpoint '{name}' would have several inputs named {dupes}; "
@@ -176,17 +177,16 @@ def _input_names(name: str, fn: Callable, flat: list[tuple[tuple, Any]], model: 
 
 
 def _output_dict(name: str, out: Any, model: Any) -> dict:
-    from tf_export_pipeline.export import _clean_name, _keras_output_names
 
     if isinstance(out, dict):
         flat = list(_flatten(out))
-        named = {_clean_name("_".join(map(str, path)), f"output_{i}"): t for i, (path, t) in enumerate(flat)}
+        named = {clean_name("_".join(map(str, path)), f"output_{i}"): t for i, (path, t) in enumerate(flat)}
         if len(named) != len(flat):
             raise ConfigError(f"endpoint '{name}' returns a dict whose keys collide once flattened")
         return named
     outs = list(out) if isinstance(out, (list, tuple)) else [out]
     if _is_keras(model) and len(model.outputs) == len(outs):
-        return dict(zip(_keras_output_names(model, len(outs)), outs))
+        return dict(zip(keras_output_names(model, len(outs)), outs))
     raise ConfigError(f"endpoint '{name}' returns {len(outs)} unnamed output(s) that do not correspond to the "
                       f"model's outputs; return a dict of named tensors")
 
@@ -213,7 +213,6 @@ def build_endpoint_signatures(serving: Any, obj: Any) -> None:
     serving.model = model
     # Keras 3 keeps some state (e.g. a dropout's seed) outside what tf.Module tracking finds;
     # an endpoint with training=True captures it. Track every variable, as ExportArchive does.
-    from tf_export_pipeline.export import track_model
 
     track_model(serving.root, model)
     serving.signatures = {}

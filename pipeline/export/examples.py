@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-from tf_export_pipeline.layout import EXAMPLE_SPEC, SERVING_KEY
 from tf_export_pipeline.errors import ConfigError
+from tf_export_pipeline.layout import EXAMPLE_SPEC, SERVING_KEY
+from tf_export_pipeline.validate.parity import compare_outputs
 
 INPUT_NAME = "examples"
 
@@ -245,16 +247,9 @@ def check_example_signature(loaded: Any, saved_model_dir: str, inputs: dict[str,
         add("example_signature_parity", False, f"signature '{name}' failed on tf.Example protos of the samples "
                                                f"({type(err).__name__}: {text})")
         return
-    problems = []
-    for key, want in outputs.items():
-        have = got.get(key)
-        if have is None:
-            problems.append(f"output '{key}' missing")
-            continue
-        have = have.numpy()
-        same = have.shape == want.shape and (
-            np.array_equal(have, want) if have.dtype.kind in "OSUb" else np.allclose(have, want, rtol=rtol, atol=atol))
-        if not same:
-            problems.append(f"output '{key}' differs from {SERVING_KEY}'s")
-    detail = "; ".join(problems) if problems else f"'{name}' on {len(serialized)} tf.Example protos equals {SERVING_KEY}"
+    mismatches, _ = compare_outputs({k: v.numpy() for k, v in got.items()}, outputs, rtol, atol)
+    problems = [f"output '{key}' missing" if why == "missing" else f"output '{key}' differs from {SERVING_KEY}'s"
+                for key, why in mismatches.items()]
+    detail = ("; ".join(problems) if problems
+              else f"'{name}' on {len(serialized)} tf.Example protos equals {SERVING_KEY}")
     add("example_signature_parity", not problems, detail)

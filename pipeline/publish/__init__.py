@@ -34,12 +34,26 @@ import os
 import time
 from typing import Any
 
-from tf_export_pipeline.layout import CLAIMS_DIR, EXPORTS_DIR, LEDGER_DIR, MANIFEST, REMOVED_DIR, SAVED_MODEL_PB, TEMP_MARK
 from tf_export_pipeline import __version__, faults
 from tf_export_pipeline.checkpoints import Checkpoint
 from tf_export_pipeline.errors import PipelineError, PublishError, ServingOrderError
+from tf_export_pipeline.layout import (
+    CLAIMS_DIR,
+    EXPORTS_DIR,
+    LEDGER_DIR,
+    MANIFEST,
+    REMOVED_DIR,
+    SAVED_MODEL_PB,
+    TEMP_MARK,
+)
 from tf_export_pipeline.publish.promotion import PromotionStrategy, VersionExistsError, choose_strategy
-from tf_export_pipeline.publish.staging import StagingGone, claim_lease_for_publish, drop_lease, staging_name, verify_staging
+from tf_export_pipeline.publish.staging import (
+    StagingGone,
+    claim_lease_for_publish,
+    drop_lease,
+    staging_name,
+    verify_staging,
+)
 from tf_export_pipeline.storage import Storage
 
 # A claim with neither a ledger entry nor a version directory this long after
@@ -320,7 +334,8 @@ class Publisher:
             taken.add(version)
         raise PublishError(
             f"could not claim a version number in {attempts} attempts from {start} "
-            f"(raise max_claim_attempts, or look for a stuck writer): {self.store.url(self.path(EXPORTS_DIR, CLAIMS_DIR))}"
+            f"(raise max_claim_attempts, or look for a stuck writer): "
+            f"{self.store.url(self.path(EXPORTS_DIR, CLAIMS_DIR))}"
         )
 
     def release(self, version: int) -> None:

@@ -32,10 +32,10 @@ import os
 import time
 from typing import Protocol
 
-from tf_export_pipeline.layout import SAVED_MODEL_PB
 from tf_export_pipeline import faults
 from tf_export_pipeline.errors import PublishError
-from tf_export_pipeline.storage import Entry, Storage, fsync_dir, fsync_tree
+from tf_export_pipeline.layout import SAVED_MODEL_PB
+from tf_export_pipeline.storage import Entry, GcsStore, Storage, fsync_dir, fsync_tree
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class FolderRename:
     def __init__(self) -> None:
         self.stats: dict = {}
 
-    def promote(self, store: Storage, staging: str, final: str) -> None:
+    def promote(self, store: GcsStore, staging: str, final: str) -> None:
         started = time.monotonic()
         before = store.walk(staging)
         if not before:
@@ -180,14 +180,15 @@ def choose_strategy(store: Storage, forced: str = "auto") -> PromotionStrategy:
     ``object_move`` is refused on local disk, where a rename is always better.
     """
     if forced not in PROMOTIONS:
-        raise PublishError(f"unknown promotion '{forced}' (use one of {', '.join(PROMOTIONS)}): {store.url(store.root)}")
+        raise PublishError(f"unknown promotion '{forced}' (use one of {', '.join(PROMOTIONS)}): "
+                           f"{store.url(store.root)}")
     if store.is_local:
         if forced not in ("auto", "rename"):
             raise PublishError(f"promotion '{forced}' is not available on local disk: {store.root}")
         return PosixRename()
     if forced == "object_move":
         return ObjectMove()
-    if store.is_gcs:
+    if isinstance(store, GcsStore):
         if store.gcs_layout() == "hierarchical":
             return FolderRename()
         if forced == "rename":

@@ -29,8 +29,8 @@ import threading
 import time
 from typing import Any
 
-from tf_export_pipeline.layout import EXPORTS_DIR, LEASES_DIR
 from tf_export_pipeline.errors import PipelineError, PublishError
+from tf_export_pipeline.layout import EXPORTS_DIR, LEASES_DIR
 from tf_export_pipeline.storage import Storage, crc32c_of_file
 
 # A publish refuses staging whose lease is this close to running out: gc
@@ -181,7 +181,7 @@ class LeaseHeartbeat:
             except Exception:  # noqa: BLE001 - a missed renewal is retried; the lease is a day by default
                 pass
 
-    def __enter__(self) -> "LeaseHeartbeat":
+    def __enter__(self) -> LeaseHeartbeat:
         renew_lease(self.store, self.name)
         self._thread.start()
         return self

@@ -21,9 +21,9 @@ import sys
 import tempfile
 import time
 
-from tf_export_pipeline.layout import SAVED_MODEL_PB
 from tf_export_pipeline.errors import ValidationError
-
+from tf_export_pipeline.validate.contract import check_contract, diff_signatures, load_contract
+from tf_export_pipeline.validate.signatures import signatures_of  # noqa: F401 - part of this package's surface
 
 
 def _worker_env() -> dict:
@@ -49,7 +49,7 @@ class ValidationSession:
         self._loads = 0
         self._ready = False
 
-    def start(self) -> "ValidationSession":
+    def start(self) -> ValidationSession:
         """Start the process without waiting for it, so its start-up overlaps other work."""
         if self._proc is None:
             self._proc = subprocess.Popen([sys.executable, "-m", "tf_export_pipeline.validate.worker", "--serve"],
@@ -145,11 +145,19 @@ def validate_saved_model(path: str, *, samples: str | None = None, expected: str
         return report
 
 
-def apply_signature_checks(report: dict, *, contract: dict | None = None, live_signatures: dict | None = None,
-                           live_version: int | None = None, allow_breaking: bool = False) -> dict:
-    """Add the contract check and the diff against the live version to a worker report."""
-    from tf_export_pipeline.validate.contract import check_contract, diff_signatures
+def check_signatures(report: dict, validation, live_signatures: dict | None = None,
+                     live_version: int | str | None = None) -> dict:
+    """The config's ``validation.contract`` (when set) and the diff against ``live_signatures`` added to
+    ``report``, under ``validation.allow_breaking``. ``validation`` may be None (no config)."""
+    contract = load_contract(validation.contract) if validation is not None and validation.contract else None
+    return apply_signature_checks(report, contract=contract, live_signatures=live_signatures,
+                                  live_version=live_version,
+                                  allow_breaking=bool(validation is not None and validation.allow_breaking))
 
+
+def apply_signature_checks(report: dict, *, contract: dict | None = None, live_signatures: dict | None = None,
+                           live_version: int | str | None = None, allow_breaking: bool = False) -> dict:
+    """Add the contract check and the diff against the live version to a worker report."""
     found = report.get("signatures")
     if found is None:
         return report
@@ -176,14 +184,6 @@ def apply_signature_checks(report: dict, *, contract: dict | None = None, live_s
     else:
         report.pop("reason", None)
     return report
-
-
-def signatures_of(path: str) -> dict:
-    """Signatures of a local SavedModel directory, read from ``saved_model.pb`` without loading it."""
-    from tf_export_pipeline.validate.worker import signatures_from_bytes
-
-    with open(os.path.join(path, SAVED_MODEL_PB), "rb") as fh:
-        return signatures_from_bytes(fh.read())
 
 
 def _failed(path: str, reason: str) -> dict:

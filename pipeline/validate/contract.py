@@ -30,9 +30,8 @@ from typing import Any
 
 import yaml
 
-from tf_export_pipeline.layout import PREDICT_METHOD, SERVING_KEY
 from tf_export_pipeline.errors import ConfigError
-
+from tf_export_pipeline.layout import PREDICT_METHOD, SERVING_KEY
 
 
 def _norm_shape(shape: Any) -> list[int] | None:
@@ -94,12 +93,14 @@ def check_contract(contract: dict, found: dict) -> list[str]:
             label = kind[:-1]
             w, g = want[kind], got.get(kind, {})
             for name in sorted(set(w) - set(g)):
-                problems.append(f"signature '{key}' {label} '{name}': expected {_fmt(w[name])}, found nothing (missing)")
+                problems.append(f"signature '{key}' {label} '{name}': expected {_fmt(w[name])}, "
+                                f"found nothing (missing)")
             for name in sorted(set(g) - set(w)):
                 problems.append(f"signature '{key}' {label} '{name}': expected nothing, found {_fmt(g[name])} (extra)")
             for name in sorted(set(w) & set(g)):
                 if w[name]["dtype"] != g[name]["dtype"] or not _shape_matches(w[name]["shape"], g[name]["shape"]):
-                    problems.append(f"signature '{key}' {label} '{name}': expected {_fmt(w[name])}, found {_fmt(g[name])}")
+                    problems.append(f"signature '{key}' {label} '{name}': expected {_fmt(w[name])}, "
+                                    f"found {_fmt(g[name])}")
     return problems
 
 
@@ -149,9 +150,12 @@ def diff_signatures(live: dict, staged: dict) -> dict:
                     additions.append(f"signature '{key}' output '{name}' added")
             for name in sorted(set(o) & set(n)):
                 if o[name]["dtype"] != n[name]["dtype"]:
-                    breaking.append(f"signature '{key}' {label} '{name}': dtype changed from {o[name]['dtype']} to {n[name]['dtype']}")
+                    breaking.append(f"signature '{key}' {label} '{name}': "
+                                    f"dtype changed from {o[name]['dtype']} to {n[name]['dtype']}")
                 elif _accepts_fewer(o[name]["shape"], n[name]["shape"]):
-                    breaking.append(f"signature '{key}' {label} '{name}': shape narrowed from {o[name]['shape']} to {n[name]['shape']}")
+                    breaking.append(f"signature '{key}' {label} '{name}': "
+                                    f"shape narrowed from {o[name]['shape']} to {n[name]['shape']}")
                 elif o[name]["shape"] != n[name]["shape"]:
-                    widened.append(f"signature '{key}' {label} '{name}': shape widened from {o[name]['shape']} to {n[name]['shape']}")
+                    widened.append(f"signature '{key}' {label} '{name}': "
+                                   f"shape widened from {o[name]['shape']} to {n[name]['shape']}")
     return {"breaking": breaking, "additions": additions, "widened": widened}

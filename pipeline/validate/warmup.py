@@ -18,7 +18,6 @@ import numpy as np
 from tf_export_pipeline.layout import SERVING_KEY, WARMUP_FILE
 
 
-
 def build_logs(inputs: dict[str, np.ndarray], signature: str = SERVING_KEY, model_name: str = "model",
                per_record: int = 1) -> list[bytes]:
     """Serialized ``PredictionLog`` records, ``per_record`` rows of the samples each."""

@@ -15,8 +15,13 @@ import traceback
 
 import numpy as np
 
+from tf_export_pipeline.export import sample_inputs
+from tf_export_pipeline.export.examples import check_example_signature
 from tf_export_pipeline.layout import ASSETS_EXTRA, PREDICT_METHOD, SAVED_MODEL_PB, SERVING_KEY, WARMUP_FILE
-
+from tf_export_pipeline.quiet_tf import import_tensorflow_quietly
+from tf_export_pipeline.validate.parity import compare_outputs
+from tf_export_pipeline.validate.signatures import signatures_of
+from tf_export_pipeline.validate.warmup import read_warmup
 
 
 class _Checks:
@@ -34,37 +39,6 @@ class _Checks:
         return None
 
 
-def _tensor_info(info) -> dict:
-    from tensorflow.python.framework import dtypes
-
-    shape = None if info.tensor_shape.unknown_rank else [d.size if d.size >= 0 else -1 for d in info.tensor_shape.dim]
-    return {"dtype": dtypes.as_dtype(info.dtype).name, "shape": shape}
-
-
-def read_signatures(path: str) -> dict:
-    """Signature defs from ``saved_model.pb``, without loading the model."""
-    with open(os.path.join(path, SAVED_MODEL_PB), "rb") as fh:
-        return signatures_from_bytes(fh.read())
-
-
-def signatures_from_bytes(data: bytes) -> dict:
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    sm = saved_model_pb2.SavedModel()
-    sm.ParseFromString(data)
-    meta = next((m for m in sm.meta_graphs if "serve" in m.meta_info_def.tags), sm.meta_graphs[0])
-    out = {}
-    for key, sig in meta.signature_def.items():
-        if key.startswith("__"):
-            continue  # e.g. __saved_model_init_op
-        out[key] = {
-            "method": sig.method_name,
-            "inputs": {n: _tensor_info(t) for n, t in sig.inputs.items()},
-            "outputs": {n: _tensor_info(t) for n, t in sig.outputs.items()},
-        }
-    return out
-
-
 def run(path: str, samples: str | None, expected: str | None, rtol: float, atol: float) -> dict:
     checks = _Checks()
     report: dict = {"saved_model": path, "checks": checks.items}
@@ -80,7 +54,7 @@ def run(path: str, samples: str | None, expected: str | None, rtol: float, atol:
                       "" if os.path.isfile(os.path.join(path, SAVED_MODEL_PB)) else "saved_model.pb is missing"):
         return done()
     try:
-        sigs = read_signatures(path)
+        sigs = signatures_of(path)
     except Exception as err:  # a truncated or foreign protobuf
         checks.add("parse_saved_model", False, f"saved_model.pb does not parse ({type(err).__name__})")
         return done()
@@ -92,10 +66,10 @@ def run(path: str, samples: str | None, expected: str | None, rtol: float, atol:
     valid = serving["method"] == PREDICT_METHOD and serving["inputs"] and serving["outputs"]
     if not checks.add("predict_signature", bool(valid),
                       "" if valid else f"'{SERVING_KEY}' is not a valid Predict signature "
-                      f"(method {serving['method']!r}, {len(serving['inputs'])} inputs, {len(serving['outputs'])} outputs)"):
+                      f"(method {serving['method']!r}, {len(serving['inputs'])} inputs, "
+                      f"{len(serving['outputs'])} outputs)"):
         return done()
 
-    from tf_export_pipeline.export import import_tensorflow_quietly
 
     tf = import_tensorflow_quietly()
     try:
@@ -112,7 +86,6 @@ def run(path: str, samples: str | None, expected: str | None, rtol: float, atol:
         with np.load(samples, allow_pickle=False) as data:
             inputs = {k: data[k] for k in data.files}
     else:
-        from tf_export_pipeline.export import sample_inputs
 
         inputs = sample_inputs([kw_specs[k] for k in sorted(kw_specs)])
     missing = sorted(set(kw_specs) - set(inputs))
@@ -131,7 +104,6 @@ def run(path: str, samples: str | None, expected: str | None, rtol: float, atol:
     warmup = os.path.join(path, ASSETS_EXTRA, WARMUP_FILE)
     if os.path.exists(warmup):
         try:
-            from tf_export_pipeline.validate.warmup import read_warmup
 
             logs = read_warmup(warmup)
             bad = [i for i, log in enumerate(logs)
@@ -144,24 +116,13 @@ def run(path: str, samples: str | None, expected: str | None, rtol: float, atol:
     if expected:
         with np.load(expected, allow_pickle=False) as data:
             want = {k: data[k] for k in data.files}
-        problems = []
-        worst = 0.0
-        for name, ref in want.items():
-            got = outputs.get(name)
-            if got is None:
-                problems.append(f"output '{name}' missing")
-                continue
-            if got.shape != ref.shape:
-                problems.append(f"output '{name}' shape {list(got.shape)} != {list(ref.shape)}")
-                continue
-            diff = float(np.max(np.abs(got.astype("float64") - ref.astype("float64")))) if got.size else 0.0
-            worst = max(worst, diff)
-            if not np.allclose(got, ref, rtol=rtol, atol=atol, equal_nan=False):
-                problems.append(f"output '{name}' differs from the restored checkpoint by up to {diff:.3g}"
-                                f" (rtol={rtol}, atol={atol})")
+        mismatches, diffs = compare_outputs(outputs, want, rtol, atol)
+        worst = max(diffs.values(), default=0.0)
+        problems = [f"output '{name}' {why}" if why != "values" else
+                    f"output '{name}' differs from the restored checkpoint by up to {diffs[name]:.3g}"
+                    f" (rtol={rtol}, atol={atol})" for name, why in mismatches.items()]
         report["parity_max_abs_diff"] = worst
         checks.add("parity_with_checkpoint", not problems, "; ".join(problems))
-    from tf_export_pipeline.export.examples import check_example_signature
 
     # A tf.Example-parsing signature must give serving_default's outputs for the same samples.
     check_example_signature(loaded, path, inputs, outputs, checks.add, rtol, atol)
@@ -184,7 +145,6 @@ def serve() -> int:
     nothing of the exporting process in memory, and pays for Python and the
     TensorFlow import once.
     """
-    from tf_export_pipeline.export import import_tensorflow_quietly
 
     import_tensorflow_quietly()
     out = sys.stdout
@@ -211,7 +171,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rtol", type=float, default=1e-5)
     parser.add_argument("--atol", type=float, default=1e-6)
     args = parser.parse_args(argv)
-    from tf_export_pipeline.export import import_tensorflow_quietly
 
     import_tensorflow_quietly()
     report = _run_safely(args.saved_model, args.samples, args.expected, args.rtol, args.atol)

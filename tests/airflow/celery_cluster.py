@@ -119,7 +119,7 @@ class Postgres:
     def url(self) -> str:
         return f"postgresql+psycopg2://{self.user}@127.0.0.1:{self.port}/{self.database}"
 
-    def start(self, limit: float = 60) -> "Postgres":
+    def start(self, limit: float = 60) -> Postgres:
         if self.os_user:
             shutil.chown(self.root, self.os_user)
         self.sock.mkdir()
@@ -179,7 +179,7 @@ class Redis:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, limit: float = 30) -> "Redis":
+    def start(self, limit: float = 30) -> Redis:
         out = open(self.root / "redis.log", "wb")
         self.proc = subprocess.Popen(
             [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
@@ -233,7 +233,7 @@ class CeleryAirflow(LiveAirflow):
         self.worker_env: dict[str, dict[str, str]] = {}  # extra environment of one worker
         self.killed: set[str] = set()
 
-    def start(self, limit: float = 240) -> "CeleryAirflow":
+    def start(self, limit: float = 240) -> CeleryAirflow:
         t0 = time.monotonic()
         try:
             self.postgres.start()

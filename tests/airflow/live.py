@@ -13,9 +13,11 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tests.airflow.conftest import AIRFLOW, airflow_env
 
@@ -68,6 +70,10 @@ class LiveAirflow:
             "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
             "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.5",
             "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "1",
+            # Task logs served on loopback by one process of our own (see operators/local_logs.py).
+            "AIRFLOW__CORE__HOSTNAME_CALLABLE": "tf_export_pipeline.operators.local_logs.loopback_hostname",
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+            "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
             **extra_env,
         }
         self.procs: dict[str, subprocess.Popen] = {}
@@ -75,15 +81,17 @@ class LiveAirflow:
         self._client = None
 
     # -- processes ---------------------------------------------------------------
-    def start(self, limit: float = 180) -> "LiveAirflow":
+    def start(self, limit: float = 180) -> LiveAirflow:
         self.home.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
         migrate = subprocess.run([AIRFLOW, "db", "migrate"], env=self.env, capture_output=True, text=True,
                                  timeout=300)
         assert migrate.returncode == 0, migrate.stdout[-2000:] + migrate.stderr[-2000:]
-        for name, args in COMPONENTS.items():
+        commands = {name: [AIRFLOW, *args] for name, args in COMPONENTS.items()}
+        commands["log-server"] = [sys.executable, "-m", "tf_export_pipeline.operators.local_logs"]
+        for name, command in commands.items():
             out = open(self.logs / f"{name}.log", "wb")
-            self.procs[name] = subprocess.Popen([AIRFLOW, *args], env=self.env, stdout=out,
+            self.procs[name] = subprocess.Popen(command, env=self.env, stdout=out,
                                                 stderr=subprocess.STDOUT, start_new_session=True)
         wait_for("all four components healthy", self._healthy, limit, interval=0.5, on_timeout=self.tails)
         return self

@@ -45,7 +45,8 @@ for dag_id, dag in bag.dags.items():
         "catchup": dag.catchup,
         "params": sorted(dag.params.keys()),
         "tasks": {t.task_id: {"max_active_tis_per_dagrun": t.max_active_tis_per_dagrun,
-                              "outlets": [getattr(o, "uri", None) or f"alias:{o.name}" for o in t.outlets], "type": type(t).__name__,
+                              "outlets": [getattr(o, "uri", None) or f"alias:{o.name}" for o in t.outlets],
+                              "type": type(t).__name__,
                               "mapped": t.get_closest_mapped_task_group() is not None}
                   for t in dag.tasks},
     }

@@ -58,8 +58,8 @@ def test_promote_dag_only_for_labels_parses_without_tensorflow(tmp_path):
 
 def test_promote_dag_makes_a_soaked_canary_stable_rolls_back_and_promotes_by_version(tmp_path, trained_dir):
     from tf_export_pipeline.config import load_config
-    from tf_export_pipeline.stages import run_once
     from tf_export_pipeline.serving import ServingControl
+    from tf_export_pipeline.stages import run_once
 
     m = model_dags(tmp_path / "ws", "promote_local", trained_dir, serving=SERVING,
                    airflow={"soak_seconds": 0})

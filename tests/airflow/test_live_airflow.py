@@ -97,6 +97,11 @@ def test_asset_event_while_checkpoint_is_written_starts_after_training_export(li
              lambda: live.task_instance(AFTER, run_id, "wait_for_checkpoint").get("state") == "deferred", 120,
              on_timeout=lambda: live.task_log(AFTER, run_id, "wait_for_checkpoint") + live.tails())
     assert versions(base) == []
+    # The UI's log of the deferred sensor: its own lines, read without a "Could not read served logs".
+    shown = live.client.get(f"/api/v2/dags/{AFTER}/dagRuns/{run_id}/taskInstances/wait_for_checkpoint/logs/1",
+                            headers={"Accept": "application/json"})
+    assert shown.status_code == 200, shown.text[:500]
+    assert "deferring" in shown.text and "Could not read served logs" not in shown.text, shown.text[-3000:]
 
     shutil.copy2(live.trained / "ckpt-10.index", train / "ckpt-10.index")  # TensorFlow: the index, then
     _state_file(train, ["ckpt-10"])                                       # the state file

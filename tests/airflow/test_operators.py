@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -285,9 +285,15 @@ def test_sensor_deferrable_default_follows_airflow_config(tmp_path):
 def test_errors_no_retry_can_mend_fail_at_once_and_transient_ones_are_retried():
     from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException
 
+    from tf_export_pipeline.errors import (
+        CheckpointError,
+        ConfigError,
+        ModelMismatchError,
+        PipelineError,
+        ServingOrderError,
+        ValidationError,
+    )
     from tf_export_pipeline.operators.base import stage_errors
-    from tf_export_pipeline.errors import (CheckpointError, ConfigError, ModelMismatchError, PipelineError,
-                                 ServingOrderError, ValidationError)
     from tf_export_pipeline.publish.staging import StagingGone
 
     permanent = [ConfigError("unknown factory 'x:y': c.yaml"), ModelMismatchError("checkpoint is of a different "

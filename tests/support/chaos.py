@@ -199,7 +199,7 @@ class ServingWatcher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="serving-watcher", daemon=True)
 
-    def __enter__(self) -> "ServingWatcher":
+    def __enter__(self) -> ServingWatcher:
         self._thread.start()
         return self
 
@@ -348,7 +348,7 @@ _STAGES = (
     ("gc", "pipeline/cli.py", "cmd_gc"),
     ("publish", "pipeline/stages.py", "stage_publish"),
     ("validation", "pipeline/stages.py", "stage_validate"),
-    ("validation", "pipeline/stages.py", "_validate_timed"),
+    ("validation", "pipeline/backfill.py", "_validate_timed"),
     ("discover", "pipeline/stages.py", "_choose"),
     ("discover", "pipeline/stages.py", "list_pending"),
     ("discover", "pipeline/stages.py", "discover"),
@@ -459,6 +459,11 @@ class Chaos:
     # -- one process ----------------------------------------------------------------------
     def start(self, kind: str, args: list[str], role: str, host: str | None = None,
               config: Path | None = None) -> Running:
+        if kind == "backfill" and config is None:
+            # History comes back after gc removed it (--include-removed), under a keep that lets the
+            # backfill through; gc with the config's own keep 3 still races it. Retention is not part
+            # of the config hash, so both configs name the same ledger entries.
+            config, args = self._backfill_config(), ["--include-removed", *args]
         n = len(self.procs)
         rec = ProcRecord(n, kind, list(args), role, host)
         self.procs.append(rec)
@@ -472,6 +477,16 @@ class Chaos:
                                  env=chaos_env({"TF_CHAOS_STACKS": str(stacks)}), start_new_session=True)
         rec.started = time.time()
         return Running(rec, popen, out_path, err_path, stacks, [out, err])
+
+    def _backfill_config(self) -> Path:
+        import yaml
+
+        path = self.config.with_name("chaos-backfill.yaml")
+        if not path.exists():
+            data = yaml.safe_load(self.config.read_text())
+            data["retention"] = {**(data.get("retention") or {}), "keep": 1000}
+            path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
 
     def kill(self, running: Running) -> None:
         """Dump the stacks (SIGUSR1), then SIGKILL the whole process group at once."""
@@ -711,7 +726,8 @@ class Chaos:
                 if kind != "gc" and self.rng.random() < self.COMPANION_GC else None
             companion: list[Running] = []
 
-            def due(t: float, marks: dict) -> bool:
+            def due(t: float, marks: dict, companion_at=companion_at, companion=companion, mode=mode,
+                    delay=delay) -> bool:
                 if companion_at is not None and not companion and t >= companion_at:
                     companion.append(self.start("gc", [], "companion", host=self._host_for_retry()))
                 origin = 0.0 if mode == "start" else marks.get(mode)
@@ -823,9 +839,10 @@ class Chaos:
             v = entry.get("version")
             m = versions.get(v)
             if m is None:
+                staging_name = Path(str(entry.get('staging'))).name
                 problems.append(f"ledger entry {key} ({Path(str(entry.get('checkpoint'))).name}) names version {v}, "
-                                f"which does not exist (staging {Path(str(entry.get('staging'))).name} "
-                                f"{'still there' if (self.base / Path(str(entry.get('staging'))).name).exists() else 'gone'})")
+                                f"which does not exist (staging {staging_name} "
+                                f"{'still there' if (self.base / staging_name).exists() else 'gone'})")
             elif m.get("ledger_key") != key:
                 problems.append(f"version {v} carries ledger key {m.get('ledger_key')}, its ledger entry is {key}")
         named = collections.Counter()
@@ -929,7 +946,8 @@ class Chaos:
         host = str(s["retries_other_host"]) + (f" (skipped: {s['other_host_skipped']})"
                                                if s["other_host_skipped"] else f" of {s['retries']} retries")
         rows = [
-            ("kills (SIGKILL of the process group)", f"{s['kills']} ({', '.join(f'{k} {v}' for k, v in sorted(s['kills_by_command'].items()))})"),
+            ("kills (SIGKILL of the process group)",
+             f"{s['kills']} ({', '.join(f'{k} {v}' for k, v in sorted(s['kills_by_command'].items()))})"),
             ("kills per phase", phases),
             ("kill delay counted from (process start / its staging appearing / its claim appearing)",
              " / ".join(str(s["kills_counted_from"].get(k, 0)) for k in ("start", "staging", "claim"))),

@@ -25,8 +25,8 @@ import random
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import aiohttp
 from aiohttp import web
@@ -299,7 +299,7 @@ class FaultProxy:
             await self._session.close()
             self._session = None
 
-    def start(self) -> "FaultProxy":
+    def start(self) -> FaultProxy:
         if self._thread is not None:
             return self
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -351,7 +351,7 @@ class FaultProxy:
                 pass  # loop already closed
         thread.join(10)
 
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> FaultProxy:
         return self.start()
 
     def __exit__(self, *exc) -> None:

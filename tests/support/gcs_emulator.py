@@ -196,7 +196,7 @@ class GcsEmulator:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def start(self) -> "GcsEmulator":
+    def start(self) -> GcsEmulator:
         if self.running:
             return self
         binary = find_binary()
@@ -277,7 +277,7 @@ class GcsEmulator:
             shutil.rmtree(self.data_dir, ignore_errors=True)
             self.data_dir = None
 
-    def __enter__(self) -> "GcsEmulator":
+    def __enter__(self) -> GcsEmulator:
         return self.start()
 
     def __exit__(self, *exc) -> None:

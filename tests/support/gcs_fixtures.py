@@ -54,7 +54,7 @@ class GcsBucket:
         """A gcsfs filesystem for this bucket (a new instance unless ``fresh=False``)."""
         return make_fs(self.storage_options, fresh=fresh)
 
-    def via(self, proxy: FaultProxy) -> "GcsBucket":
+    def via(self, proxy: FaultProxy) -> GcsBucket:
         """The same bucket reached through ``proxy``."""
         opts = dict(self.storage_options, endpoint_url=proxy.url)
         return dataclasses.replace(self, storage_options=opts)

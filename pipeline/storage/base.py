@@ -1,0 +1,284 @@
+"""The interface every store offers, and the entries its listings return.
+
+:class:`Store` holds what does not depend on the backend (error translation,
+whole-directory transfers, the defaults that go through fsspec's generic
+calls); a backend subclass overrides the rest. Kept apart from the package's
+``__init__`` so that the backends can subclass it without importing the
+module that imports them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import posixpath
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+
+from tf_export_pipeline.errors import PipelineError
+from tf_export_pipeline.storage import transfers
+from tf_export_pipeline.storage.errors import translate
+from tf_export_pipeline.storage.transfers import CONCURRENCY
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str          # base name (for walk(): the path relative to the walked directory)
+    path: str          # full path, without protocol
+    is_dir: bool
+    size: int
+    mtime: float | None
+    crc32c: str | None = None
+    generation: str | None = None
+    metadata: dict[str, str] | None = None  # custom object metadata (GCS), from the listing
+
+
+def mtime_of(info: dict[str, Any]) -> float | None:
+    """The modification time in an fsspec info dict or a GCS object resource; each backend names it differently."""
+    for key in ("mtime", "updated", "LastModified", "last_modified", "timeCreated", "created"):
+        value = info.get(key)
+        if value is None:
+            continue
+        if isinstance(value, (int, float)):
+            return float(value)
+        if hasattr(value, "timestamp"):
+            return value.timestamp()
+        try:
+            from datetime import datetime
+
+            return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            continue
+    return None
+
+
+class Store:
+    """One filesystem (local, gs://, s3://, memory://…) and the root path in it.
+
+    The interface every backend offers. Methods that raise NotImplementedError
+    here are the backend's; the rest are shared, and the defaults that go
+    through fsspec's generic calls are overridden where a backend does better.
+    """
+
+    protocols: tuple[str, ...] = ()  # fsspec protocols this class serves (see open_storage)
+    # Kept for callers that choose behaviour outside storage (serving, promotion, retention).
+    is_local = False
+    is_gcs = False
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
+        try:
+            fs, root = self._open_fs(url, dict(storage_options or {}))
+        except (ImportError, ValueError, TypeError) as err:
+            detail = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+            raise PipelineError(f"cannot open storage ({detail}): {url}") from None
+        self.fs = fs
+        protocol = fs.protocol
+        self.protocol = protocol[0] if isinstance(protocol, (tuple, list)) else protocol
+        self.root = root.rstrip("/") or "/"
+
+    @classmethod
+    def _open_fs(cls, url: str, options: dict[str, Any]) -> tuple[Any, str]:
+        # Listings are always fresh: other processes and machines change the bucket.
+        options.setdefault("use_listings_cache", False)
+        return fsspec.core.url_to_fs(url, **options)
+
+    # -- paths -----------------------------------------------------------------
+    def join(self, *parts: str) -> str:
+        return posixpath.join(*parts)
+
+    def url(self, path: str) -> str:
+        """The path as a user would write it (with ``gs://`` where it applies)."""
+        return self.fs.unstrip_protocol(path)
+
+    def strip(self, url_or_path: str) -> str:
+        """A URL of this storage as a path in it (``gs://b/k`` -> ``b/k``)."""
+        return self.fs._strip_protocol(url_or_path).rstrip("/")
+
+    # -- errors ----------------------------------------------------------------
+    @contextlib.contextmanager
+    def _errors(self, action: str, path: str, write: bool = False) -> Iterator[None]:
+        """Turn a permanent or exhausted remote error into a one-line PipelineError."""
+        try:
+            yield
+        except FileExistsError:
+            raise
+        except FileNotFoundError:
+            self._not_found(path, write)
+            raise
+        except PipelineError:
+            raise
+        except Exception as err:  # noqa: BLE001 - classified below, re-raised when unknown
+            mapped = self._translate(err, action, path)
+            if mapped is None:
+                raise
+            raise mapped from None
+
+    def _translate(self, err: BaseException, action: str, path: str) -> PipelineError | None:
+        return translate(err, action, self.url(path))
+
+    def _not_found(self, path: str, write: bool) -> None:
+        """Called when acting on ``path`` raised FileNotFoundError; raise a clearer error if there is one.
+
+        A backend whose paths live in containers (GCS buckets) tells a missing
+        container from a missing object here.
+        """
+
+    # -- reading ---------------------------------------------------------------
+    def exists(self, path: str) -> bool:
+        raise NotImplementedError
+
+    def isdir(self, path: str) -> bool:
+        raise NotImplementedError
+
+    def isfile(self, path: str) -> bool:
+        raise NotImplementedError
+
+    def list_dir(self, path: str) -> list[Entry]:
+        """Children of ``path`` in one listing call (per page); empty when ``path`` is absent."""
+        raise NotImplementedError
+
+    def walk(self, path: str) -> list[Entry]:
+        """Every file below ``path`` (any depth), named relative to it, sorted by that name."""
+        raise NotImplementedError
+
+    def info(self, path: str) -> Entry:
+        raise NotImplementedError
+
+    def read_bytes(self, path: str) -> bytes:
+        with self._errors("reading", path):
+            return self.fs.cat_file(path)
+
+    def read_text(self, path: str) -> str:
+        return self.read_bytes(path).decode("utf-8")
+
+    # -- writing ---------------------------------------------------------------
+    def makedirs(self, path: str) -> None:
+        raise NotImplementedError
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Overwriting write; locally durable (fsync) before it returns."""
+        with self._errors("writing", path, write=True):
+            self.fs.pipe_file(path, data)
+
+    def create_only(self, path: str, data: bytes, metadata: dict[str, str] | None = None) -> bool:
+        """Write ``path`` only if it does not exist yet. False when it already did.
+
+        This is the one primitive that makes claims and the ledger safe between
+        processes and machines: ``link(2)`` of a flushed temporary file locally,
+        a generation-0 precondition on GCS, ``If-None-Match: *`` on S3. The
+        object appears whole or not at all.
+
+        ``metadata`` (GCS) is stored as the object's custom metadata, which
+        listings return: a reader can learn it without one request per object.
+        """
+        raise NotImplementedError
+
+    def remove_if_torn(self, path: str, torn: Callable[[bytes], bool]) -> bool:
+        """Remove the create-only object at ``path`` if its content is ``torn``; True when removed.
+
+        New create-only writes appear whole or not at all; a torn one is left
+        by an older writer or a damaged disk, and blocks its key for ever.
+        Where the backend can, the removal is matched to what was read (the
+        generation on GCS, the inode locally), so an entry written since is
+        left alone.
+        """
+        raise NotImplementedError
+
+    def rm(self, path: str, recursive: bool = False) -> None:
+        """Remove ``path`` (a tree with ``recursive``); what is already gone counts as removed."""
+        raise NotImplementedError
+
+    def invalidate(self, path: str | None = None) -> None:
+        invalidate = getattr(self.fs, "invalidate_cache", None)
+        if invalidate is not None:
+            invalidate(path)
+
+    # -- whole directories -------------------------------------------------------
+    def upload_dir(self, local_dir: str, remote_dir: str) -> None:
+        """Upload every file below ``local_dir`` into ``remote_dir`` once, then check it.
+
+        The check is one listing of ``remote_dir``: each object must have the size
+        and (where the server reports one) the crc32c of its local file. A file
+        that does not (an upload cut short and not noticed) is uploaded again,
+        up to TRANSFER_ATTEMPTS times.
+        """
+        transfers.upload_dir(self, local_dir, remote_dir)
+
+    def download_files(self, entries: list[Entry], local_dir: str, relative_to: str | None = None) -> None:
+        """Download ``entries`` into ``local_dir`` (by base name, or relative to ``relative_to``).
+
+        Each file is checked against the crc32c in its entry (the server's) and
+        fetched again when it does not match; FileNotFoundError when one is gone.
+        """
+        transfers.download_files(self, entries, local_dir, relative_to)
+
+    def download_dir(self, remote_dir: str, local_dir: str) -> None:
+        """Every file below ``remote_dir`` into ``local_dir``, checked against its crc32c."""
+        entries = self.walk(remote_dir)
+        if not entries:
+            raise FileNotFoundError(self.url(remote_dir))
+        self.download_files(entries, local_dir, relative_to=remote_dir.rstrip("/"))
+
+    def _upload_checksum(self, local_path: str) -> str | None:
+        """The crc32c the server will list for the upload of ``local_path``; None where it lists none."""
+        return None
+
+    def _put_files(self, pairs: list[tuple[str, str]]) -> list[Any]:
+        """One upload attempt per (local, remote) pair: None or the exception, per pair."""
+        raise NotImplementedError
+
+    def _get_files(self, pairs: list[tuple[str, str]]) -> list[Any]:
+        """One download attempt per (remote, local) pair: None or the exception, per pair."""
+        results = []
+        for rp, lp in pairs:
+            try:
+                self.fs.get_file(rp, lp)
+                results.append(None)
+            except Exception as err:  # noqa: BLE001 - classified by the caller
+                results.append(err)
+        return results
+
+    # -- server-side copies and deletes ---------------------------------------------
+    def copy_objects(self, pairs: list[tuple[Entry, str]], created: list[Entry] | None = None,
+                     limit: int = CONCURRENCY) -> int:
+        """Copy each source entry to its destination path on the server.
+
+        The destination is create-only where the server honours it; a
+        destination that exists with the source's size (and crc32c, where
+        known) counts as copied (the retry of a copy whose answer was lost).
+        Each new destination is appended to ``created`` as it lands, so a
+        caller can undo a partial copy. Returns the bytes copied; raises the
+        first failure.
+
+        This default copies one by one through fsspec and compares sizes only.
+        """
+        created = created if created is not None else []
+        copied = 0
+        for src, dst in pairs:
+            with self._errors("copying", src.path):
+                if self.fs.exists(dst):
+                    have = self.fs.info(dst)
+                    if int(have.get("size") or 0) == src.size:
+                        continue
+                    raise FileExistsError(f"destination exists with other content: {self.url(dst)}")
+                self.fs.copy(src.path, dst)
+            created.append(Entry(posixpath.basename(dst), dst, False, src.size, None, src.crc32c))
+            copied += src.size
+        return copied
+
+    def delete_objects(self, entries: list[Entry], limit: int = CONCURRENCY) -> list[str]:
+        """Delete the listed objects, each only at the generation it was listed with (where there are any).
+
+        An object already gone counts as deleted; one rewritten since it was
+        listed is left in place and returned. This default deletes one by one
+        and cannot tell a rewritten object: it returns nothing.
+        """
+        for e in entries:
+            try:
+                with self._errors("deleting", e.path):
+                    self.fs.rm_file(e.path)
+            except FileNotFoundError:
+                pass
+        return []

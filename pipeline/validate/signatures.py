@@ -1,0 +1,48 @@
+"""The signatures of a SavedModel as plain data, read from ``saved_model.pb`` without loading the model.
+
+TensorFlow's protobuf modules are imported when a file is read, not with this module.
+
+Example::
+
+    from tf_export_pipeline.validate.signatures import signatures_of
+    sigs = signatures_of("/srv/models/m/1700000000")
+    print(sigs["serving_default"]["inputs"])
+"""
+
+from __future__ import annotations
+
+import os
+
+from tf_export_pipeline.layout import SAVED_MODEL_PB
+
+
+def signatures_of(path: str) -> dict:
+    """Signatures of a local SavedModel directory: ``{key: {"method", "inputs", "outputs"}}``."""
+    with open(os.path.join(path, SAVED_MODEL_PB), "rb") as fh:
+        return signatures_from_bytes(fh.read())
+
+
+def signatures_from_bytes(data: bytes) -> dict:
+    """Signatures from the bytes of a ``saved_model.pb`` (the serving meta graph's; ``__*`` keys left out)."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    sm = saved_model_pb2.SavedModel()
+    sm.ParseFromString(data)
+    meta = next((m for m in sm.meta_graphs if "serve" in m.meta_info_def.tags), sm.meta_graphs[0])
+    out = {}
+    for key, sig in meta.signature_def.items():
+        if key.startswith("__"):
+            continue  # e.g. __saved_model_init_op
+        out[key] = {
+            "method": sig.method_name,
+            "inputs": {n: _tensor_info(t) for n, t in sig.inputs.items()},
+            "outputs": {n: _tensor_info(t) for n, t in sig.outputs.items()},
+        }
+    return out
+
+
+def _tensor_info(info) -> dict:
+    from tensorflow.python.framework import dtypes
+
+    shape = None if info.tensor_shape.unknown_rank else [d.size if d.size >= 0 else -1 for d in info.tensor_shape.dim]
+    return {"dtype": dtypes.as_dtype(info.dtype).name, "shape": shape}

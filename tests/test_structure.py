@@ -1,0 +1,129 @@
+"""The package's shape: imports flow one way (no cycles among module-level imports), and the paths
+that must stay light (DAG parsing, the operators' modules, the package root) load neither
+TensorFlow, nor Airflow where it has no business, nor an fsspec backend.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO, cli_env
+
+PACKAGE = "tf_export_pipeline"
+ROOTS = {REPO / "pipeline": PACKAGE, REPO / "operators": f"{PACKAGE}.operators"}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for folder, name in ROOTS.items():
+        for path in folder.rglob("*.py"):
+            parts = list(path.relative_to(folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out[".".join([name, *parts])] = path
+    return out
+
+
+def _module_level_imports(path: Path, name: str, known: set[str]) -> set[str]:
+    """Project modules imported when ``path`` is imported (not inside functions or TYPE_CHECKING)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+
+    def visit(nodes):
+        for node in nodes:
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                continue
+            if isinstance(node, (ast.If, ast.Try)):
+                visit(node.body + node.orelse + getattr(node, "finalbody", []) +
+                      [h for handler in getattr(node, "handlers", []) for h in handler.body])
+            elif isinstance(node, ast.Import):
+                found.update(a.name for a in node.names if a.name in known)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1]
+                                    + ([base] if base else []))
+                for alias in node.names:
+                    full = f"{base}.{alias.name}"
+                    if full in known:
+                        found.add(full)
+                    elif base in known:
+                        found.add(base)
+
+    visit(ast.parse(path.read_text()).body)
+    found.discard(name)
+    return found
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
+
+    def strong(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                strong(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            strong(v)
+    return out
+
+
+def test_no_import_cycles_among_the_packages_modules():
+    modules = _modules()
+    known = set(modules)
+    graph = {name: _module_level_imports(path, name, known) for name, path in modules.items()}
+    assert len(graph) > 30 and graph[f"{PACKAGE}.stages"], "the import graph was not read"
+    assert _cycles(graph) == []
+
+
+def test_cycle_detection_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+LIGHT = f"""
+import sys
+import {PACKAGE}, {PACKAGE}.config, {PACKAGE}.layout, {PACKAGE}.records, {PACKAGE}.errors
+import {PACKAGE}.operators.export, {PACKAGE}.operators.sensors, {PACKAGE}.operators.serving
+import {PACKAGE}.operators.hooks, {PACKAGE}.operators.provider
+heavy = ("tensorflow", "keras", "gcsfs", "s3fs", "google.cloud.storage")
+print(sorted(m for m in heavy if m in sys.modules))
+"""
+
+
+def test_operators_and_their_hook_load_no_tensorflow_and_no_storage_backend():
+    proc = subprocess.run([sys.executable, "-c", LIGHT], env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_core_never_imports_airflow():
+    offenders = []
+    for name, path in _modules().items():
+        if name.startswith(f"{PACKAGE}.operators"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{name}: {m}" for m in modules if m == "airflow" or m.startswith("airflow.")]
+    assert offenders == []
