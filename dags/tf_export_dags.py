@@ -90,6 +90,12 @@ DEFAULT_ARGS = {
 }
 
 
+def model_dag(dag_id: str, model: str, schedule, **kwargs) -> DAG:
+    """A DAG of ``model`` with what all of them share: no catch-up, one run at a time, the retries, the tags."""
+    return DAG(dag_id=dag_id, schedule=schedule, start_date=START, catchup=False, max_active_runs=1,
+               default_args=DEFAULT_ARGS, tags=["tf-export", model], **kwargs)
+
+
 def config_files(folder: Path = CONFIG_DIR) -> list[Path]:
     if not folder.is_dir():
         return []
@@ -97,15 +103,11 @@ def config_files(folder: Path = CONFIG_DIR) -> list[Path]:
 
 
 def nightly(model: str, path: str, cfg) -> DAG:
-    with DAG(
-        dag_id=f"export_nightly__{model}",
+    with model_dag(
+        f"export_nightly__{model}",
+        model,
         description=f"Export the newest new checkpoint of {model}, validate, publish, prune",
         schedule=cfg.airflow.schedule or None,
-        start_date=START,
-        catchup=False,
-        max_active_runs=1,
-        default_args=DEFAULT_ARGS,
-        tags=["tf-export", model],
         doc_md=f"Config: `{path}`. Exports the newest complete checkpoint of `{cfg.training_dir}` unless it "
                f"has a version already (then every task is skipped), into `{cfg.export_base}`.",
     ) as dag:
@@ -120,18 +122,14 @@ def nightly(model: str, path: str, cfg) -> DAG:
 
 def after_training(model: str, path: str, cfg) -> DAG:
     limit = cfg.airflow.max_active_tis_per_dagrun
-    with DAG(
-        dag_id=f"export_after_training__{model}",
+    with model_dag(
+        f"export_after_training__{model}",
+        model,
         description=f"Export {model}'s new checkpoints as soon as training announces one",
         schedule=[training_asset(cfg)],
-        start_date=START,
-        catchup=False,
-        max_active_runs=1,
-        default_args=DEFAULT_ARGS,
         params={"checkpoint": Param(None, type=["null", "string"],
                                     description="prefix, name or step of the checkpoint to wait for")},
         user_defined_macros={"requested_checkpoint": requested_checkpoint},
-        tags=["tf-export", model],
         doc_md=f"Config: `{path}`. Runs on each event of the Asset `{training_asset(cfg).uri}`, or by hand "
                f"with conf `{{\"checkpoint\": PREFIX}}`.",
     ) as dag:
@@ -170,14 +168,11 @@ def after_training(model: str, path: str, cfg) -> DAG:
 
 def backfill(model: str, path: str, cfg) -> DAG:
     limit = cfg.airflow.max_active_tis_per_dagrun
-    with DAG(
-        dag_id=f"export_backfill__{model}",
+    with model_dag(
+        f"export_backfill__{model}",
+        model,
         description=f"Re-export a range of {model}'s historic checkpoints, {limit} at a time",
         schedule=None,
-        start_date=START,
-        catchup=False,
-        max_active_runs=1,
-        default_args=DEFAULT_ARGS,
         render_template_as_native_obj=True,
         params={
             "from_step": Param(None, type=["null", "integer"], description="first step (inclusive)"),
@@ -189,7 +184,6 @@ def backfill(model: str, path: str, cfg) -> DAG:
             "include_removed": Param(False, type="boolean",
                                      description="also export checkpoints whose versions retention removed"),
         },
-        tags=["tf-export", model],
         doc_md=f"Config: `{path}`. Exports every complete checkpoint with no version in the step range, "
                f"at most {limit} at a time, then publishes them in checkpoint order. Retention is not "
                f"applied; a backfill that the next run's retention would undo is refused up front.",
@@ -229,14 +223,11 @@ def backfill(model: str, path: str, cfg) -> DAG:
 
 def promote(model: str, path: str, cfg) -> DAG:
     soak = cfg.airflow.soak_seconds
-    with DAG(
-        dag_id=f"export_promote__{model}",
+    with model_dag(
+        f"export_promote__{model}",
+        model,
         description=f"Move {model}'s serving labels: promote, roll back, or make a soaked canary stable",
         schedule=cfg.airflow.promote_schedule or None,
-        start_date=START,
-        catchup=False,
-        max_active_runs=1,
-        default_args=DEFAULT_ARGS,
         render_template_as_native_obj=True,
         params={
             "version": Param(None, type=["null", "integer"],
@@ -245,7 +236,6 @@ def promote(model: str, path: str, cfg) -> DAG:
             "label": Param("stable", type="string", pattern="^[a-zA-Z0-9_]+$", description="the label to move"),
             "rollback": Param(False, type="boolean", description="move stable back instead"),
         },
-        tags=["tf-export", model],
         doc_md=f"Config: `{path}`. Labels of `{cfg.serving.model_name}` in `{cfg.serving.model_config_file}`. "
                f"A run with `version` (and `label`) or `rollback` does that; any other run (the schedule: "
                f"{cfg.airflow.promote_schedule or 'none: by hand only'}) makes the canary stable once it has "

@@ -26,8 +26,10 @@ from typing import Any
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
+from tf_export_pipeline.operators.connections import ConnectionOptionsError
 from tf_export_pipeline.operators.hooks import ExportHook
 from tf_export_pipeline.records import nothing_to_do
+from tf_export_pipeline.redaction import redact, redact_value, scrub_exception
 
 
 def load(config_path: str, conn_id: str | None = None):
@@ -46,7 +48,6 @@ def checkpoint_ref(checkpoint: Any) -> str | None:
 
 def xcom(value: Any) -> Any:
     """``value`` as it may go to XCom: every string in it redacted."""
-    from tf_export_pipeline.redaction import redact_value
 
     return redact_value(value)
 
@@ -82,8 +83,6 @@ def stage_errors() -> Iterator[None]:
     """
     from airflow.sdk.exceptions import AirflowNotFoundException
 
-    from tf_export_pipeline.operators.connections import ConnectionOptionsError
-    from tf_export_pipeline.redaction import redact, scrub_exception
 
     try:
         yield
@@ -127,7 +126,6 @@ class PipelineOperator(BaseOperator):
 
     def skip_with(self, context: Context, record: dict, reason: str) -> None:
         """Keep ``record`` as the task's XCom, then end the task as skipped."""
-        from tf_export_pipeline.redaction import redact
 
         context["ti"].xcom_push(key="return_value", value=xcom(record))
         raise AirflowSkipException(redact(reason))

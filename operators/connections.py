@@ -43,6 +43,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from tf_export_pipeline.redaction import REDACTOR, install, register
+
 GCP_TYPES = ("google_cloud_platform", "gcpcloudstorage", "gcp")
 AWS_TYPES = ("aws", "s3")
 PLAIN_TYPES = ("fs", "file", "generic")
@@ -141,7 +143,6 @@ def _aws(conn_type: str, login: str | None, password: str | None, extras: dict[s
 
 def options_from_connection(conn: Any) -> dict[str, Any]:
     """fsspec storage options from an Airflow ``Connection`` (no I/O; its secrets are registered for redaction)."""
-    from tf_export_pipeline.redaction import register
 
     conn_id = getattr(conn, "conn_id", None) or "?"
     conn_type = (getattr(conn, "conn_type", None) or "").replace("-", "_").lower()
@@ -184,7 +185,6 @@ def protect() -> None:
     loggers (``self.log`` of a task) bypass the stdlib filter of
     :func:`tf_export_pipeline.redaction.install`, so Airflow's masker is told too.
     """
-    from tf_export_pipeline.redaction import REDACTOR, install
 
     install()
     REDACTOR.add_listener(_mask_in_airflow)

@@ -28,6 +28,8 @@ from typing import Any
 from airflow.sdk import AssetAlias, Context
 from airflow.sdk.exceptions import AirflowException
 
+from tf_export_pipeline.errors import ConfigError
+from tf_export_pipeline.operators.assets import export_asset
 from tf_export_pipeline.operators.base import PipelineOperator, as_bool, as_int, checkpoint_ref, stage_errors, xcom
 from tf_export_pipeline.operators.selection import small
 from tf_export_pipeline.records import Status
@@ -63,7 +65,6 @@ class DiscoverCheckpointsOperator(PipelineOperator):
         self.include_removed, self.allow_outrank = include_removed, allow_outrank
 
     def execute(self, context: Context) -> Any:
-        from tf_export_pipeline.errors import ConfigError
 
         hook = self.hook
         with stage_errors():
@@ -196,7 +197,6 @@ class PublishVersionOperator(PipelineOperator):
         return xcom(records)
 
     def _announce(self, context: Context, published: list[dict]) -> None:
-        from tf_export_pipeline.operators.assets import export_asset
 
         extras = [{k: r.get(k) for k in EVENT_KEYS} for r in published]
         for outlet in self.outlets or []:

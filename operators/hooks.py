@@ -26,6 +26,11 @@ from typing import Any
 
 from airflow.sdk import BaseHook
 
+from tf_export_pipeline.config import load_config
+from tf_export_pipeline.operators.connections import config_with_connection, protect, storage_options
+from tf_export_pipeline.operators.selection import new_since_exported, newest
+from tf_export_pipeline.operators.triggers import look
+
 
 class ExportHook(BaseHook):
     """One model's export pipeline, as the operators, the sensor and the trigger reach it.
@@ -54,28 +59,23 @@ class ExportHook(BaseHook):
     @cached_property
     def config(self):
         """The config at ``config_path`` with the storage options of the connection laid over its own."""
-        from tf_export_pipeline.config import load_config
-        from tf_export_pipeline.operators.connections import config_with_connection, protect
 
         protect()
         return config_with_connection(load_config(str(self.config_path)), self.conn_id or None)
 
     def get_conn(self) -> dict[str, Any]:
         """The fsspec ``storage_options`` the connection gives (its secrets registered for redaction)."""
-        from tf_export_pipeline.operators.connections import storage_options
 
         return storage_options(self.conn_id) if self.conn_id else {}
 
     # -- discovery ---------------------------------------------------------------
     def newest(self) -> dict | None:
         """The newest checkpoint not being written, with its version (None: no checkpoint)."""
-        from tf_export_pipeline.operators.selection import newest
 
         return newest(self._stages.discover(self.config))
 
     def new(self) -> list[dict]:
         """Complete checkpoints with no version, newer than every one with a version, oldest first."""
-        from tf_export_pipeline.operators.selection import new_since_exported
 
         return new_since_exported(self._stages.discover(self.config))
 
@@ -92,7 +92,6 @@ class ExportHook(BaseHook):
 
     def look(self, wanted: str | None, missing_since: float | None, grace: float) -> tuple[dict | None, str | None]:
         """One poll of the sensor (see :func:`tf_export_pipeline.operators.triggers.look`)."""
-        from tf_export_pipeline.operators.triggers import look
 
         return look(self.config, wanted, missing_since, grace)
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from airflow.sdk import Context
 
+from tf_export_pipeline.operators.assets import serving_asset
 from tf_export_pipeline.operators.base import PipelineOperator, as_bool, as_int, stage_errors, xcom
 
 EVENT_KEYS = ("model", "label", "version", "previous", "command")
@@ -84,7 +85,6 @@ class PromoteVersionOperator(PipelineOperator):
     def _announce(self, context: Context, cfg, changes: list[dict]) -> None:
         from airflow.sdk import AssetAlias
 
-        from tf_export_pipeline.operators.assets import serving_asset
 
         extras = [xcom({k: c.get(k) for k in EVENT_KEYS}) for c in changes]
         for outlet in self.outlets or []:

@@ -25,6 +25,12 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+from tf_export_pipeline.config import load_config
+from tf_export_pipeline.errors import CheckpointError, CheckpointMissingError, ConfigError
+from tf_export_pipeline.operators.connections import ConnectionOptionsError, astorage_options, protect, with_options
+from tf_export_pipeline.operators.selection import in_progress, matches, missing, new_checkpoint, newest_name
+from tf_export_pipeline.redaction import redact, redact_value
+
 # Storage errors in a row after which the trigger gives up (single ones are retried at the next poll).
 MAX_ERRORS_IN_A_ROW = 5
 # How long a checkpoint named by an event or conf may match nothing before the wait fails.
@@ -40,8 +46,6 @@ def look(cfg, wanted: str | None = None, missing_since: float | None = None,
     ``missing_since`` for longer than ``grace`` seconds.
     """
     from tf_export_pipeline import stages
-    from tf_export_pipeline.errors import CheckpointError, CheckpointMissingError
-    from tf_export_pipeline.operators.selection import in_progress, matches, missing, new_checkpoint, newest_name
 
     try:
         records = stages.discover(cfg)
@@ -69,8 +73,6 @@ def look(cfg, wanted: str | None = None, missing_since: float | None = None,
 def look_at(config_path: str, wanted: str | None, options: dict[str, Any], missing_since: float | None = None,
             grace: float = MISSING_GRACE_SECONDS) -> tuple[dict | None, str | None]:
     """:func:`look` for a config file, with the connection's storage options already resolved."""
-    from tf_export_pipeline.config import load_config
-    from tf_export_pipeline.operators.connections import with_options
 
     return look(with_options(load_config(config_path), options), wanted, missing_since, grace)
 
@@ -105,9 +107,6 @@ class NewCheckpointTrigger(BaseTrigger):
                  "missing_grace": self.missing_grace})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        from tf_export_pipeline.errors import CheckpointMissingError, ConfigError
-        from tf_export_pipeline.operators.connections import ConnectionOptionsError, astorage_options, protect
-        from tf_export_pipeline.redaction import redact, redact_value
 
         def event(payload: dict[str, Any]) -> TriggerEvent:
             return TriggerEvent(redact_value(payload))
