@@ -82,7 +82,7 @@ class ExportHook(BaseHook):
     def pending(self, from_step: int | None = None, to_step: int | None = None, include_removed: bool = False,
                 allow_outrank: bool = False) -> list[dict]:
         """What a backfill exports (refused when the next run's retention would remove it)."""
-        from tf_export_pipeline.backfill import pending_for_backfill
+        from tf_export_pipeline.backfill import pending_for_backfill  # as the stages: not at DAG parsing
 
         return pending_for_backfill(self.config, from_step, to_step, include_removed, allow_outrank)
 
@@ -119,13 +119,13 @@ class ExportHook(BaseHook):
     def move_label(self, version: int | None, label: str, rollback: bool = False, to: int | None = None,
                    now: bool = False) -> tuple[dict, list[dict]]:
         """Promote ``version`` to ``label``, or roll stable back (see :func:`tf_export_pipeline.serving.move_label`)."""
-        from tf_export_pipeline.serving import ServingControl, move_label
+        from tf_export_pipeline.serving import ServingControl, move_label  # TF Serving's protos: not at parsing
 
         return move_label(ServingControl.from_config(self.config), version=version, label=label,
                           rollback=rollback, to=to, now=now)
 
     def soak_verdict(self, soak_seconds: float) -> dict:
         """Whether the canary may become stable (see :func:`tf_export_pipeline.canary.soak_verdict`)."""
-        from tf_export_pipeline.canary import soak_verdict
+        from tf_export_pipeline.canary import soak_verdict  # loads the stages: not at DAG parsing
 
         return soak_verdict(self.config, soak_seconds)

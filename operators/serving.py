@@ -120,7 +120,7 @@ class CheckCanaryOperator(PipelineOperator):
         self.soak_seconds = soak_seconds
 
     def execute(self, context: Context) -> dict:
-        from tf_export_pipeline.canary import HELD, READY
+        from tf_export_pipeline.canary import HELD, READY  # loads the stages: not at DAG parsing
 
         with stage_errors():
             verdict = self.hook.soak_verdict(float(self.soak_seconds))

@@ -45,7 +45,7 @@ def look(cfg, wanted: str | None = None, missing_since: float | None = None,
     and is older than the newest one present, or has named none since
     ``missing_since`` for longer than ``grace`` seconds.
     """
-    from tf_export_pipeline import stages
+    from tf_export_pipeline import stages  # numpy and storage: in the triggerer's thread, not at DAG parsing
 
     try:
         records = stages.discover(cfg)
