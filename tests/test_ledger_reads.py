@@ -11,7 +11,8 @@ import json
 import time
 
 from tests.support.gcs_fixtures import gcs_bucket, gcs_fault_proxy, gcs_server  # noqa: F401  (fixtures)
-from tf_export_pipeline.publish import Publisher, _meta
+from tf_export_pipeline.publish import Publisher
+from tf_export_pipeline.publish.metadata import to_metadata as _meta
 from tf_export_pipeline.retention import prune
 from tf_export_pipeline.storage import open_storage
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
 
 from tf_export_pipeline import __version__, faults
 from tf_export_pipeline.checkpoints import Checkpoint
@@ -46,6 +45,7 @@ from tf_export_pipeline.layout import (
     SAVED_MODEL_PB,
     TEMP_MARK,
 )
+from tf_export_pipeline.publish.metadata import from_metadata, is_torn, to_metadata
 from tf_export_pipeline.publish.promotion import PromotionStrategy, VersionExistsError, choose_strategy
 from tf_export_pipeline.publish.staging import (
     StagingGone,
@@ -54,6 +54,7 @@ from tf_export_pipeline.publish.staging import (
     staging_name,
     verify_staging,
 )
+from tf_export_pipeline.publish.versioning import first_candidate, training_order
 from tf_export_pipeline.storage import Storage
 
 # A claim with neither a ledger entry nor a version directory this long after
@@ -62,55 +63,6 @@ from tf_export_pipeline.storage import Storage
 # from its claim to its ledger entry.
 CLAIM_TTL_SECONDS = 600.0
 UNKNOWN = "<unknown>"  # what a ledger read that failed says of an entry
-
-
-def first_candidate(policy: str, checkpoint: Checkpoint, now: float, live: int | None) -> int:
-    """The first version number a policy proposes for ``checkpoint``."""
-    if policy == "timestamp":
-        start = int(now)
-        return max(start, live + 1) if live is not None else start
-    if policy == "checkpoint_time":
-        if checkpoint.written_at is None:
-            raise PublishError(f"checkpoint has no write time for versioning 'checkpoint_time': {checkpoint.prefix}")
-        return int(checkpoint.written_at)
-    if policy == "step":
-        if checkpoint.step is None:
-            raise PublishError(f"checkpoint name carries no step for versioning 'step': {checkpoint.prefix}")
-        return int(checkpoint.step)
-    raise PublishError(f"unknown versioning policy '{policy}'")
-
-
-def training_order(step: Any, written_at: Any) -> tuple[int, float]:
-    """How checkpoints are ordered in training, as discovery orders them: step, then write time."""
-    return (int(step) if step is not None else -1, float(written_at) if written_at is not None else 0.0)
-
-
-def _is_torn(data: bytes) -> bool:
-    try:
-        entry = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return True
-    return not isinstance(entry, dict) or not isinstance(entry.get("version"), int)
-
-
-def _meta(values: dict[str, Any]) -> dict[str, str]:
-    """Values for object metadata (strings), which listings return on GCS."""
-    return {k: str(v) for k, v in values.items() if v is not None}
-
-
-_META_TYPES = {"version": int, "step": int, "written_at": float, "claimed_at": float, "removed_at": float}
-
-
-def _from_meta(meta: dict[str, str] | None) -> dict:
-    """Object metadata back into typed values; {} when one does not parse (then the object is read)."""
-    out: dict[str, Any] = dict(meta or {})
-    try:
-        for key, kind in _META_TYPES.items():
-            if key in out:
-                out[key] = kind(out[key])
-    except ValueError:
-        return {}
-    return out
 
 
 class Publisher:
@@ -175,9 +127,9 @@ class Publisher:
                 raise PublishError(f"ledger entry is a directory, not a file: {self.store.url(path)}") from None
             except PermissionError:
                 raise PublishError(f"permission denied reading the ledger entry: {self.store.url(path)}") from None
-            if not _is_torn(data):
+            if not is_torn(data):
                 return json.loads(data)
-            self.store.remove_if_torn(path, _is_torn)
+            self.store.remove_if_torn(path, is_torn)
         raise PublishError(f"ledger entry keeps coming back torn: {self.store.url(path)}")
 
     def ledger(self) -> dict[str, dict]:
@@ -186,7 +138,7 @@ class Publisher:
         for entry in self.store.list_dir(self.path(EXPORTS_DIR, LEDGER_DIR)):
             if entry.is_dir or entry.name.startswith("."):
                 continue
-            got = _from_meta(entry.metadata)
+            got = from_metadata(entry.metadata)
             if "version" not in got:
                 got = self.ledger_entry(entry.name)
             if got is not None:
@@ -199,7 +151,7 @@ class Publisher:
         for entry in self.store.list_dir(self.path(EXPORTS_DIR, CLAIMS_DIR)):
             if entry.is_dir or not entry.name.isdigit():
                 continue
-            note = _from_meta(entry.metadata)
+            note = from_metadata(entry.metadata)
             if "claimed_at" not in note:
                 try:
                     note = json.loads(self.store.read_bytes(entry.path))
@@ -326,7 +278,8 @@ class Publisher:
             while version in taken:
                 version += 1
             if not self.store.exists(self.version_path(version)) and \
-                    self.store.create_only(self.claim_path(version), json.dumps(note).encode(), metadata=_meta(note)):
+                    self.store.create_only(self.claim_path(version), json.dumps(note).encode(),
+                                           metadata=to_metadata(note)):
                 # A claim file is written after the version directory only by a
                 # foreign writer; never promote over one that is there.
                 if not self.store.exists(self.version_path(version)):
@@ -455,7 +408,7 @@ class Publisher:
         try:
             committed = self.store.create_only(
                 self.ledger_path(ledger_key), json.dumps(entry).encode(),
-                metadata=_meta({"version": version, "staging": staging, "step": checkpoint.step}))
+                metadata=to_metadata({"version": version, "staging": staging, "step": checkpoint.step}))
         except BaseException:
             # The entry may have landed before the error (an fsync, a lost answer): then it
             # stands and the version is finished by the next run. The claim is freed only
@@ -514,7 +467,7 @@ class Publisher:
                           "removed_at": time.time()}
                 path = self.path(EXPORTS_DIR, REMOVED_DIR, key)
                 self.store.rm(path)  # a checkpoint exported again and removed again: the newer record
-                self.store.create_only(path, json.dumps(record).encode(), metadata=_meta(record))
+                self.store.create_only(path, json.dumps(record).encode(), metadata=to_metadata(record))
                 try:
                     self.store.rm(self.ledger_path(key))
                     removed.append(key)
@@ -529,7 +482,7 @@ class Publisher:
         for entry in self.store.list_dir(self.path(EXPORTS_DIR, REMOVED_DIR)):
             if entry.is_dir or entry.name.startswith(".") or TEMP_MARK in entry.name:
                 continue
-            got = _from_meta(entry.metadata)
+            got = from_metadata(entry.metadata)
             if "removed_at" not in got:
                 try:
                     got = json.loads(self.store.read_bytes(entry.path))
@@ -547,5 +500,4 @@ class Publisher:
         drop_lease(self.store, staging_name(staging))
 
 
-__all__ = ["Publisher", "StagingGone", "first_candidate", "training_order", "MANIFEST", "EXPORTS_DIR",
-           "STAGING_PREFIX", "TEMP_MARK"]
+__all__ = ["CLAIM_TTL_SECONDS", "UNKNOWN", "Publisher", "StagingGone", "first_candidate", "training_order"]
