@@ -151,15 +151,21 @@ class Publisher:
         for entry in self.store.list_dir(self.path(EXPORTS_DIR, CLAIMS_DIR)):
             if entry.is_dir or not entry.name.isdigit():
                 continue
-            note = from_metadata(entry.metadata)
-            if "claimed_at" not in note:
-                try:
-                    note = json.loads(self.store.read_bytes(entry.path))
-                except (FileNotFoundError, ValueError, UnicodeDecodeError):
-                    note = {}
+            note = self._record_of(entry, "claimed_at") or {}
             note.setdefault("mtime", entry.mtime)
-            out[int(entry.name)] = note if isinstance(note, dict) else {}
+            out[int(entry.name)] = note
         return out
+
+    def _record_of(self, entry, present: str) -> dict | None:
+        """A small record from its listing's metadata when that carries ``present``, else read; None when
+        it cannot be read (gone, or not a JSON object)."""
+        got = from_metadata(entry.metadata)
+        if present not in got:
+            try:
+                got = json.loads(self.store.read_bytes(entry.path))
+            except (FileNotFoundError, ValueError, UnicodeDecodeError):
+                return None
+        return got if isinstance(got, dict) else None
 
     # -- exactly once ----------------------------------------------------------
     def resolve(self, key: str) -> dict | None:
@@ -482,13 +488,8 @@ class Publisher:
         for entry in self.store.list_dir(self.path(EXPORTS_DIR, REMOVED_DIR)):
             if entry.is_dir or entry.name.startswith(".") or TEMP_MARK in entry.name:
                 continue
-            got = from_metadata(entry.metadata)
-            if "removed_at" not in got:
-                try:
-                    got = json.loads(self.store.read_bytes(entry.path))
-                except (FileNotFoundError, ValueError, UnicodeDecodeError):
-                    continue
-            if isinstance(got, dict):
+            got = self._record_of(entry, "removed_at")
+            if got is not None:
                 out[entry.name] = got
         return out
 
