@@ -38,10 +38,13 @@ Every publish emits an event for the Asset of the export base; every label
 change one for the Asset of the model config file (``serving.model_config_file``).
 
 Parsing this file reads the YAML files and nothing else: TensorFlow and
-storage are only touched when a task runs. A config that does not load has
-its DAGs left out and its one-line error listed among the UI's import errors
-(``/api/v2/importErrors``) under the config's own path, so the other models'
-DAGs are unaffected; task logs do not repeat it.
+storage are only touched when a task runs. A config that does not load, whose
+DAGs cannot be built or checked (a schedule Airflow cannot read), whose file
+name cannot be part of a DAG id (only letters, digits, ``_``, ``-`` and ``.``),
+or whose DAG ids another config took first has its DAGs left out and its
+one-line error listed among the UI's import errors (``/api/v2/importErrors``)
+under the config's own path, so the other models' DAGs are unaffected; task
+logs do not repeat it.
 
 Tuning through the environment (read when the file is parsed):
 ``TF_EXPORT_RETRIES`` (2), ``TF_EXPORT_RETRY_DELAY_SECONDS`` (60),
@@ -56,6 +59,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -91,9 +95,39 @@ DEFAULT_ARGS = {
 
 
 def model_dag(dag_id: str, model: str, schedule, **kwargs) -> DAG:
-    """A DAG of ``model`` with what all of them share: no catch-up, one run at a time, the retries, the tags."""
+    """A DAG of ``model`` with what all of them share: no catch-up, one run at a time, the retries, the tags.
+
+    Not registered by its ``with`` block: only the DAGs :func:`build_all` hands back (a config's
+    DAGs once all of them were built) reach Airflow, never a part of a config that failed.
+    """
     return DAG(dag_id=dag_id, schedule=schedule, start_date=START, catchup=False, max_active_runs=1,
-               default_args=DEFAULT_ARGS, tags=["tf-export", model], **kwargs)
+               default_args=DEFAULT_ARGS, tags=["tf-export", model], auto_register=False, **kwargs)
+
+
+# What Airflow accepts in a DAG id, in ASCII; a model's DAG ids are its config file's name behind a prefix.
+MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+MODEL_NAME_RULE = "letters, digits, '_', '-' and '.'"
+# Airflow's limit on a DAG id, less the longest prefix (export_after_training__).
+MODEL_NAME_MAX = 250 - len("export_after_training__")
+
+
+def check_model_name(file: Path) -> str:
+    """The model a config file names (its name without .yaml), refused when it cannot be part of a DAG id.
+
+    Refused rather than rewritten: two names rewritten alike (``ranker v2``,
+    ``ranker+v2``) would give two configs one set of DAG ids.
+    """
+    from tf_export_pipeline.errors import ConfigError
+
+    model = file.stem
+    if not MODEL_NAME.fullmatch(model):
+        raise ConfigError(f"config file name '{model}' cannot be part of a DAG id, which may hold only "
+                          f"{MODEL_NAME_RULE} (rename the file, e.g. to "
+                          f"'{re.sub(r'[^A-Za-z0-9_.-]+', '_', model).strip('_') or 'model'}{file.suffix}'): {file}")
+    if len(model) > MODEL_NAME_MAX:
+        raise ConfigError(f"config file name is {len(model)} characters long; DAG ids allow "
+                          f"{MODEL_NAME_MAX} for it (rename the file): {file}")
+    return model
 
 
 def config_files(folder: Path = CONFIG_DIR) -> list[Path]:
@@ -277,7 +311,7 @@ def _parsing_bag():
     return None
 
 
-def report_config_error(file: Path, message: str) -> bool:
+def report_config_error(file: Path, message: str, kind: str = "ConfigError") -> bool:
     """List ``message`` among the import errors, under the config's path. False when nothing is parsing."""
     bag = _parsing_bag()
     if bag is None:
@@ -289,29 +323,68 @@ def report_config_error(file: Path, message: str) -> bool:
             path = str(file.resolve().relative_to(Path(root).resolve()))
         except ValueError:
             pass  # a config folder outside the bundle: its absolute path
-    bag.import_errors[path] = f"ConfigError: {message}"
+    bag.import_errors[path] = f"{kind}: {message}"
     return True
 
 
-def build_all(folder: Path = CONFIG_DIR) -> dict[str, DAG]:
+# The config key each DAG's schedule comes from, to name it when Airflow cannot read the schedule.
+SCHEDULE_KEYS = {"nightly": "airflow.schedule", "promote": "airflow.promote_schedule"}
+
+
+def build_model(file: Path, taken: dict[str, Path]) -> dict[str, DAG]:
+    """The DAGs of one config file, checked as Airflow will check them; raises if any cannot be built.
+
+    ``taken`` maps the DAG ids of the configs built before to their files.
+    """
     from tf_export_pipeline.config import load_config
     from tf_export_pipeline.errors import ConfigError
 
+    model = check_model_name(file)
+    cfg = load_config(str(file))
+    builds = [nightly, after_training, backfill]
+    if cfg.serving is not None and cfg.serving.policy == "labels":
+        builds.append(promote)
     dags: dict[str, DAG] = {}
-    for file in config_files(folder):
-        model = file.stem
+    for build in builds:
+        dag = build(model, str(file), cfg)
+        if dag.dag_id in taken:
+            raise ConfigError(f"DAG id {dag.dag_id} is taken by the config {taken[dag.dag_id]} "
+                              f"(two files of one name: keep one): {file}")
         try:
-            cfg = load_config(str(file))
-        except ConfigError as err:
-            if not report_config_error(file, str(err)):
-                log.debug("no DAGs for %s: %s", model, err)  # a task's own parse: the UI has it already
+            dag.validate()
+        except Exception as err:
+            key = SCHEDULE_KEYS.get(build.__name__)
+            if key and "Timetable" in type(err).__name__:
+                value = getattr(cfg.airflow, key.split(".", 1)[1])
+                raise ConfigError(f"Airflow cannot read {key} {value!r} ({_one_line(err)}): {file}") from None
+            raise
+        dags[dag.dag_id] = dag
+    return dags
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:300] or type(err).__name__
+
+
+def build_all(folder: Path = CONFIG_DIR) -> dict[str, DAG]:
+    """Every config's DAGs. A config that fails in any way, its DAG ids among them, is an import error of
+    its own (under its path) and leaves the other configs' DAGs as they are."""
+    from tf_export_pipeline.errors import ConfigError
+
+    dags: dict[str, DAG] = {}
+    taken: dict[str, Path] = {}
+    for file in config_files(folder):
+        try:
+            built = build_model(file, taken)
+        except Exception as err:  # noqa: BLE001 - whatever breaks one config must not take the others down
+            kind = "ConfigError" if isinstance(err, ConfigError) else type(err).__name__
+            message = str(err) if isinstance(err, ConfigError) else \
+                f"the DAGs of this config cannot be built ({_one_line(err)}): {file}"
+            if not report_config_error(file, message, kind):
+                log.debug("no DAGs for %s: %s", file, message)  # a task's own parse: the UI has it already
             continue
-        builds = [nightly, after_training, backfill]
-        if cfg.serving is not None and cfg.serving.policy == "labels":
-            builds.append(promote)
-        for build in builds:
-            dag = build(model, str(file), cfg)
-            dags[dag.dag_id] = dag
+        dags.update(built)
+        taken.update({dag_id: file for dag_id in built})
     return dags
 
 

@@ -16,27 +16,37 @@ whose versions the next run's retention would remove.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from tf_export_pipeline.config import Config
 from tf_export_pipeline.errors import ConfigError, PipelineError
+from tf_export_pipeline.publish.staging import drop_lease, staging_name
 from tf_export_pipeline.quiet_tf import import_tensorflow_quietly
 from tf_export_pipeline.records import Status
 from tf_export_pipeline.stages import (
     discover,
-    export_and_validate,
     list_pending,
     publish_timed,
     stage_export,
     stage_validate,
 )
+from tf_export_pipeline.storage import open_storage
 from tf_export_pipeline.validate import ValidationSession
 
 
 def pending_for_backfill(cfg: Config, from_step: int | None = None, to_step: int | None = None,
                          include_removed: bool = False, allow_outrank: bool = False) -> list[dict]:
     """What a backfill exports (:func:`list_pending`), refused when retention would remove it at once."""
+    if from_step is not None and to_step is not None and from_step > to_step:
+        # Else an empty range reads as "every checkpoint has a version".
+        raise ConfigError(f"inverted step range: from step {from_step} is above to step {to_step} "
+                          f"(--from-step/--to-step, DAG params from_step/to_step), so it holds no checkpoint: "
+                          f"{cfg.source or 'the config'}")
     discovered = discover(cfg)
     pending = list_pending(cfg, from_step, to_step, include_removed, items=discovered)
     if not allow_outrank:  # outranking versions do not follow training order; retention then removes others
@@ -83,6 +93,12 @@ def backfill(cfg: Config, from_step: int | None = None, to_step: int | None = No
     retention removed before are left out unless ``include_removed``. The
     metric gate does not hold back a backfill: historic checkpoints land below
     the live version, and the gate guards what is served.
+
+    Ctrl-C (SIGINT, in the main thread) raises :class:`BackfillInterrupted`
+    with the records of the checkpoints finished before it: a publish under
+    way is finished first, workers stop (they leave SIGINT to this process,
+    which passes it on), and every export started and not published is removed
+    with its lease.
     """
     pending = pending_for_backfill(cfg, from_step, to_step, include_removed, allow_outrank)
     records: list[dict] = []
@@ -103,54 +119,223 @@ def backfill(cfg: Config, from_step: int | None = None, to_step: int | None = No
         if progress:
             progress(record)
 
-    if jobs <= 1 or len(pending) <= 1:
-        from collections import deque
-        from concurrent.futures import Future, ThreadPoolExecutor
+    try:
+        if jobs <= 1 or len(pending) <= 1:
+            _in_this_process(cfg, pending, finish)
+        else:
+            _in_workers(cfg, pending, jobs, finish, records)
+    except KeyboardInterrupt:
+        raise BackfillInterrupted(records) from None
+    return records
 
 
-        # The validation process starts first so that its TensorFlow import
-        # overlaps this one's; then checkpoint i+1 is exported while version i
-        # is being validated (the thread only waits on the other process).
-        with ValidationSession().start() as session, ThreadPoolExecutor(1) as validator:
-            import_tensorflow_quietly()
-            inflight: deque = deque()
+class BackfillInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped a backfill. ``records`` are those of the checkpoints it finished
+    before, in order; every export it had started and not published is removed, with its lease."""
+
+    def __init__(self, records: list[dict]):
+        super().__init__("backfill interrupted")
+        self.records = records
+
+
+#: What a worker returns for a checkpoint it was interrupted on, or did not start after an interrupt.
+CANCELLED = "cancelled"
+#: How long an interrupted backfill waits for its workers to give back what they hold.
+DRAIN_SECONDS = 120.0
+
+
+class _Interrupts:
+    """SIGINT in the main thread: a KeyboardInterrupt where work in progress may be dropped (an
+    export, a wait), held back inside :meth:`held` (a result being published and recorded) and
+    raised when it ends. Inactive outside the main thread or when SIGINT is not Python's default."""
+
+    def __init__(self):
+        self.pending = False
+        self.holding = 0
+        self._previous = None
+
+    def __enter__(self) -> _Interrupts:
+        if threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _on_sigint(self, signum, frame) -> None:
+        self.pending = True
+        if not self.holding:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        self.holding += 1
+        try:
+            yield
+        finally:
+            self.holding -= 1
+        if self.pending and not self.holding:
+            raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored meanwhile: processes started now inherit it, and Python leaves it so in them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _in_this_process(cfg: Config, pending: list[dict], finish: Callable) -> None:
+    from collections import deque
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    # The validation process starts first so that its TensorFlow import
+    # overlaps this one's; then checkpoint i+1 is exported while version i
+    # is being validated (the thread only waits on the other process).
+    with ValidationSession().start() as session, ThreadPoolExecutor(1) as validator, _Interrupts() as interrupts:
+        import_tensorflow_quietly()
+        inflight: deque = deque()
+
+        def finish_oldest() -> None:
+            done_item, done = inflight[0]
+            result = done.result()  # an interrupt here leaves the result in its ticket
+            with interrupts.held():
+                finish(done_item, result)
+                inflight.popleft()
+
+        try:
             for item in pending:
                 t0 = time.monotonic()
                 try:
+                    # An interrupt during the export removes its staging (see stage_export).
                     staged = stage_export(cfg, item, force=True)
                     staged["timings"] = {"export": round(time.monotonic() - t0, 4)}
                 except PipelineError as err:
                     staged = err
-                if isinstance(staged, dict) and staged.get("status") == Status.STAGED:
-                    ticket = validator.submit(_validate_timed, cfg, staged, session)
-                else:
-                    ticket = Future()
-                    ticket.set_result(staged)
-                inflight.append((item, ticket))
+                with interrupts.held():
+                    if isinstance(staged, dict) and staged.get("status") == Status.STAGED:
+                        ticket = validator.submit(_validate_timed, cfg, staged, session)
+                    else:
+                        ticket = Future()
+                        ticket.set_result(staged)
+                    inflight.append((item, ticket))
                 while len(inflight) > 1:
-                    done_item, done = inflight.popleft()
-                    finish(done_item, done.result())
+                    finish_oldest()
             while inflight:
-                done_item, done = inflight.popleft()
-                finish(done_item, done.result())
-        return records
+                finish_oldest()
+        except KeyboardInterrupt:
+            with interrupts.held():
+                for _item, ticket in inflight:
+                    try:
+                        result = ticket.result()
+                    except Exception:  # noqa: BLE001 - a validation that broke down left nothing to discard
+                        continue
+                    _discard_unpublished(cfg, result)
+            raise
 
+
+def _in_workers(cfg: Config, pending: list[dict], jobs: int, finish: Callable, records: list[dict]) -> None:
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(processes=min(jobs, len(pending)), initializer=_worker_init) as pool:
+    cancel = ctx.Event()
+    with _sigint_ignored():  # a Ctrl-C while a worker starts up is then not a traceback of its own
+        pool = ctx.Pool(processes=min(jobs, len(pending)), initializer=_worker_init, initargs=(cancel,))
+    with pool, _Interrupts() as interrupts:
         results = pool.imap(_worker_export, [(cfg, item) for item in pending], chunksize=1)
-        for item, validated in zip(pending, results):
-            finish(item, validated)
-    return records
+        taken = 0
+        try:
+            # Interrupts are only taken between results: one taken from the pool is always published
+            # or discarded, never dropped.
+            with interrupts.held():
+                for item in pending:
+                    validated = _next_result(results, interrupts)
+                    taken += 1
+                    finish(item, validated)
+        except KeyboardInterrupt:
+            cancel.set()  # workers start nothing more
+            for child in multiprocessing.active_children():
+                try:
+                    os.kill(child.pid, signal.SIGINT)  # and drop what they are doing (if Ctrl-C missed them)
+                except ProcessLookupError:
+                    pass
+            with interrupts.held():
+                _drain(cfg, results, len(pending) - taken, records)
+            # Then the pool ends its workers at once; a validation process of theirs ends with its
+            # current load, when it reads the end of its input.
+            raise
+
+
+def _next_result(results, interrupts: _Interrupts):
+    """The next worker result, waiting in short steps so that a held interrupt is taken while waiting."""
+    import multiprocessing
+
+    while True:
+        if interrupts.pending:
+            raise KeyboardInterrupt
+        try:
+            result = results.next(timeout=0.2)
+        except multiprocessing.TimeoutError:
+            continue
+        if result == CANCELLED:
+            # A worker had a SIGINT (a Ctrl-C often reaches it before this process's handler runs):
+            # the backfill stops; that checkpoint left nothing behind.
+            raise KeyboardInterrupt
+        return result
+
+
+def _drain(cfg: Config, results, count: int, records: list[dict]) -> None:
+    """After an interrupt: take the ``count`` results still due from the workers and discard what
+    they exported; a publish a worker found committed and finished is recorded. Gives up after
+    :data:`DRAIN_SECONDS` (a worker stuck in one call): gc removes what it had written once its
+    lease runs out."""
+    import multiprocessing
+
+    deadline = time.monotonic() + DRAIN_SECONDS
+    for _ in range(count):
+        try:
+            result = results.next(timeout=max(0.0, deadline - time.monotonic()))
+        except (StopIteration, multiprocessing.TimeoutError):
+            return
+        except Exception:  # noqa: BLE001 - a worker's own error: it left nothing behind
+            continue
+        if isinstance(result, dict) and result.get("status") == Status.PUBLISHED:
+            records.append(result)
+        _discard_unpublished(cfg, result)
+
+
+def _discard_unpublished(cfg: Config, result) -> None:
+    """Remove the staging and work files of an export that will not be published, and its lease."""
+    if not isinstance(result, dict) or result.get("status") not in (Status.STAGED, Status.VALIDATED):
+        return
+    store = open_storage(cfg.export_base, cfg.storage_options)
+    for key in ("staging", "work"):
+        if result.get(key):
+            try:
+                store.rm(store.strip(result[key]), recursive=True)
+            except (OSError, PipelineError):
+                pass  # gc removes it after the lease
+    drop_lease(store, staging_name(store.strip(result["staging"])))
 
 
 def _validate_timed(cfg: Config, staged: dict, session) -> dict | PipelineError:
     t0 = time.monotonic()
     try:
         validated = stage_validate(cfg, staged, session=session)
-    except PipelineError as err:
-        return err
+    except BaseException as err:
+        _discard_unpublished(cfg, staged)  # nothing validates this staging again
+        if isinstance(err, PipelineError):
+            return err
+        raise
     validated["timings"] = {**staged.get("timings", {}), "validate": round(time.monotonic() - t0, 4)}
     return validated
 
@@ -161,21 +346,63 @@ def _failed_record(item: dict, err: BaseException) -> dict:
 
 
 _WORKER_SESSION = None
+_WORKER_CANCEL = None  # the pool's event: set when the backfill was interrupted
+_BUSY = False          # exporting or validating a checkpoint
+_CANCELLED = False     # this worker had a SIGINT
 
 
-def _worker_init() -> None:
+class _Cancelled(BaseException):
+    """A SIGINT in a worker while it exports or validates: unwinds the stage (which removes what it wrote)."""
+
+
+def _on_sigint(signum, frame) -> None:
+    global _CANCELLED
+    first = not _CANCELLED
+    _CANCELLED = True
+    # Only once and only inside a stage: a second SIGINT (the parent forwards one) must not cut the
+    # clean-up short, and outside a stage there is nothing to stop.
+    if first and _BUSY:
+        raise _Cancelled
+
+
+def _worker_init(cancel=None) -> None:
     import atexit
 
-
-    global _WORKER_SESSION
+    global _WORKER_SESSION, _WORKER_CANCEL
+    _WORKER_CANCEL = cancel
+    # The parent handles Ctrl-C: the validation process started here inherits the ignored SIGINT.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER_SESSION = ValidationSession().start()
     atexit.register(_WORKER_SESSION.close)
     import_tensorflow_quietly()
+    signal.signal(signal.SIGINT, _on_sigint)
 
 
-def _worker_export(task: tuple) -> dict | BaseException:
+def _worker_export(task: tuple) -> dict | BaseException | str:
+    global _BUSY
     cfg, item = task
+    if _CANCELLED or (_WORKER_CANCEL is not None and _WORKER_CANCEL.is_set()):
+        return CANCELLED
+    staged = None
     try:
-        return export_and_validate(cfg, item, force=True, session=_WORKER_SESSION)
-    except PipelineError as err:
-        return err
+        _BUSY = True
+        try:
+            t0 = time.monotonic()
+            staged = stage_export(cfg, item, force=True)
+            t1 = time.monotonic()
+            if staged["status"] != Status.STAGED:
+                return staged
+            validated = stage_validate(cfg, staged, session=_WORKER_SESSION)
+            validated["timings"] = {"export": round(t1 - t0, 4), "validate": round(time.monotonic() - t1, 4)}
+            return validated
+        finally:
+            _BUSY = False
+    except BaseException as err:
+        # Nothing validates this staging again (a later run exports the checkpoint anew); an export cut
+        # short removed its own.
+        _discard_unpublished(cfg, staged)
+        if isinstance(err, _Cancelled):
+            return CANCELLED
+        if isinstance(err, PipelineError):
+            return err
+        raise

@@ -75,7 +75,7 @@ def soak_verdict(cfg, soak_seconds: float, now: float | None = None, control=Non
     if control.serving.policy != "labels":
         raise ConfigError(f"serving.policy is 'latest': a canary needs policy: labels: {cfg.source or cfg.export_base}")
     now = time.time() if now is None else now
-    labels = control.current().labels
+    labels = control.own_state().labels
     canary, stable = labels.get(CANARY), labels.get(STABLE)
     out = {"version": canary, "stable": stable, "since": None, "soaked_seconds": None}
     if canary is None:

@@ -12,12 +12,13 @@ import argparse
 import errno
 import json
 import os
+import re
 import sys
 import time
 from typing import Any
 
 from tf_export_pipeline import __version__, redaction
-from tf_export_pipeline.backfill import backfill, pending_for_backfill
+from tf_export_pipeline.backfill import BackfillInterrupted, backfill, pending_for_backfill
 from tf_export_pipeline.config import load_config
 from tf_export_pipeline.demo import SERVING, train, write_config
 from tf_export_pipeline.errors import ConfigError, ExportError, PipelineError
@@ -103,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="list published versions and the one TF Serving serves",
                        description="List the published versions with the checkpoint and step each came from, "
-                                   "and the one TF Serving serves (the highest).")
+                                   "and the one TF Serving serves: the highest, or with a serving: section what "
+                                   "the model config file says (the highest version its entry lists, the "
+                                   "highest under a latest entry, none without an entry).")
     _common(p)
 
     p = sub.add_parser("validate", help="validate a SavedModel directory",
@@ -188,10 +191,32 @@ def _emit(args, data: Any, human: str) -> None:
         print(redact(human))
 
 
+# Terminal escapes (CSI colours, OSC links, two-byte escapes) and the other control characters: Keras puts
+# some in its messages, and they would reach a log file or an Airflow task log as they are.
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-_]|[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def _one_line(message: str) -> str:
+    """``message`` as plain text on one line."""
+    return re.sub(r"\s*\n\s*", " ", _ESCAPES.sub("", message)).strip()
+
+
 def _error(message: str) -> None:
     """The one line of a failed command, on stderr; never a secret."""
 
-    print(f"tf-export: error: {redact(message)}", file=sys.stderr)
+    print(f"tf-export: error: {redact(_one_line(message))}", file=sys.stderr)
+
+
+def _failed(args, message: str, code: int) -> int:
+    """End a failed command: its one line on stderr and, for ``run --json``, its record on stdout, so a
+    script that reads the record learns why as well as that nothing was published."""
+    message = _one_line(message)
+    _error(message)
+    if getattr(args, "json", False) and args.command == "run":
+        record = {"status": "failed", "version": None, "path": None, "checkpoint": args.checkpoint, "step": None,
+                  "error": message, "exit_code": code}
+        sys.stdout.write(redact(json.dumps(record, indent=1)) + "\n")
+    return code
 
 
 def _when(ts: float | None) -> str:
@@ -241,6 +266,8 @@ def cmd_run(args, cfg) -> int:
     record = run_once(cfg, checkpoint=args.checkpoint, versioning=args.versioning, force=args.force,
                       allow_outrank=args.allow_outrank)
     _emit(args, public(record), _run_line(record))
+    if record.get("gate_warning"):
+        print(f"tf-export: warning: {redact(record['gate_warning'])}", file=sys.stderr)
     if record.get("serving_error"):
 
         print(f"tf-export: warning: published, but its serving label was not set: "
@@ -254,6 +281,8 @@ def cmd_run(args, cfg) -> int:
 
 def cmd_backfill(args, cfg) -> int:
 
+    if args.jobs < 1:  # before any bar is drawn: a usage error is one line
+        raise ConfigError(f"--jobs must be at least 1, got {args.jobs}: {cfg.source}")
     pending = pending_for_backfill(cfg, args.from_step, args.to_step, args.include_removed, args.allow_outrank)
     bar = None
     if pending:
@@ -266,14 +295,25 @@ def cmd_backfill(args, cfg) -> int:
             bar.update(1)
             bar.set_postfix_str(f"step {rec['step']} {rec['status']}", refresh=False)
 
-    if args.jobs < 1:
-
-        raise ConfigError(f"--jobs must be at least 1, got {args.jobs}: {cfg.source}")
-    records = backfill(cfg, args.from_step, args.to_step, versioning=args.versioning,
-                       allow_outrank=args.allow_outrank, progress=progress, jobs=args.jobs,
-                       include_removed=args.include_removed)
-    if bar is not None:
-        bar.close()
+    try:
+        records = backfill(cfg, args.from_step, args.to_step, versioning=args.versioning,
+                           allow_outrank=args.allow_outrank, progress=progress, jobs=args.jobs,
+                           include_removed=args.include_removed)
+    except BackfillInterrupted as stop:
+        if bar is not None:
+            bar.close()  # its last state goes out before what follows, never after it
+        done = stop.records
+        if done or args.json:
+            _emit(args, [public(r) | ({"error": r["error"]} if "error" in r else {}) for r in done],
+                  "\n".join(_run_line(r) for r in done))
+        published = sum(1 for r in done if r["status"] == "published")
+        print(f"tf-export: interrupted; {published} version(s) published before it "
+              f"{'(listed on stdout) ' if done else ''}stay, the exports it had started were removed; nothing "
+              f"partial was published", file=sys.stderr)
+        return 130
+    finally:
+        if bar is not None:
+            bar.close()
     timings_file = os.environ.get("TF_EXPORT_TIMINGS")
     if timings_file:  # per-stage seconds of each checkpoint, for bench/backfill.py
         with open(timings_file, "w", encoding="utf-8") as fh:
@@ -519,8 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     except ExportError as err:
         if args.verbose:
             sys.stderr.write(redaction.format_exception(err))
-        _error(str(err))
-        return err.exit_code
+        return _failed(args, str(err), err.exit_code)
     except Exception as err:  # noqa: BLE001 - the one-line contract holds for surprises too
         if args.verbose:
             sys.stderr.write(redaction.format_exception(err))
@@ -530,13 +569,11 @@ def main(argv: list[str] | None = None) -> int:
                 (err.strerror or type(err).__name__).lower()
             path = err.filename or (cfg.export_base if cfg is not None else None) or \
                 getattr(args, "config", None) or getattr(args, "path", None) or ""
-            _error(f"{cause}: {redaction.redact(str(path))}")
-            return EXIT_FAILED
+            return _failed(args, f"{cause}: {redaction.redact(str(path))}", EXIT_FAILED)
         where = getattr(args, "config", None) or getattr(args, "path", None) or getattr(args, "workdir", "")
         # Redacted before it is cut: a cut could leave the head of a secret that no longer matches.
         text = " ".join(redaction.redact(str(err)).split())[:300]
-        _error(f"unexpected {type(err).__name__} ({text}; rerun with --verbose): {where}")
-        return EXIT_FAILED
+        return _failed(args, f"unexpected {type(err).__name__} ({text}; rerun with --verbose): {where}", EXIT_FAILED)
     except KeyboardInterrupt:
         print("tf-export: interrupted; nothing partial was published", file=sys.stderr)
         return 130

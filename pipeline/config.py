@@ -112,6 +112,68 @@ class ServingConfig(_Strict):
     reload_seconds: int = Field(60, ge=0, description="the server's --model_config_file_poll_wait_seconds")
 
 
+# What Airflow 3 takes as a schedule string: its own presets (@once, @continuous, its cron presets) and
+# those its cron library knows besides.
+SCHEDULE_PRESETS = ("@once", "@continuous", "@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly",
+                    "@annually", "@midnight")
+_MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
+_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+# (field name, lowest, highest, names from the lowest value on); day of week 7 is Sunday too
+_CRON_FIELDS = (("minute", 0, 59, ()), ("hour", 0, 23, ()), ("day of month", 1, 31, ()),
+                ("month", 1, 12, _MONTHS), ("day of week", 0, 7, _DAYS))
+
+
+def _cron_value(text: str, low: int, high: int, names: tuple[str, ...], field: str) -> int:
+    if text.isascii() and text.isdigit():
+        value = int(text)
+    elif text.lower() in names:
+        value = low + names.index(text.lower())
+    else:
+        raise ValueError(f"{field} {text!r} is not a number" + (" or a name" if names else ""))
+    if not low <= value <= high:
+        raise ValueError(f"{field} {value} is not in {low}-{high}")
+    return value
+
+
+def cron_problem(expression: str) -> str | None:
+    """Why ``expression`` is not a 5-field cron expression (numbers, names, ``*``, ranges, steps, lists), or None.
+
+    Stricter than the cron library Airflow uses, which takes and misreads more (a reversed range, a
+    step beyond its field): a schedule that does something else than it says is worse than an error.
+    """
+    fields = expression.split()
+    if len(fields) != 5:
+        return f"{len(fields)} fields, not 5"
+    for text, (field, low, high, names) in zip(fields, _CRON_FIELDS):
+        for item in text.split(","):
+            base, slash, step = item.partition("/")
+            try:
+                if slash and not (step.isascii() and step.isdigit() and int(step) >= 1):
+                    raise ValueError(f"{field} step {step!r} is not a whole number from 1")
+                if base == "*" or (base == "?" and not slash and field in ("day of month", "day of week")):
+                    continue
+                first, dash, last = base.partition("-")
+                start = _cron_value(first, low, high, names, field)
+                if dash:
+                    end = _cron_value(last, low, high, names, field)
+                    if end < start:
+                        raise ValueError(f"{field} range {base!r} runs backwards")
+            except ValueError as err:
+                return str(err)
+    return None
+
+
+def _check_schedule(value: str | None) -> str | None:
+    if value is None or value in SCHEDULE_PRESETS:
+        return value
+    problem = cron_problem(value)
+    if problem is None:
+        return value
+    # Five fields are meant as cron: say which one is wrong. Anything else is just not a schedule.
+    detail = f"{value!r}: {problem}" if len(value.split()) == 5 else repr(value)
+    raise PydanticCustomError("schedule", "not a cron expression or preset ({detail})", {"detail": detail})
+
+
 class AirflowConfig(_Strict):
     schedule: str | None = Field("@daily", description="cron or preset of the nightly DAG")
     max_active_tis_per_dagrun: int = Field(4, ge=1, description="parallel exports in one backfill run")
@@ -120,6 +182,12 @@ class AirflowConfig(_Strict):
                                                            "(needs serving.policy: labels); none: manual runs only")
     soak_seconds: int = Field(86400, ge=0, description="how long a version is canary before the promote DAG's "
                                                        "check makes it stable")
+
+    @field_validator("schedule", "promote_schedule")
+    @classmethod
+    def _schedule_form(cls, value: str | None) -> str | None:
+        # Airflow drops a DAG whose schedule it cannot read: refused here, every command says so.
+        return _check_schedule(value)
 
 
 class Config(_Strict):
@@ -244,6 +312,48 @@ def config_from_dict(data: dict[str, Any], base_dir: str, source: str | None = N
     return cfg
 
 
+class DuplicateKey(yaml.YAMLError):
+    """A key given twice in one mapping of a YAML file."""
+
+    def __init__(self, key: str, line: int):
+        super().__init__(f"duplicate key '{key}' at line {line}")
+        self.key, self.line = key, line
+
+
+class StrictLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently).
+
+    A merge key (``<<: *anchor``) is not a duplicate: the mapping's own keys override merged ones.
+    """
+
+    def get_single_data(self):
+        node = self.get_single_node()
+        if node is None:
+            return None
+        self._refuse_duplicates(node, (), set())
+        return self.construct_document(node)
+
+    def _refuse_duplicates(self, node, path: tuple[str, ...], seen: set[int]) -> None:
+        if id(node) in seen:  # an alias met again
+            return
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            keys: set[tuple[str, str]] = set()
+            for key_node, value_node in node.value:
+                name = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    self._refuse_duplicates(value_node, path, seen)
+                    continue
+                if isinstance(key_node, yaml.ScalarNode):
+                    if (key_node.tag, key_node.value) in keys:
+                        raise DuplicateKey(".".join((*path, name)), key_node.start_mark.line + 1)
+                    keys.add((key_node.tag, key_node.value))
+                self._refuse_duplicates(value_node, (*path, name), seen)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._refuse_duplicates(item, (*path, str(i)), seen)
+
+
 def load_config(path: str) -> Config:
     """Read and validate a YAML config; relative paths are taken from the file's folder."""
     path = os.path.abspath(path)
@@ -251,7 +361,9 @@ def load_config(path: str) -> Config:
         raise ConfigError(f"config file not found: {path}")
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+            data = yaml.load(fh, Loader=StrictLoader)
+    except DuplicateKey as err:
+        raise ConfigError(f"invalid config: {err}: {path}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

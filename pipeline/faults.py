@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-POINTS = ("exported", "validating", "publishing", "claimed", "ledgered", "promoting")
+POINTS = ("restored", "exported", "validating", "publishing", "claimed", "ledgered", "promoting")
 
 
 def hold(point: str) -> None:

@@ -14,19 +14,48 @@ Example::
     from tf_export_pipeline.gate import read_metric, compare
     value = read_metric("/data/train/metrics-{step}.json", "val_loss", step=300, name="ckpt-300")
     verdict = compare("min", value, live_value=0.15)   # {"worse": False, ...}
+
+A metric that is not a finite number says training diverged: such a
+checkpoint is not published (:class:`MetricNotFinite`, unless forced), and a
+live version that recorded one is compared with nothing: the checkpoint
+passes, with a ``warning`` in the verdict.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import struct
 
-from tf_export_pipeline.errors import PipelineError
+from tf_export_pipeline.errors import ConfigError, PipelineError
 from tf_export_pipeline.storage import open_storage
 
 
 class GateError(PipelineError):
     """The metric of a checkpoint cannot be read."""
+
+
+class MetricNotFinite(GateError):
+    """The checkpoint's metric is NaN or infinite: its training diverged. The same on every retry."""
+
+    permanent = True
+
+
+class MetricNotANumber(GateError, ConfigError):
+    """The metrics source holds something else than a number for the metric (exit 2, as a config error)."""
+
+
+def metric_path(source: str, step: int | None, name: str) -> str:
+    """The metrics file (or event directory) of one checkpoint."""
+    return source.replace("{step}", str(step)).replace("{name}", name)
+
+
+def _number(raw, metric: str, path: str) -> float:
+    # bool is an int to Python, and float() takes "0.5" and "nan": a training job that writes either
+    # has a bug the gate must not paper over.
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+        raise MetricNotANumber(f"metric '{metric}' is not a number ({raw!r}) in metrics file: {path}")
+    return float(raw)
 
 
 def _tfrecords(data: bytes):
@@ -70,8 +99,12 @@ def _scalar_from_events(store, directory: str, metric: str, step: int) -> float 
 
 def read_metric(source: str, metric: str, *, step: int | None, name: str,
                 storage_options: dict | None = None) -> float:
-    """The value of ``metric`` for one checkpoint, from a JSON file or a TensorBoard directory."""
-    path = source.replace("{step}", str(step)).replace("{name}", name)
+    """The value of ``metric`` for one checkpoint, from a JSON file or a TensorBoard directory.
+
+    The value may be NaN or infinite (see :func:`require_finite`); a value that is not a number at all
+    raises :class:`MetricNotANumber`.
+    """
+    path = metric_path(source, step, name)
     store = open_storage(path, storage_options)
     target = store.root
     if store.isdir(target):
@@ -95,16 +128,36 @@ def read_metric(source: str, metric: str, *, step: int | None, name: str,
             continue
         if metric not in rec["metrics"]:
             raise GateError(f"metric '{metric}' not in metrics file (has {sorted(rec['metrics'])}): {path}")
-        return float(rec["metrics"][metric])
+        return _number(rec["metrics"][metric], metric, path)
     raise GateError(f"metrics file has no record for step {step}: {path}")
 
 
-def compare(mode: str, value: float, live_value: float | None) -> dict:
-    """Whether ``value`` is worse than the live version's; equal is not worse."""
-    if live_value is None:
-        worse = False
+def require_finite(value: float, metric: str, name: str, path: str) -> float:
+    """``value``, unless it is NaN or infinite: then :class:`MetricNotFinite` naming the metric and the file."""
+    if not math.isfinite(value):
+        raise MetricNotFinite(f"metric '{metric}' of checkpoint {name} is not finite ({value!r}): training "
+                              f"diverged; not published (--force overrides): {path}")
+    return value
+
+
+def compare(mode: str, value: float, live_value: float | None, live_version: int | None = None) -> dict:
+    """Whether ``value`` is worse than the live version's; equal is not worse.
+
+    A value that is not finite is worse than anything. A live value that is not finite is compared
+    with nothing (``live_value`` None, a ``warning`` says why): NaN compares false with everything
+    and an infinity beats everything, so either would decide every later verdict alone.
+    """
+    verdict: dict = {"value": value, "live_value": live_value}
+    if not math.isfinite(value):
+        verdict["worse"] = True
+    elif live_value is None:
+        verdict["worse"] = False
+    elif not math.isfinite(live_value):
+        which = f"live version {live_version}" if live_version is not None else "the live version"
+        verdict.update(live_value=None, worse=False,
+                       warning=f"the metric of {which} is not finite ({live_value!r}); not compared with it")
     elif mode == "min":
-        worse = value > live_value
+        verdict["worse"] = value > live_value
     else:
-        worse = value < live_value
-    return {"value": value, "live_value": live_value, "worse": worse}
+        verdict["worse"] = value < live_value
+    return verdict

@@ -27,25 +27,36 @@ name, then a rename, under a lock file, on local disk; one upload conditional
 on the previous generation on GCS), so two promotions at once never lose an
 update: the one that loses re-reads the file and tries again. Every change is
 recorded in the export base, ``_exports/serving/history/``, one create-only
-record per write, in the order of the writes.
+record per write, in the order of the writes; a record that does not read as
+one (edited by hand, torn) is skipped with a warning naming it.
+
+An entry belongs to the export base its ``base_path`` names: a config whose
+model name's entry serves another export base (a copied config that kept the
+model name) is refused, and the entry is left to the config that wrote it.
+The entry follows ``serving.policy``: the first publish after the policy
+changed rewrites it (``latest``: the highest version, no list and no labels;
+``labels``: a ``specific`` list with the labels a publish sets).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import math
 import os
 import re
 import secrets
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from tf_export_pipeline.errors import ConfigError, PipelineError
 from tf_export_pipeline.layout import HISTORY_DIR, SAVED_MODEL_PB
 from tf_export_pipeline.publish import Publisher
+from tf_export_pipeline.publish.versioning import MAX_VERSION
 from tf_export_pipeline.storage import Storage, open_storage
 
 STABLE, CANARY = "stable", "canary"
@@ -58,9 +69,15 @@ HISTORY_METADATA_KEY = "tf-export-record"
 # promotion that died between its two writes leaves its version listed this long, no longer.
 PENDING_GRACE_SECONDS = 60.0
 
+log = logging.getLogger(__name__)
+
 
 class ConcurrentChange(Exception):
     """The file changed between our read and our write: read it again."""
+
+
+class ForeignEntry(ConfigError):
+    """The model name's entry in the file serves another export base: it is that config's, not ours."""
 
 
 KEEP = object()  # what a change function returns to leave the entry as it is
@@ -190,6 +207,53 @@ def _name_time(name: str) -> float:
         return float("inf")
 
 
+_RECORD_TEXT_FIELDS = ("id", "command", "phase", "model", "file", "host", "generation")
+_warned_records: set[str] = set()
+
+
+def _is_version(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def record_problem(rec: Any) -> str | None:
+    """Why a parsed history record cannot be used (a field of the wrong type), or None."""
+    if not isinstance(rec, dict):
+        return "not a JSON object"
+    at = rec.get("at", 0)
+    if isinstance(at, bool) or not isinstance(at, (int, float)) or not math.isfinite(at):
+        return "'at' is not a time in seconds"
+    for key in _RECORD_TEXT_FIELDS:
+        if key in rec and not isinstance(rec[key], str):
+            return f"'{key}' is not text"
+    if "written" in rec and not isinstance(rec["written"], bool):
+        return "'written' is not true or false"
+    for key in ("versions_before", "versions_after"):
+        value = rec.get(key)
+        if value is not None and not (isinstance(value, list) and all(map(_is_version, value))):
+            return f"'{key}' is not a list of versions"
+    for key in ("labels_before", "labels_after"):
+        value = rec.get(key)
+        if value is not None and not (isinstance(value, dict)
+                                      and all(isinstance(k, str) and _is_version(v) for k, v in value.items())):
+            return f"'{key}' is not a mapping of labels to versions"
+    return None
+
+
+def _skip_record(url: str, why: str) -> None:
+    """Warn once per process of a history record that is left out."""
+    if url not in _warned_records:
+        _warned_records.add(url)
+        log.warning("skipping unreadable serving history record (%s): %s", why, url)
+
+
+def _same_base(a: str, b: str) -> bool:
+    a, b = a.rstrip("/"), b.rstrip("/")
+    if a == b:
+        return True
+    # the same directory spelled through a symlink is the same export base
+    return "://" not in a and "://" not in b and os.path.realpath(a) == os.path.realpath(b)
+
+
 # -- the entry ----------------------------------------------------------------------------
 @dataclass
 class EntryState:
@@ -213,6 +277,23 @@ def state_of(entry) -> EntryState:
     return EntryState(listed, dict(sorted(entry.version_labels.items())), which)
 
 
+def served_version(whole: Iterable[int], state: EntryState | None = None) -> int | None:
+    """The version TF Serving serves to a request that names none, as the model config file says.
+
+    With a ``specific`` list the highest listed version that is whole; under
+    ``latest`` (or ``all``) the highest whole version; with no entry none, as
+    a server started on the file does not know the model. ``state`` None: the
+    server watches the export base itself (``--model_base_path``), so the
+    highest. A name beyond int64 is no version to TF Serving.
+    """
+    candidates = {v for v in whole if 0 <= v <= MAX_VERSION}
+    if state is not None and state.policy == "none":
+        return None
+    if state is not None and state.policy == "specific":
+        candidates &= set(state.listed)
+    return max(candidates, default=None)
+
+
 class ServingControl:
     """One model's entry in TF Serving's model config file, and its history."""
 
@@ -234,19 +315,44 @@ class ServingControl:
         return cls(cfg, base, ModelConfigFile(cfg.serving.model_config_file, cfg.storage_options))
 
     # -- reading -----------------------------------------------------------------------
+    @property
+    def base_url(self) -> str:
+        """The export base as the entry's ``base_path`` names it."""
+        return self.base.url(self.base.root)
+
+    def _require_own(self, entry) -> None:
+        """Refuse an entry that serves another export base: a copied config that kept its model name
+        would otherwise point the other config's labels at versions its base does not hold."""
+        if entry is not None and entry.base_path and not _same_base(entry.base_path, self.base_url):
+            raise ForeignEntry(f"model '{self.serving.model_name}' in the model config file serves export base "
+                               f"{entry.base_path}, not this config's export_base {self.base_url} (a model name "
+                               f"belongs to one export base: give this config its own serving.model_name, or, if the "
+                               f"export base moved, edit the entry's base_path): "
+                               f"{self.file.url}")
+
     def current(self) -> EntryState:
+        """The model name's entry as the file has it, whichever export base it serves."""
         config, _ = self.file.read()
         return state_of(entry_of(config, self.serving.model_name))
+
+    def own_state(self) -> EntryState:
+        """This config's entry: :meth:`current`, refused (:class:`ForeignEntry`) when the model name's
+        entry serves another export base."""
+        config, _ = self.file.read()
+        entry = entry_of(config, self.serving.model_name)
+        self._require_own(entry)
+        return state_of(entry)
 
     def view(self) -> dict:
         """The entry, and the checkpoint each labelled or listed version came from."""
 
-        state = self.current()
+        state = self.own_state()
         pub = Publisher(self.base)
         sources = {}
         for v in sorted(set(state.listed) | set(state.labels.values())):
             ck = (pub.manifest(v) or {}).get("checkpoint") or {}
-            sources[v] = {"checkpoint": ck.get("path"), "step": ck.get("step"), "exists": self._is_whole(pub, v)}
+            sources[v] = {"checkpoint": ck.get("path"), "step": ck.get("step"),
+                          "exists": self._not_whole(pub, v) is None}
         return {"model": self.serving.model_name, "file": self.file.url, "policy": self.serving.policy,
                 "entry_policy": state.policy, "versions": state.listed, "labels": state.labels,
                 "sources": sources, "rollback_to": self.rollback_target(state)}
@@ -270,11 +376,19 @@ class ServingControl:
                 # On GCS the listing carries each record in its metadata: one request per page, not
                 # one per record, for a history that grows by two records every night.
                 text = (e.metadata or {}).get(HISTORY_METADATA_KEY) or self.base.read_bytes(e.path)
+            except FileNotFoundError:
+                continue  # removed since the listing
+            try:
                 rec = json.loads(text)
-            except (FileNotFoundError, ValueError):
+            except ValueError:  # not JSON, or not UTF-8
+                rec = None
+            # One record edited by hand must not stop every command that reads the history.
+            problem = "not JSON" if rec is None else record_problem(rec)
+            if problem is not None:
+                _skip_record(self.base.url(e.path), problem)
                 continue
             # The export base keeps the history of the entry it serves; a renamed model starts anew.
-            if isinstance(rec, dict) and rec.get("model", self.serving.model_name) == self.serving.model_name:
+            if rec.get("model", self.serving.model_name) == self.serving.model_name:
                 records.append(rec)
         return sorted(records, key=lambda r: (r.get("at", 0), r.get("id", "")))
 
@@ -293,7 +407,7 @@ class ServingControl:
                 if not stack and before is not None:
                     stack.append(before)
                 stack.append(after)
-        state = state or self.current()
+        state = state or self.own_state()
         current = state.labels.get(STABLE)
         if current is not None and stack and stack[-1] == current and len(stack) >= 2:
             return stack[-2]
@@ -301,7 +415,7 @@ class ServingControl:
 
     def protected_versions(self) -> set[int]:
         """What retention must keep: every version the file lists or labels, and the rollback target."""
-        state = self.current()
+        state = self.own_state()
         kept = set(state.listed) | set(state.labels.values())
         target = self.rollback_target(state)
         if target is not None:
@@ -309,26 +423,51 @@ class ServingControl:
         return kept
 
     def reference_version(self) -> int | None:
-        """The version new exports are compared with: stable under labels, else None (the highest)."""
+        """The version new exports are compared with: stable under labels, else None (the highest).
+
+        None too when the entry serves another export base: the run still
+        publishes, and its serving step says why the entry is left alone.
+        """
         if self.serving.policy != "labels":
             return None
-        return self.current().labels.get(STABLE)
+        try:
+            return self.own_state().labels.get(STABLE)
+        except ForeignEntry:
+            return None
 
     # -- changing ------------------------------------------------------------------------
     def on_publish(self, version: int, now: bool = False) -> dict | None:
-        """After a publish: label it canary (and stable, if nothing is stable yet), per the config."""
+        """After a publish: label it canary (and stable, if nothing is stable yet), per the config.
+
+        An entry written under the other policy is rewritten to this one's.
+        """
         if self.serving.policy == "latest":
             return self._ensure_latest_entry()
-        if not self.serving.canary_on_publish:
+        before = self.own_state()
+        # An entry that serves the highest version (written under policy: latest, or by hand) would
+        # go on serving each new version at once: it gets its specific list and labels now.
+        switching = before.policy in ("latest", "all")
+        if not (self.serving.canary_on_publish or switching):
             return None
+        # Labels a person put on that entry stay, listed first like any version a label moves to.
+        moves = dict(before.labels) if switching else {}
+        if self.serving.canary_on_publish:
+            moves[CANARY] = version
         # "Stable if nothing is stable yet" is decided on the file the label write is based on, not
         # on a read before the reload wait: a promotion made meanwhile is never overwritten.
-        return self.move({CANARY: version}, command="publish", now=now, unless_set={STABLE: version})
+        rec = self.move(moves, command="publish", now=now, unless_set={STABLE: version})
+        if switching:
+            labels = ", ".join(f"{k}={v}" for k, v in sorted(rec["labels_after"].items()))
+            log.warning("serving.policy is now 'labels': the entry of %s in %s serves versions %s (labels: %s), "
+                        "no longer the highest", self.serving.model_name, self.file.url, rec["versions_after"],
+                        labels)
+        return rec
 
     def promote(self, version: int, label: str = STABLE, now: bool = False, command: str = "promote") -> dict:
         self._require_labels()
         if not LABEL_PATTERN.match(label):
             raise ConfigError(f"a label is letters, digits and _ only, got {label!r}: {self.file.url}")
+        self.own_state()  # an entry of another export base is refused before anything is looked at
         self._require_whole(version)
         return self.move({label: version}, command=command, now=now)
 
@@ -349,19 +488,28 @@ class ServingControl:
     def _require_whole(self, version: int) -> None:
 
         pub = Publisher(self.base)
-        if not self._is_whole(pub, version):
-            raise ConfigError(f"version {version} does not exist or is not whole: "
+        why = self._not_whole(pub, version)
+        if why is not None:
+            raise ConfigError(f"version {version} does not exist or is not whole ({why}): "
                               f"{self.base.url(pub.version_path(version))}")
 
-    def _is_whole(self, pub, version: int) -> bool:
-        """A published version: whole, with its saved_model.pb and its manifest."""
-
-
+    def _not_whole(self, pub, version: int) -> str | None:
+        """Why ``version`` is not a whole published version, or None: it has its saved_model.pb, its
+        manifest, and every file the manifest lists."""
+        if not 0 <= version <= MAX_VERSION:
+            return "not a number TF Serving reads as a version, 0 to 2**63-1"
         final = pub.version_path(version)
         # is_whole trusts a local directory (a rename made it whole); a directory made by hand is not
         # a publish, and TF Serving fails to load a version without saved_model.pb: check the file.
-        return version >= 0 and pub.is_whole(final) and self.base.isfile(self.base.join(final, SAVED_MODEL_PB)) \
-            and pub.manifest(version) is not None
+        if not pub.is_whole(final):
+            return "no such version"
+        if not self.base.isfile(self.base.join(final, SAVED_MODEL_PB)):
+            return f"no {SAVED_MODEL_PB}"
+        manifest = pub.manifest(version)
+        if manifest is None:
+            return "no manifest"
+        # A version that lost files since its publish (variables/ removed by hand) would fail to load.
+        return pub.check_files(version, manifest)
 
     def move(self, moves: dict[str, int], command: str, now: bool = False,
              unless_set: dict[str, int] | None = None) -> dict:
@@ -414,13 +562,23 @@ class ServingControl:
         return seconds + min(seconds * 0.5, RELOAD_MARGIN_MAX_SECONDS)
 
     def _ensure_latest_entry(self) -> dict | None:
-        """Under ``policy: latest`` the entry serves the highest version; written once, then left alone."""
-        config, _ = self.file.read()
-        if entry_of(config, self.serving.model_name) is not None:
+        """Under ``policy: latest`` the entry serves the highest version: written once, then left alone
+        (labels a person put on it included), unless it lists versions (written under ``policy: labels``):
+        then it would never load a new version, so its list and labels go."""
+        before = self.own_state()
+        if before.policy not in ("none", "specific"):
             return None
         # Decided again on the locked read: an entry written meanwhile (and its labels) is left alone.
-        rec = self._write(lambda s: (None, None) if s.policy == "none" else KEEP, "publish", phase="entry")
-        return rec if rec["written"] else None
+        rec = self._write(lambda s: (None, None) if s.policy in ("none", "specific") else KEEP, "publish",
+                          phase="entry" if before.policy == "none" else "policy")
+        if not rec["written"]:
+            return None
+        if rec["phase"] == "policy":
+            labels = ", ".join(f"{k}={v}" for k, v in sorted(rec["labels_before"].items())) or "none"
+            log.warning("serving.policy is now 'latest': the entry of %s in %s serves the highest version and "
+                        "no longer lists versions %s or labels (%s)", self.serving.model_name, self.file.url,
+                        rec["versions_before"], labels)
+        return rec
 
     def _write(self, change, command: str, phase: str) -> dict:
         """Apply ``change`` (state -> (listed, labels), or KEEP) to a fresh read and write it conditionally.
@@ -432,6 +590,7 @@ class ServingControl:
             with self.file.locked():
                 config, token = self.file.read()
                 entry = entry_of(config, self.serving.model_name)
+                self._require_own(entry)  # decided on the read the write is based on
                 before = state_of(entry)
                 wanted = change(before)
                 if wanted is KEEP:
@@ -441,7 +600,7 @@ class ServingControl:
                     entry = config.model_config_list.config.add()
                     entry.name = self.serving.model_name
                     entry.model_platform = "tensorflow"
-                entry.base_path = self.base.url(self.base.root)
+                entry.base_path = self.base_url
                 if listed is None:
                     entry.model_version_policy.latest.num_versions = 1
                     entry.ClearField("version_labels")

@@ -24,13 +24,21 @@ import time
 from typing import Any
 
 from tf_export_pipeline import faults
-from tf_export_pipeline.checkpoints import Checkpoint, being_written, discover_checkpoints, find_checkpoint
+from tf_export_pipeline.checkpoints import (
+    Checkpoint,
+    being_written,
+    discover_checkpoints,
+    find_checkpoint,
+    require_unchanged,
+    shards_changed,
+)
 from tf_export_pipeline.checkpoints.keras_files import local_copy
 from tf_export_pipeline.config import Config
 from tf_export_pipeline.errors import CheckpointError, ConfigError, ExportError, PipelineError
 from tf_export_pipeline.export import Exporter, sample_inputs
 from tf_export_pipeline.export.keras_exporter import KerasFileExporter
-from tf_export_pipeline.gate import GateError, compare, read_metric
+from tf_export_pipeline.export.samples import fit_samples, load_samples
+from tf_export_pipeline.gate import GateError, compare, metric_path, read_metric, require_finite
 from tf_export_pipeline.layout import ASSETS_EXTRA, EXPORTS_DIR, FILES_NAME, SAVED_MODEL_PB, STAGING_PREFIX, WORK_DIR
 from tf_export_pipeline.publish import UNKNOWN, Publisher
 from tf_export_pipeline.publish.staging import LeaseHeartbeat, StagingGone, drop_lease, file_list, staging_name
@@ -38,9 +46,10 @@ from tf_export_pipeline.quiet_tf import import_tensorflow_quietly
 from tf_export_pipeline.records import PUBLIC_KEYS, StageRecord, Status, nothing_to_do
 from tf_export_pipeline.redaction import redact
 from tf_export_pipeline.retention import prune
-from tf_export_pipeline.serving import ServingControl
+from tf_export_pipeline.serving import ServingControl, served_version
 from tf_export_pipeline.storage import ChecksumMismatch, Storage, open_storage
 from tf_export_pipeline.validate import check_signatures, require_ok, validate_saved_model
+from tf_export_pipeline.validate.contract import load_contract
 from tf_export_pipeline.validate.signatures import signatures_from_bytes
 from tf_export_pipeline.validate.warmup import write_warmup
 
@@ -212,37 +221,25 @@ def _gate(ctx: Context, ckpt: Checkpoint) -> dict | None:
 
     value = read_metric(gate.source, gate.metric, step=ckpt.step, name=ckpt.name,
                         storage_options=ctx.cfg.storage_options)
+    require_finite(value, gate.metric, ckpt.name, metric_path(gate.source, ckpt.step, ckpt.name))
     live = ctx.reference_version()
     live_value = None
     if live is not None:
         recorded = (ctx.publisher.manifest(live) or {}).get("gate") or {}
-        if recorded.get("metric") == gate.metric and recorded.get("value") is not None:
-            live_value = float(recorded["value"])
-    return {"metric": gate.metric, "mode": gate.mode, "live_version": live, **compare(gate.mode, value, live_value)}
+        number = recorded.get("value")
+        if recorded.get("metric") == gate.metric and isinstance(number, (int, float)) and not isinstance(number, bool):
+            live_value = float(number)
+    return {"metric": gate.metric, "mode": gate.mode, "live_version": live,
+            **compare(gate.mode, value, live_value, live)}
 
 
 def _sample_inputs(cfg: Config, exporter) -> dict:
     """The validation samples: ``validation.samples`` if given, else generated from the TensorSpecs."""
-    import numpy as np
-
-
     specs = exporter.serving.input_specs()
     if not cfg.validation.samples:
         return sample_inputs(specs)
     path = cfg.validation.samples
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            given = {k: data[k] for k in data.files}
-    except FileNotFoundError:
-        raise ConfigError(f"validation samples file not found: {path}") from None
-    except (ValueError, OSError) as err:
-        raise ConfigError(f"validation samples are not a plain .npz ({err}): {path}") from None
-    names = [s.name for s in specs]
-    missing, extra = sorted(set(names) - set(given)), sorted(set(given) - set(names))
-    if missing or extra:
-        raise ConfigError(f"validation samples do not match the inputs of serving_default {names} "
-                          f"(missing {missing}, extra {extra}): {path}")
-    return _plain_arrays({s.name: given[s.name].astype(s.dtype.as_numpy_dtype) for s in specs})
+    return _plain_arrays(fit_samples(load_samples(path), specs, path))
 
 
 def _plain_arrays(arrays: dict) -> dict:
@@ -275,7 +272,7 @@ def stage_export(cfg: Config, checkpoint: str | dict | None = None, force: bool 
         status = Status.PUBLISHED if done["state"] == Status.ROLLED_FORWARD else Status.SKIPPED
         return _record(status, ckpt, done["version"], done["path"], ledger_key=key)
 
-
+    _check_before_export(ctx)
     try:
         gate = _gate(ctx, ckpt)
     except GateError:
@@ -287,6 +284,8 @@ def stage_export(cfg: Config, checkpoint: str | dict | None = None, force: bool 
                        value=gate["value"], live_value=gate["live_value"], live_version=gate["live_version"])
 
     exporter = ctx.exporter(ckpt)
+    if cfg.validation.samples and not isinstance(exporter, KerasFileExporter):  # a .keras file's inputs come later
+        _sample_inputs(cfg, exporter)
     started = time.time()
     name = f"{STAGING_PREFIX}{int(started)}-{secrets.token_hex(4)}"
     staging = ctx.base.join(ctx.base.root, name)
@@ -306,6 +305,19 @@ def stage_export(cfg: Config, checkpoint: str | dict | None = None, force: bool 
                    gate=gate)
 
 
+def _check_before_export(ctx: Context) -> None:
+    """Read what validation and publishing will read, so that a mistake in it is a config error before any
+    staging exists, not after the export (leaving its staging to the next gc, one more with every retry)."""
+    cfg = ctx.cfg
+    if cfg.validation.contract:
+        load_contract(cfg.validation.contract)
+    if cfg.validation.samples:
+        load_samples(cfg.validation.samples)
+    control = ctx.serving()
+    if control is not None:
+        control.current()  # the model config file parses
+
+
 def _export_into(ctx: Context, cfg: Config, ckpt: Checkpoint, exporter, staging: str, work: str,
                  scratch: str) -> None:
     """Restore, write the SavedModel and its file list, the samples and the reference outputs."""
@@ -315,6 +327,9 @@ def _export_into(ctx: Context, cfg: Config, ckpt: Checkpoint, exporter, staging:
 
     local_prefix = _local_checkpoint(ctx.train, ckpt, scratch)
     exporter.restore(local_prefix)
+    faults.hold("restored")
+    # The weights are in memory now; they must be those of the checkpoint the ledger will name.
+    require_unchanged(ctx.train, ckpt)
     inputs = _sample_inputs(cfg, exporter)
     expected = exporter.reference_outputs(inputs)
     local_model = staging if ctx.base.is_local else os.path.join(scratch, "saved_model")
@@ -363,6 +378,9 @@ def _local_checkpoint(store: Storage, ckpt: Checkpoint, scratch: str) -> str:
     shards = [e for e in files if e.name != index.name]
     if not shards:
         raise CheckpointError(f"checkpoint data vanished while reading: {ckpt.prefix}")
+    if shards_changed(ckpt, files):
+        raise CheckpointError(f"checkpoint changed since it was discovered (its data shards differ): "
+                              f"{ckpt.prefix}")
     try:
         store.download_files(files, local_dir)
     except FileNotFoundError:
@@ -428,6 +446,10 @@ def stage_validate(cfg: Config, staged: dict, session=None) -> dict:
     finally:
         heartbeat.__exit__(*sys.exc_info())
         shutil.rmtree(scratch, ignore_errors=True)
+        # A retried task can mend only a transient error (it validates the same staging again); after any
+        # other, such as a contract that does not load, the staging is of no use to anyone.
+        if getattr(sys.exc_info()[1], "permanent", False):
+            _discard(ctx.base, staging, work)
     if not report.get("ok"):
         _discard(ctx.base, staging, work)
     require_ok(report, staged["staging"])
@@ -486,20 +508,31 @@ def stage_publish(cfg: Config, validated: dict, versioning: str | None = None, a
         raise
     try:
         ctx.base.rm(work, recursive=True)
-    except OSError:
-        pass  # published; gc removes the work files after the lease
+    except Exception:  # noqa: BLE001 - published; gc removes the work files after the lease
+        pass
     record = _record(result["status"], ckpt, result["version"], result["path"],
                      claim_attempts=result.get("claim_attempts", 0))
-    # Only the highest version gets a label: a backfilled (older) version must not take canary from the new one.
-    if result["status"] == Status.PUBLISHED and cfg.serving is not None \
-            and result["version"] == ctx.publisher.live_version():
+    if result["status"] == Status.PUBLISHED and (validated.get("gate") or {}).get("warning"):
+        record["gate_warning"] = validated["gate"]["warning"]  # e.g. the live metric was not finite
+    if result["status"] == Status.PUBLISHED and cfg.serving is not None:
         # The version is published whatever happens to its label: a failure here is reported, not raised.
         try:
-            change = ctx.serving().on_publish(result["version"])
-            record["labels"] = (change or {}).get("labels_after")
-        except (ExportError, OSError) as err:  # a model config file that does not parse is a ConfigError
-            record["serving_error"] = str(err)
+            # Only the highest version gets a label: a backfilled (older) version must not take canary
+            # from the new one.
+            if result["version"] == ctx.publisher.live_version():
+                change = ctx.serving().on_publish(result["version"])
+                record["labels"] = (change or {}).get("labels_after")
+        except Exception as err:  # noqa: BLE001 - past the commit point nothing fails the run
+            record["serving_error"] = _after_commit(err)
     return record
+
+
+def _after_commit(err: Exception) -> str:
+    """A failure after the commit point, as the warning that reports it: an expected error says
+    what it is; anything else also names its kind."""
+    if isinstance(err, (ExportError, OSError)):  # a model config file that does not parse is a ConfigError
+        return str(err)
+    return f"unexpected {type(err).__name__}: {err}"
 
 
 def _file_list_of(ctx: Context, staging: str, work: str) -> dict:
@@ -531,11 +564,15 @@ _GATED = ("metric", "value", "live_value", "live_version")
 _SERVING = ("labels", "serving_error")
 
 
+_WARNINGS = ("gate_warning",)
+
+
 def public(record: dict) -> dict:
     """The ``tf-export run --json`` record (a gated run also names the metric and both values;
-    a publish under a ``serving:`` section the labels it set, or why it set none)."""
+    a publish under a ``serving:`` section the labels it set, or why it set none; a publish whose
+    metric could not be compared with the live version's says why)."""
     keys = PUBLIC_KEYS + _GATED if record.get("status") == Status.GATED else PUBLIC_KEYS
-    return {k: record.get(k) for k in keys} | {k: record[k] for k in _SERVING if k in record}
+    return {k: record.get(k) for k in keys} | {k: record[k] for k in _SERVING + _WARNINGS if k in record}
 
 
 def publish_validated(cfg: Config, validated: dict, versioning: str | None = None,
@@ -597,7 +634,13 @@ def export_and_validate(cfg: Config, checkpoint: str | dict | None = None, force
     t1 = time.monotonic()
     if staged["status"] != Status.STAGED:
         return staged
-    validated = stage_validate(cfg, staged, session=session)
+    try:
+        validated = stage_validate(cfg, staged, session=session)
+    except BaseException:
+        # Nothing validates this staging again (the next run exports anew): it would only wait for gc.
+        base = open_storage(cfg.export_base, cfg.storage_options)
+        _discard(base, base.strip(staged["staging"]), base.strip(staged["work"]))
+        raise
     validated["timings"] = {"export": round(t1 - t0, 4), "validate": round(time.monotonic() - t1, 4)}
     return validated
 
@@ -633,13 +676,14 @@ def run_once(cfg: Config, checkpoint: str | None = None, versioning: str | None 
     if record["status"] == Status.PUBLISHED:
         try:
             record["pruned"] = stage_prune(cfg, keep_versions=(record["version"],))["removed_versions"]
-        except (ExportError, OSError) as err:  # ConfigError too: the serving file retention reads
-            record["prune_error"] = str(err)
+        except Exception as err:  # noqa: BLE001 - the publish stands, whatever retention meets
+            record["prune_error"] = _after_commit(err)
     return record
 
 
 def status(cfg: Config) -> dict:
-    """Published versions with their provenance, the one TF Serving serves (the highest), and the
+    """Published versions with their provenance, the one TF Serving serves (the highest, or with a
+    ``serving:`` section what the model config file says: see :func:`served_version`), and the
     versions retention removed (``removed``: version, checkpoint, step, removed_at)."""
     ctx = Context(cfg)
     versions = []
@@ -653,13 +697,14 @@ def status(cfg: Config) -> dict:
                          "path": ctx.base.url(ctx.publisher.version_path(v)),
                          "manifest": bool(manifest), "whole": v in whole})
     labels: dict[str, int] = {}
-    served = max(whole) if whole else None
+    served = served_version(whole)
     control = ctx.serving()
-    if control is not None and cfg.serving.policy == "labels":
-        entry = control.current()
+    if control is not None:
+        # The server does what the file says, whatever serving.policy says: a changed policy reaches
+        # the file at the next publish. Under a specific list the highest version listed is served.
+        entry = control.own_state()
         labels = entry.labels
-        # A request without a label gets the highest version the file lists, not the highest on disk.
-        served = max(entry.listed) if entry.listed else None
+        served = served_version(whole, entry)
     for item in versions:
         item["labels"] = sorted(k for k, v in labels.items() if v == item["version"])
     present = {v["version"] for v in versions}

@@ -285,7 +285,7 @@ model_config_list {
   }
   config {
     name: "demo"  # the pipeline's model, with a logging config of its own
-    base_path: "/somewhere/else"
+    base_path: "EXPORT_BASE"
     model_platform: "tensorflow"
     logging_config { sampling_config { sampling_rate: 0.5 } }
   }
@@ -307,7 +307,7 @@ def test_other_models_survive_every_command(tmp_path, published):
     ws = copy_of(published, tmp_path, serving=SERVING, retention={"keep": 1})
     target = model_config(ws)
     target.parent.mkdir()
-    target.write_text(HAND_WRITTEN)
+    target.write_text(HAND_WRITTEN.replace("EXPORT_BASE", str(ws.base)))  # an entry serves one export base
     original = _others(target.read_bytes())
     assert [e.name for e in original] == ["search", "embedder"]
     cap = Capture(tmp_path, target)

@@ -17,8 +17,17 @@ by_name, step_pattern)`` and a line in :data:`FORMATS`.
 
 from __future__ import annotations
 
+import os
+
 from tf_export_pipeline.checkpoints import keras_files, tf_checkpoints
-from tf_export_pipeline.checkpoints.checkpoint import Checkpoint, being_written, crc32c_b64, names_checkpoint, step_of
+from tf_export_pipeline.checkpoints.checkpoint import (
+    Checkpoint,
+    being_written,
+    crc32c_b64,
+    names_checkpoint,
+    stamp_of_shards,
+    step_of,
+)
 from tf_export_pipeline.errors import CheckpointError
 from tf_export_pipeline.storage import Entry, Storage
 
@@ -44,13 +53,52 @@ def discover_checkpoints(store: Storage, training_dir: str | None = None, fmt: s
     return FORMATS[fmt].discover(store, directory, by_name, step_pattern)
 
 
+def require_unchanged(store: Storage, ckpt: Checkpoint) -> None:
+    """Refuse ``ckpt`` when its local files are no longer those discovery saw.
+
+    Called once the weights are read: a training job that restarted from an
+    earlier step and saved the same name again would otherwise have its new
+    weights published under the old checkpoint's identity, and the ledger
+    would then say the new checkpoint is exported when it never was.
+    """
+    if not store.is_local:
+        return  # object stores: the download itself is checked against what discovery listed
+    if FORMATS.get(ckpt.kind, tf_checkpoints).changed_since_discovery(store, ckpt):
+        raise CheckpointError(f"checkpoint changed while it was exported (rewritten by the training job?): "
+                              f"{ckpt.prefix}")
+
+
+def shards_changed(ckpt: Checkpoint, entries: list[Entry]) -> bool:
+    """Whether the data shards of ``ckpt`` among ``entries`` (a new listing of its directory) differ
+    from those discovery listed. False for a record that carries no stamp of them."""
+    if ckpt.kind != "checkpoint" or ckpt.data_stamp is None:
+        return False
+    return stamp_of_shards(tf_checkpoints.shard_entries(entries, ckpt.name)) != ckpt.data_stamp
+
+
 def find_checkpoint(checkpoints: list[Checkpoint], wanted: str) -> Checkpoint | None:
-    """The checkpoint named by ``wanted``: its full prefix, its base name, or its step."""
+    """The checkpoint named by ``wanted``: its full prefix, its base name, its step, or a local path to
+    it relative to the working directory (``./train/ckpt-30``)."""
     by_name = [c for c in checkpoints if names_checkpoint(c.prefix, c.name, None, wanted)]
     if by_name:
         return by_name[0]
-    return next((c for c in checkpoints if names_checkpoint(c.prefix, c.name, c.step, wanted)), None)
+    by_step = next((c for c in checkpoints if names_checkpoint(c.prefix, c.name, c.step, wanted)), None)
+    return by_step if by_step is not None else _by_local_path(checkpoints, wanted)
+
+
+def _by_local_path(checkpoints: list[Checkpoint], wanted: str) -> Checkpoint | None:
+    """The local checkpoint ``wanted`` leads to from the working directory, when it leads to one:
+    what the path is, not how it is spelled (``./``, ``..``, a symlink)."""
+    path = wanted.strip().rstrip("/")
+    if not path or "://" in path:
+        return None
+    if path.endswith(".index"):
+        path = path[: -len(".index")]
+    if not (os.path.exists(path) or os.path.exists(path + ".index")):
+        return None
+    real = os.path.realpath(path)
+    return next((c for c in checkpoints if "://" not in c.prefix and os.path.realpath(c.prefix) == real), None)
 
 
 __all__ = ["Checkpoint", "FORMATS", "being_written", "crc32c_b64", "discover_checkpoints", "find_checkpoint",
-           "names_checkpoint", "step_of"]
+           "names_checkpoint", "require_unchanged", "shards_changed", "stamp_of_shards", "step_of"]

@@ -33,6 +33,7 @@ class Checkpoint:
     listed: bool = False        # named by the `checkpoint` state file
     kind: str = "checkpoint"    # "checkpoint" (tf.train.Checkpoint) or "keras" (a .keras file; index_* are the file's)
     writing: bool = False       # looks like a file still being written
+    data_stamp: str | None = None  # the data shards as discovery listed them (stamp_of_shards); not identity
 
     def identity(self) -> dict:
         """What makes this checkpoint this checkpoint: its index's size and crc32c.
@@ -69,6 +70,16 @@ def being_written(record: dict) -> bool:
     missing = record.get("missing") or []
     return (not record.get("complete") and not record.get("listed") and record.get("index_crc32c") is None
             and all(m.endswith(".index") for m in missing))
+
+
+def stamp_of_shards(shards: list) -> str | None:
+    """What the data shards (storage entries) were when listed: names, sizes and checksums, or write
+    times where the storage keeps no checksum. A rewrite of a shard changes it; listing the same
+    files again does not. None without shards."""
+    if not shards:
+        return None
+    lines = sorted(f"{e.name}|{e.size}|{e.crc32c or repr(e.mtime)}" for e in shards)
+    return crc32c_b64("\n".join(lines).encode())
 
 
 def crc32c_b64(data: bytes) -> str:

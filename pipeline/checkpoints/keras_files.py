@@ -115,6 +115,15 @@ def discover(store: Storage, directory: str, by_name: dict[str, Entry], step_pat
     return found
 
 
+def changed_since_discovery(store: Storage, ckpt: Checkpoint) -> bool:
+    """Whether the local file ``ckpt`` is no longer the one discovery saw (its size, its zip directory)."""
+    try:
+        size = os.path.getsize(ckpt.prefix)
+    except FileNotFoundError:
+        return True
+    return size != ckpt.index_size or _inspect(ckpt.prefix)[1] != ckpt.index_crc32c
+
+
 def local_copy(store: Storage, ckpt: Checkpoint, scratch: str) -> str:
     """A local path of the .keras file; downloaded (checked against the server's crc32c) from object stores."""
     if store.is_local:

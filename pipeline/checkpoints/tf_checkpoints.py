@@ -7,9 +7,10 @@ manager still keeps; older ones it no longer lists are found by their index.
 
 from __future__ import annotations
 
+import os
 import re
 
-from tf_export_pipeline.checkpoints.checkpoint import Checkpoint, crc32c_b64, step_of
+from tf_export_pipeline.checkpoints.checkpoint import Checkpoint, crc32c_b64, stamp_of_shards, step_of
 from tf_export_pipeline.storage import Entry, Storage
 
 STATE_FILE = "checkpoint"
@@ -66,13 +67,15 @@ def discover(store: Storage, directory: str, by_name: dict[str, Entry], step_pat
 
     prefixes: set[str] = set(listed)
     shards: dict[str, dict[int, int]] = {}
-    for name in by_name:
+    shard_entries: dict[str, list[Entry]] = {}
+    for name, entry in by_name.items():
         if name.endswith(".index"):
             prefixes.add(name[: -len(".index")])
         m = _SHARD.match(name)
         if m:
             prefixes.add(m.group("prefix"))
             shards.setdefault(m.group("prefix"), {})[int(m.group("k"))] = int(m.group("n"))
+            shard_entries.setdefault(m.group("prefix"), []).append(entry)
 
     found: list[Checkpoint] = []
     for name in prefixes:
@@ -107,9 +110,33 @@ def discover(store: Storage, directory: str, by_name: dict[str, Entry], step_pat
                 index_size=index.size if index is not None else 0,
                 index_crc32c=crc,
                 listed=name in listed,
+                data_stamp=stamp_of_shards(shard_entries.get(name, [])),
             )
         )
     found.sort(key=lambda c: (c.step if c.step is not None else -1, c.written_at or 0.0, c.name))
     return found
 
 
+def shard_entries(entries: list[Entry], name: str) -> list[Entry]:
+    """The data shards of the checkpoint ``name`` among a directory's entries."""
+    out = []
+    for e in entries:
+        m = _SHARD.match(e.name)
+        if m and not e.is_dir and m.group("prefix") == name:
+            out.append(e)
+    return out
+
+
+def changed_since_discovery(store: Storage, ckpt: Checkpoint) -> bool:
+    """Whether the files of ``ckpt`` on local disk are no longer those discovery saw: its index
+    (size and crc32c, its identity) or its data shards (see :func:`stamp_of_shards`)."""
+    try:
+        with open(ckpt.prefix + ".index", "rb") as fh:
+            index = fh.read()
+    except FileNotFoundError:
+        return True
+    if len(index) != ckpt.index_size or (ckpt.index_crc32c and crc32c_b64(index) != ckpt.index_crc32c):
+        return True
+    if ckpt.data_stamp is None:
+        return False  # a record from before shards were stamped: the index is all there is to compare
+    return stamp_of_shards(shard_entries(store.list_dir(os.path.dirname(ckpt.prefix)), ckpt.name)) != ckpt.data_stamp

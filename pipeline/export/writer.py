@@ -4,8 +4,10 @@ Between two checkpoints of the same model only the variable values change. The
 graph, the function library and so ``saved_model.pb`` (and ``assets/``) do not:
 they depend on the traced functions and on which variables exist, not on their
 values. So the first write is a full ``tf.saved_model.save``; it becomes the
-template. Every later write copies the template's ``saved_model.pb`` and
-``assets/``, writes the variables with the same object graph the full save used
+template, kept in memory (``saved_model.pb`` and ``assets/`` are small beside
+the variables, and a template on disk outlives a process that is killed or
+ends without closing it). Every later write writes the template's
+``saved_model.pb`` and ``assets/``, the variables with the same object graph the full save used
 (so every key is the same), checks that the keys and shapes match the
 template's, and computes ``fingerprint.pb`` anew from the files on disk.
 
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 
 from tf_export_pipeline.layout import SAVED_MODEL_PB
 
@@ -42,7 +43,8 @@ class SavedModelWriter:
     """Writes SavedModels of one ``root`` object; reuses the first one's graph."""
 
     def __init__(self) -> None:
-        self._template: str | None = None
+        # relative path -> bytes (None: a folder): saved_model.pb, assets/...
+        self._template: dict[str, bytes | None] | None = None
         self._layout: list[tuple[str, tuple]] | None = None
         self._root_id: int | None = None
         self.full_writes = 0
@@ -63,12 +65,8 @@ class SavedModelWriter:
 
         track_captured_variables(root, signatures)
         tf.saved_model.save(root, directory, signatures=signatures)
-        template = tempfile.mkdtemp(prefix="tf-export-template-")
-        shutil.copy2(os.path.join(directory, SAVED_MODEL_PB), template)
-        if os.path.isdir(os.path.join(directory, "assets")):
-            shutil.copytree(os.path.join(directory, "assets"), os.path.join(template, "assets"))
         self.close()
-        self._template = template
+        self._template = _read_files(directory, [SAVED_MODEL_PB, "assets"])
         self._layout = _variable_layout(os.path.join(directory, VARIABLES))
         self._root_id = id(root)
 
@@ -82,19 +80,39 @@ class SavedModelWriter:
         if _variable_layout(prefix) != self._layout:
             shutil.rmtree(directory)
             return False
-        shutil.copy2(os.path.join(self._template, SAVED_MODEL_PB), directory)
-        if os.path.isdir(os.path.join(self._template, "assets")):
-            shutil.copytree(os.path.join(self._template, "assets"), os.path.join(directory, "assets"))
+        for rel, data in self._template.items():
+            target = os.path.join(directory, rel)
+            if data is None:
+                os.makedirs(target, exist_ok=True)
+                continue
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(target, "wb") as fh:
+                fh.write(data)
         write_fingerprint(directory)
         return True
 
     def close(self) -> None:
-        if self._template:
-            shutil.rmtree(self._template, ignore_errors=True)
+        """Forget the template: the next write is a full one."""
         self._template = None
 
-    def __del__(self):
-        self.close()
+
+def _read_files(directory: str, names: list[str]) -> dict[str, bytes | None]:
+    """The bytes of each file in ``names`` below ``directory``, and of every file in a folder among them
+    (each folder maps to None, so that an empty one is written too)."""
+    out: dict[str, bytes | None] = {}
+    for name in names:
+        path = os.path.join(directory, name)
+        if os.path.isdir(path):
+            for dirpath, _dirs, files in os.walk(path):
+                out[os.path.relpath(dirpath, directory)] = None
+                for file in files:
+                    full = os.path.join(dirpath, file)
+                    with open(full, "rb") as fh:
+                        out[os.path.relpath(full, directory)] = fh.read()
+        elif os.path.isfile(path):
+            with open(path, "rb") as fh:
+                out[name] = fh.read()
+    return out
 
 
 def track_captured_variables(root, signatures: dict) -> None:

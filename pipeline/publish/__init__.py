@@ -54,7 +54,7 @@ from tf_export_pipeline.publish.staging import (
     staging_name,
     verify_staging,
 )
-from tf_export_pipeline.publish.versioning import first_candidate, training_order
+from tf_export_pipeline.publish.versioning import MAX_VERSION, first_candidate, training_order
 from tf_export_pipeline.storage import Storage
 
 # A claim with neither a ledger entry nor a version directory this long after
@@ -105,7 +105,9 @@ class Publisher:
         return [v for v in listed if self.is_whole(self.version_path(v))]
 
     def live_version(self) -> int | None:
-        versions = self.versions()
+        """The highest version TF Serving can serve: a name beyond int64 (left by an older release) it
+        never reads, so it neither serves it nor must a new version outrank it."""
+        versions = [v for v in self.versions() if v <= MAX_VERSION]
         return versions[-1] if versions else None
 
     def manifest(self, version: int) -> dict | None:
@@ -265,6 +267,28 @@ class Publisher:
             return self.store.isdir(final)
         return self.store.isfile(self.store.join(final, SAVED_MODEL_PB))
 
+    def check_files(self, version: int, manifest: dict | None = None) -> str | None:
+        """The first file of the manifest's file list that the version lacks or holds changed, as a
+        phrase; None when every one is there (or the manifest has no file list).
+
+        One listing: sizes always, crc32c where the store lists it (object
+        stores), so a local version's bytes are not read again.
+        """
+        manifest = self.manifest(version) if manifest is None else manifest
+        files = (manifest or {}).get("files")
+        if not isinstance(files, dict) or not files:
+            return None
+        present = {e.name: e for e in self.store.walk(self.version_path(version))}
+        for rel, want in sorted(files.items()):
+            have, want = present.get(rel), want if isinstance(want, dict) else {}
+            if have is None:
+                return f"{rel} is missing, of the {len(files)} files its manifest lists"
+            if want.get("size") is not None and have.size != want["size"]:
+                return f"{rel} has {have.size} bytes, its manifest says {want['size']}"
+            if have.crc32c and want.get("crc32c") and have.crc32c != want["crc32c"]:
+                return f"{rel} does not match its manifest's crc32c"
+        return None
+
     def taken(self) -> set[int]:
         """Numbers already claimed or published, from one listing of each."""
         claims = {int(e.name) for e in self.store.list_dir(self.path(EXPORTS_DIR, CLAIMS_DIR)) if e.name.isdigit()}
@@ -283,6 +307,8 @@ class Publisher:
         for i in range(attempts):
             while version in taken:
                 version += 1
+            if version > MAX_VERSION:
+                break  # TF Serving would never read it
             if not self.store.exists(self.version_path(version)) and \
                     self.store.create_only(self.claim_path(version), json.dumps(note).encode(),
                                            metadata=to_metadata(note)):

@@ -36,7 +36,9 @@ from __future__ import annotations
 from typing import Any
 
 import fsspec
+from fsspec.registry import known_implementations
 
+from tf_export_pipeline.errors import ConfigError
 from tf_export_pipeline.storage.base import Entry, Store, mtime_of
 from tf_export_pipeline.storage.errors import ChecksumMismatch, storage_error_reason
 from tf_export_pipeline.storage.fsspec_generic import ATOMIC_CREATE_PROTOCOLS, FsspecStore
@@ -55,8 +57,33 @@ def _store_class(url: str) -> type[Store]:
     return next((cls for cls in _BACKENDS if protocol in cls.protocols), FsspecStore)
 
 
+def _require_implementation(url: str) -> None:
+    """Refuse, as a config error, a URL whose scheme fsspec does not know or whose package is missing.
+
+    Installing a package mends it and no rerun does, so it is the config's
+    problem (exit 2), and the line says what to install.
+    """
+    protocol = fsspec.core.split_protocol(url)[0]
+    if protocol is None or protocol in LocalStore.protocols:
+        return
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ValueError:
+        raise ConfigError(f"unknown storage scheme '{protocol}://' (no fsspec filesystem is registered for "
+                          f"it): {url}") from None
+    except ImportError as err:
+        known = known_implementations.get(protocol) or {}
+        package = str(known.get("class") or "").split(".")[0]
+        if package and package != "fsspec":
+            raise ConfigError(f"storage '{protocol}://' needs the package {package}, which is not installed "
+                              f"(pip install {package}): {url}") from None
+        detail = " ".join(str(err).split())[:200] or "a package it needs is not installed"
+        raise ConfigError(f"storage '{protocol}://' cannot be used here ({detail}): {url}") from None
+
+
 def open_storage(url: str, storage_options: dict[str, Any] | None = None) -> Store:
     """The store for ``url``: local disk, GCS, or any other fsspec filesystem."""
+    _require_implementation(url)
     return _store_class(url)(url, storage_options)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import fsspec
 
-from tf_export_pipeline.errors import PipelineError
+from tf_export_pipeline.errors import ConfigError, PipelineError
 from tf_export_pipeline.storage import transfers
 from tf_export_pipeline.storage.errors import translate
 from tf_export_pipeline.storage.transfers import CONCURRENCY
@@ -70,7 +70,13 @@ class Store:
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
         try:
             fs, root = self._open_fs(url, dict(storage_options or {}))
-        except (ImportError, ValueError, TypeError) as err:
+        except ImportError as err:
+            # A package the filesystem needs is missing: installing it mends this, no rerun does.
+            detail = " ".join(str(err).split())[:200] or type(err).__name__
+            scheme = fsspec.core.split_protocol(url)[0] or "file"
+            raise ConfigError(f"storage '{scheme}://' needs a package that is not installed ({detail}): "
+                              f"{url}") from None
+        except (ValueError, TypeError) as err:
             detail = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
             raise PipelineError(f"cannot open storage ({detail}): {url}") from None
         self.fs = fs

@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from tf_export_pipeline.config import DuplicateKey, StrictLoader
 from tf_export_pipeline.errors import ConfigError
 from tf_export_pipeline.layout import PREDICT_METHOD, SERVING_KEY
 
@@ -46,26 +47,44 @@ def load_contract(path: str) -> dict:
         raise ConfigError(f"contract file not found: {path}")
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
+            data = yaml.load(fh, Loader=StrictLoader) or {}
+    except DuplicateKey as err:
+        raise ConfigError(f"invalid contract: {err}: {path}") from None
     except yaml.YAMLError:
         raise ConfigError(f"contract is not valid YAML: {path}") from None
-    unknown = set(data) - {"require_serving_default", "signatures"}
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"contract cannot be read ({type(err).__name__}): {path}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid contract: needs a mapping with a 'signatures' mapping, not a "
+                          f"{type(data).__name__}: {path}")
+    unknown = {str(k) for k in data} - {"require_serving_default", "signatures"}
     if unknown or not isinstance(data.get("signatures"), dict):
         what = f"unknown key '{sorted(unknown)[0]}'" if unknown else "needs a 'signatures' mapping"
         raise ConfigError(f"invalid contract: {what}: {path}")
     sigs = {}
     for key, sig in data["signatures"].items():
         sig = sig or {}
-        extra = set(sig) - {"method", "inputs", "outputs"}
+        if not isinstance(sig, dict):
+            raise ConfigError(f"invalid contract: signatures.{key} needs a mapping (method, inputs, outputs): {path}")
+        extra = {str(k) for k in sig} - {"method", "inputs", "outputs"}
         if extra:
             raise ConfigError(f"invalid contract: unknown key 'signatures.{key}.{sorted(extra)[0]}': {path}")
         entry = {"method": sig.get("method", PREDICT_METHOD)}
         for kind in ("inputs", "outputs"):
             tensors = {}
-            for name, spec in (sig.get(kind) or {}).items():
+            declared = sig.get(kind) or {}
+            if not isinstance(declared, dict):
+                raise ConfigError(f"invalid contract: signatures.{key}.{kind} needs a mapping of names to "
+                                  f"{{dtype, shape}}: {path}")
+            for name, spec in declared.items():
                 if not isinstance(spec, dict) or "dtype" not in spec:
                     raise ConfigError(f"invalid contract: signatures.{key}.{kind}.{name} needs a dtype: {path}")
-                tensors[name] = {"dtype": str(spec["dtype"]), "shape": _norm_shape(spec.get("shape"))}
+                shape = spec.get("shape")
+                if shape is not None and not (isinstance(shape, list) and all(
+                        d is None or (isinstance(d, int) and not isinstance(d, bool)) for d in shape)):
+                    raise ConfigError(f"invalid contract: signatures.{key}.{kind}.{name}.shape must be a list of "
+                                      f"sizes (-1 or null: any), got {shape!r}: {path}")
+                tensors[name] = {"dtype": str(spec["dtype"]), "shape": _norm_shape(shape)}
             entry[kind] = tensors
         sigs[key] = entry
     return {"require_serving_default": bool(data.get("require_serving_default", True)), "signatures": sigs}
