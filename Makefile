@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint venv bench clean airflow
+.PHONY: demo test test-fast lint venv bench clean airflow
 
 venv: $(STAMP)
 
@@ -20,8 +20,25 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# The suite runs in two parts: most tests on $(TEST_WORKERS) pytest-xdist workers (a module's tests stay on
+# one worker, so its servers start once), then the tests marked `alone` (random kills, fault timing, a
+# cluster of their own) one at a time on an otherwise idle machine. The slowest tests of each part are listed.
+TEST_WORKERS ?= 3
+PYTEST_ARGS ?=
+
 test: $(STAMP) lint
-	$(PY) -m pytest -q
+	@mkdir -p build
+	@rc=0; \
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not long and not alone" --durations=25 \
+		--junitxml=build/tests-parallel.xml $(PYTEST_ARGS) || rc=$$?; \
+	$(PY) -m pytest -q -m "alone and not long" --durations=10 \
+		--junitxml=build/tests-alone.xml $(PYTEST_ARGS) || { r=$$?; [ $$r -eq 5 ] || rc=$$r; }; \
+	$(PY) -m tests.summary build/tests-parallel.xml build/tests-alone.xml || rc=$$?; \
+	exit $$rc
+
+# The quick subset for the inner loop: neither the slow scenarios nor the `alone` ones.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not long and not alone and not slow" $(PYTEST_ARGS)
 
 airflow: $(STAMP)
 	VENV=$(VENV) deploy/airflow_local.sh

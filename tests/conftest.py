@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -49,14 +50,46 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300, cwd: str 
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
 
+def shared_dir(tmp_path_factory) -> Path:
+    """A folder every worker of this test session sees (pytest-xdist gives each worker a base
+    temp folder of its own, side by side under one parent)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@contextlib.contextmanager
+def made_once(folder: Path):
+    """Yields True to the one process that must make ``folder``, False to the others, which wait for it.
+
+    ``folder`` counts as made once its ``.done`` marker exists: a worker that
+    died half-way leaves no marker, and the next one makes it again.
+    """
+    import fcntl
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        done = folder / ".done"
+        if done.exists():
+            yield False
+            return
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        yield True
+        done.touch()
+
+
 @pytest.fixture(scope="session")
 def trained_dir(tmp_path_factory) -> Path:
-    """ckpt-10, ckpt-20, ckpt-30 of the demo model, trained once per session."""
-    from tf_export_pipeline.demo import train
+    """ckpt-10, ckpt-20, ckpt-30 of the demo model, trained once per session and shared by its
+    workers (tests copy it before changing anything)."""
+    folder = shared_dir(tmp_path_factory) / "trained"
+    with made_once(folder) as make:
+        if make:
+            from tf_export_pipeline.demo import train
 
-    d = tmp_path_factory.mktemp("trained") / "train"
-    train(str(d), steps=30, checkpoint_every=10)
-    return d
+            train(str(folder / "train"), steps=30, checkpoint_every=10)
+    return folder / "train"
 
 
 @dataclass
@@ -163,3 +196,41 @@ def one_line_error(res) -> str:
     assert len(lines) == 1, f"expected one line on stderr, got:\n{res.err}"
     assert lines[0].startswith("tf-export: error: ") and "Traceback" not in res.err
     return lines[0]
+
+
+# A worker shares the cores with the others: a test's time limit (a guard against hangs, not a
+# measure of speed) stretches by this factor under pytest-xdist.
+XDIST_TIMEOUT_FACTOR = 2.5
+
+
+def pytest_collection_modifyitems(config, items):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    for item in items:
+        marker = item.get_closest_marker("timeout")
+        limit = (marker.args[0] if marker and marker.args else marker.kwargs.get("timeout") if marker else None) \
+            or config.getini("timeout")
+        if limit:
+            kwargs = dict(marker.kwargs) if marker else {}
+            kwargs["timeout"] = float(limit) * XDIST_TIMEOUT_FACTOR
+            item.add_marker(pytest.mark.timeout(**kwargs), append=False)
+
+
+def wait_until_lease_ran_out(base: Path, staging: str, lease_seconds: float, limit: float = 120.0) -> None:
+    """Wait until the lease of local staging ``staging`` (its name) has run out: its last renewal (the
+    lease file's time, else the time in its name) is more than ``lease_seconds`` ago. Bounded by ``limit``."""
+    import time
+
+    lease = base / "_exports" / "leases" / staging
+    deadline = time.monotonic() + limit
+    while True:
+        stamps = [float(staging.split("-")[1])]
+        try:
+            stamps.append(lease.stat().st_mtime)
+        except FileNotFoundError:
+            pass
+        left = max(stamps) + lease_seconds - time.time()
+        if left < -0.05:
+            return
+        assert time.monotonic() < deadline, f"the lease of {staging} is still running after {limit} s"
+        time.sleep(min(max(left + 0.1, 0.02), 0.5))

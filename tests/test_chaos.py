@@ -47,6 +47,7 @@ def _assert_chaos_held(chaos: Chaos, watcher: ServingWatcher, problems: list[str
     assert not problems, f"seed {chaos.seed}:\n" + chaos.table(watcher, problems)
 
 
+@pytest.mark.alone
 def test_chaos_short(tmp_path, trained_dir):
     """About 8 kills: under four minutes on two cores."""
     chaos, watcher, problems = _chaos(tmp_path, trained_dir, kills=8)

@@ -10,7 +10,13 @@ import time
 import psutil
 import pytest
 
-from tests.conftest import PartialVersionWatcher, assert_no_partial_versions, cli_cmd, cli_env
+from tests.conftest import (
+    PartialVersionWatcher,
+    assert_no_partial_versions,
+    cli_cmd,
+    cli_env,
+    wait_until_lease_ran_out,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -112,10 +118,10 @@ def test_gc_clears_staging_of_killed_runs_after_the_lease(tmp_path, trained_dir)
     proc = _start(ws, {"TF_EXPORT_TEST_HOLD": "exported"})
     _wait_hold(proc, "exported")
     _kill(proc)
-    assert any(e.startswith("temp-") for e in ws.entries())
+    [staging] = [e for e in ws.entries() if e.startswith("temp-")]
     kept = ws.cli("gc", "--json")
     assert kept.rc == 0 and kept.json["removed_staging"] == [], "gc must not take staging within its lease"
-    time.sleep(6.1)
+    wait_until_lease_ran_out(ws.base, staging, 6)
     res = ws.cli("gc", "--json")
     assert res.rc == 0, res.err
     assert len(res.json["removed_staging"]) == 1

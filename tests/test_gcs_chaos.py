@@ -260,6 +260,7 @@ def is_publish_write(method: str, path: str) -> bool:
     return "/rewriteTo/" in path or method == "DELETE" or (method == "POST" and "ifGenerationMatch=0" in path)
 
 
+@pytest.mark.alone
 def test_kills_at_random_instants_converge_to_each_checkpoint_once(tmp_path, trained_dir, gcs_server, gcs_bucket):
     """SIGKILLs at random instants: half anywhere from the first write to the end of a run, half
     around the instant the uninterrupted run claimed its version. The processes reach the bucket
@@ -362,6 +363,7 @@ def test_kills_at_random_instants_converge_to_each_checkpoint_once(tmp_path, tra
     assert not unfinished, f"backfill and run left committed versions {unfinished} unfinished: {figures}"
 
 
+@pytest.mark.alone
 def test_backfill_killed_mid_promotion_is_finished_by_the_next_backfill(tmp_path, trained_dir, gcs_bucket):
     """A backfill killed after the commit of ckpt-10 (in the middle of moving its objects):
     running the same backfill again must finish that version, as the ledger entry promises."""
@@ -470,6 +472,7 @@ def classify(fn) -> tuple[str, str | None]:
         return "other", "".join(traceback.format_exception(err))[-3000:]
 
 
+@pytest.mark.alone
 def test_publishes_under_every_kind_of_fault_fail_cleanly_and_converge(
         gcs_server, gcs_bucket, fast_gcs_retries, tmp_path):
     import aiohttp
@@ -573,6 +576,7 @@ def test_publishes_under_every_kind_of_fault_fail_cleanly_and_converge(
         assert step <= entry["version"] < step + 10, (key, entry)
 
 
+@pytest.mark.alone
 def test_cli_runs_through_faults_fail_in_one_line_and_converge(tmp_path, trained_dir, gcs_server, gcs_bucket):
     """The real ``tf-export`` through the fault proxy: discovery, checkpoint download, staging upload,
     validation download and publish all see the faults; gcsfs's own back-off applies."""

@@ -22,6 +22,7 @@ from tests.conftest import (
     cli_env,
     make_workspace,
     one_line_error,
+    wait_until_lease_ran_out,
 )
 from tests.test_crash_safety import _kill, _start, _wait_hold
 
@@ -82,7 +83,7 @@ def test_gc_leaves_leased_staging_alone_and_a_publish_past_its_lease_refuses(tmp
     first = ws.cli("gc", "--json")  # the lease was renewed when validation ended
     assert first.rc == 0 and first.json["removed_staging"] == [], first.out
     assert staging.is_dir()
-    time.sleep(10.5)  # the publish pauses past its lease (a paused DAG, a retry a day later)
+    wait_until_lease_ran_out(ws.base, staging.name, 10)  # the publish pauses past its lease (a paused DAG)
     second = ws.cli("gc", "--json")
     assert second.rc == 0 and second.json["removed_staging"] == [staging.name]
     release.touch()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, made_once, shared_dir
 
 DAG_FILE = REPO / "dags" / "tf_export_dags.py"
 AIRFLOW = str(Path(sys.executable).parent / "airflow")
@@ -47,18 +47,30 @@ def airflow_env(home: Path) -> dict[str, str]:
     }
 
 
+def migrated_database(tmp_path_factory) -> Path:
+    """An SQLite metadata database after ``airflow db migrate``, made once per test session; each
+    worker's home starts from a copy of it."""
+    folder = shared_dir(tmp_path_factory) / "airflow-migrated"
+    with made_once(folder) as make:
+        if make:
+            env = {**os.environ, **airflow_env(folder)}
+            env.pop("TF_EXPORT_CONFIG_DIR", None)
+            t0 = time.monotonic()
+            proc = subprocess.run([AIRFLOW, "db", "migrate"], env=env, capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+            print(f"airflow db migrate: {time.monotonic() - t0:.1f} s", file=sys.stderr)
+    return folder / "airflow.db"
+
+
 @pytest.fixture(scope="package", autouse=True)
-def airflow_home():
+def airflow_home(tmp_path_factory):
+    database = migrated_database(tmp_path_factory)
     home = Path(tempfile.mkdtemp(prefix="tf-export-airflow-"))
+    shutil.copy2(database, home / "airflow.db")
     patch = pytest.MonkeyPatch()
     for key, value in airflow_env(home).items():
         patch.setenv(key, value)
     patch.delenv("TF_EXPORT_CONFIG_DIR", raising=False)
-    t0 = time.monotonic()
-    proc = subprocess.run([AIRFLOW, "db", "migrate"], env=dict(os.environ), capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    print(f"airflow db migrate: {time.monotonic() - t0:.1f} s", file=sys.stderr)
     try:
         yield home
     finally:
