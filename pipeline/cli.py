@@ -41,8 +41,9 @@ process, claims a version number with a create-only write and renames staging
 into <export_base>/<version>/ in one step. An integer-named directory appears
 only when it is complete; each checkpoint is published once per model config.
 
-Exit status: 0 success (published, skipped or nothing new), 1 a pipeline failure
-(nothing was published), 2 a usage or config error."""
+Exit status: 0 success (published, skipped, gated or nothing new; once published,
+later problems are warnings), 1 a pipeline failure (nothing was published), 2 a
+usage or config error (no retry mends it), 130 interrupted."""
 
 EPILOG = "Run 'tf-export COMMAND --help' for the options of a command."
 
