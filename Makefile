@@ -11,7 +11,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[airflow,test]"
+	$(PY) -m pip install --quiet -e ".[airflow,test,s3,azure]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -21,6 +21,10 @@ _STARTUP_CHATTER = re.compile(
     r"cpu_feature_guard\.cc|port\.cc:\d+\] oneDNN")
 
 
+# The process whose first TensorFlow op ran under the filter: a forked child runs its own first op.
+_QUIETED_PID: int | None = None
+
+
 def import_tensorflow_quietly():
     """Import TensorFlow with its start-up chatter (oneDNN, CUDA probes on a CPU machine) kept off stderr.
 
@@ -28,9 +32,13 @@ def import_tensorflow_quietly():
     so stderr's file descriptor is pointed at a temporary file for the import
     and the first op, then restored; what it caught that is not start-up
     chatter is written back to stderr, so real warnings still show.
+    The CUDA probe runs at the first op, not at the import, so a process that
+    found TensorFlow already imported (by a model factory, or by the parent it
+    was forked from) still runs its first op under the filter.
     ``TF_EXPORT_VERBOSE=1`` keeps everything.
     """
-    if os.environ.get("TF_EXPORT_VERBOSE") or "tensorflow" in sys.modules:
+    global _QUIETED_PID
+    if os.environ.get("TF_EXPORT_VERBOSE") or _QUIETED_PID == os.getpid():
         import tensorflow as tf
 
         return tf
@@ -58,21 +66,5 @@ def import_tensorflow_quietly():
     import logging
 
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
-    return tf
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        import tensorflow as tf
-
-        tf.constant(0) + 0
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-    import logging
-
-    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    _QUIETED_PID = os.getpid()
     return tf

@@ -48,7 +48,7 @@ from tf_export_pipeline.redaction import redact
 from tf_export_pipeline.retention import prune
 from tf_export_pipeline.serving import ServingControl, served_version
 from tf_export_pipeline.storage import ChecksumMismatch, Storage, open_storage
-from tf_export_pipeline.validate import check_signatures, require_ok, validate_saved_model
+from tf_export_pipeline.validate import ValidationSession, check_signatures, require_ok, validate_saved_model
 from tf_export_pipeline.validate.contract import load_contract
 from tf_export_pipeline.validate.signatures import signatures_from_bytes
 from tf_export_pipeline.validate.warmup import write_warmup
@@ -249,13 +249,17 @@ def _plain_arrays(arrays: dict) -> dict:
     return {k: (np.asarray(v).astype(bytes) if np.asarray(v).dtype == object else v) for k, v in arrays.items()}
 
 
-def stage_export(cfg: Config, checkpoint: str | dict | None = None, force: bool = False) -> dict:
+def stage_export(cfg: Config, checkpoint: str | dict | None = None, force: bool = False,
+                 session=None) -> dict:
     """Restore a checkpoint and write its SavedModel into a staging directory of the export base.
 
     ``checkpoint`` names one (prefix, name or step), or is a record from
     discovery; None takes the newest complete checkpoint with no version yet.
     With a metric gate, a checkpoint worse than the live version is reported
-    ``gated`` and not exported, unless ``force``.
+    ``gated`` and not exported, unless ``force``. A ``session`` (a
+    :class:`tf_export_pipeline.validate.ValidationSession` that will validate
+    this export) is started once there is something to export, so its process
+    starts while the export runs.
     """
     ctx = Context(cfg)
     ckpt = _from_discovery(checkpoint)
@@ -283,6 +287,8 @@ def stage_export(cfg: Config, checkpoint: str | dict | None = None, force: bool 
         return _record(Status.GATED, ckpt, ledger_key=key, gate=gate, metric=gate["metric"],
                        value=gate["value"], live_value=gate["live_value"], live_version=gate["live_version"])
 
+    if session is not None:
+        session.start()
     exporter = ctx.exporter(ckpt)
     if cfg.validation.samples and not isinstance(exporter, KerasFileExporter):  # a .keras file's inputs come later
         _sample_inputs(cfg, exporter)
@@ -630,7 +636,7 @@ def export_and_validate(cfg: Config, checkpoint: str | dict | None = None, force
                         session=None) -> dict:
     """Export and validate one checkpoint; the record carries ``timings`` in seconds."""
     t0 = time.monotonic()
-    staged = stage_export(cfg, checkpoint, force=force)
+    staged = stage_export(cfg, checkpoint, force=force, session=session)
     t1 = time.monotonic()
     if staged["status"] != Status.STAGED:
         return staged
@@ -647,6 +653,11 @@ def export_and_validate(cfg: Config, checkpoint: str | dict | None = None, force
 
 def export_one(cfg: Config, checkpoint: str | dict | None = None, versioning: str | None = None,
                allow_outrank: bool = False, force: bool = False, session=None) -> dict:
+    """Export, validate and publish one checkpoint. Without a ``session``, one validation process is
+    started as the export begins, so that Python and TensorFlow start up in it while the export runs."""
+    if session is None:
+        with ValidationSession() as own:
+            return export_one(cfg, checkpoint, versioning, allow_outrank, force, session=own)
     validated = export_and_validate(cfg, checkpoint, force=force, session=session)
     if validated["status"] != Status.VALIDATED:
         return validated

@@ -44,10 +44,32 @@ def cli_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "tf_export_pipeline", *args]
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 300, cwd: str | None = None) -> CliResult:
-    proc = subprocess.run(cli_cmd(*args), env=cli_env(env), capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd)
-    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+_FORK_SERVER = None
+
+
+def _fork_server():
+    """This test process's CLI fork server (tests/support/cli_forkserver.py), started at first use."""
+    global _FORK_SERVER
+    if _FORK_SERVER is None or not _FORK_SERVER.alive():
+        import atexit
+
+        from tests.support.cli_forkserver import CliForkServer
+
+        _FORK_SERVER = CliForkServer.start(cli_env())
+        atexit.register(_FORK_SERVER.close)
+    return _FORK_SERVER
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 300, cwd: str | None = None,
+            fresh: bool = False) -> CliResult:
+    """``tf-export ARGS`` in a process of its own: forked from a process that imported TensorFlow once,
+    or, with ``fresh`` (or TF_EXPORT_TEST_FRESH_CLI=1), started as ``python -m tf_export_pipeline``."""
+    if fresh or os.environ.get("TF_EXPORT_TEST_FRESH_CLI"):
+        proc = subprocess.run(cli_cmd(*args), env=cli_env(env), capture_output=True, text=True,
+                              timeout=timeout, cwd=cwd)
+        return CliResult(proc.returncode, proc.stdout, proc.stderr)
+    rc, out, err = _fork_server().run(list(args), cli_env(env), cwd, timeout)
+    return CliResult(rc, out, err)
 
 
 def shared_dir(tmp_path_factory) -> Path:

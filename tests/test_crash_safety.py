@@ -97,6 +97,9 @@ def test_killed_while_the_validation_process_runs(workspace):
         proc = _start(workspace)
 
         def validating():
+            # The validation process starts with the export; it validates once the export wrote its file list.
+            if not list((workspace.base / "_exports" / "work").glob("temp-*/files.json")):
+                return False
             try:
                 kids = psutil.Process(proc.pid).children(recursive=True)
                 return any("tf_export_pipeline.validate.worker" in " ".join(k.cmdline()) for k in kids)

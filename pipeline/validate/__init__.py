@@ -59,24 +59,36 @@ class ValidationSession:
             self._ready = False
         return self
 
-    def _ensure_ready(self) -> None:
+    def _ensure_ready(self, timeout: float) -> bool:
+        """Wait (up to ``timeout``) for the process to have imported TensorFlow; False if it died or hung."""
+        import threading
+
         if self._proc is None or self._proc.poll() is not None or self._loads >= self.max_loads:
             self.close()
             self.start()
         if not self._ready:
-            if not self._proc.stdout.readline().strip():
+            timer = threading.Timer(timeout, self._proc.kill)
+            timer.start()
+            try:
+                self._ready = bool(self._proc.stdout.readline().strip())
+            finally:
+                timer.cancel()
+            if not self._ready:
                 self.close()
-                raise RuntimeError("validation process did not start")
-            self._ready = True
+        return self._ready
 
     def validate(self, path: str, *, samples=None, expected=None, rtol=1e-5, atol=1e-6, timeout=300) -> dict:
         import threading
 
-        self._ensure_ready()
         started = time.monotonic()
+        # The time limit covers the wait for the process to start, as it covers a fresh process's start-up.
+        if not self._ensure_ready(timeout):
+            if time.monotonic() - started >= timeout:
+                return _failed(path, f"validation did not finish within {timeout:.0f} s")
+            return _failed(path, "validation process died while starting (the TensorFlow import failed)")
         request = {"saved_model": path, "samples": samples, "expected": expected, "rtol": rtol, "atol": atol}
         proc = self._proc
-        timer = threading.Timer(timeout, proc.kill)
+        timer = threading.Timer(max(timeout - (time.monotonic() - started), 0.1), proc.kill)
         timer.start()
         try:
             proc.stdin.write(json.dumps(request) + "\n")
@@ -99,10 +111,13 @@ class ValidationSession:
     def close(self) -> None:
         if self._proc is not None:
             try:
+                if not self._ready:
+                    self._proc.kill()  # still starting: it has validated nothing, and waiting would cost seconds
                 self._proc.stdin.close()
                 self._proc.wait(timeout=10)
             except (OSError, subprocess.TimeoutExpired):
                 self._proc.kill()
+                self._proc.wait()
             self._proc = None
 
     def __enter__(self):

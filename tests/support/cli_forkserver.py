@@ -1,0 +1,219 @@
+"""CLI runs forked from one process that imported TensorFlow once, instead of starting Python anew.
+
+Example::
+
+    server = CliForkServer.start()
+    rc, out, err = server.run(["status", "--config", "m.yaml"], env=dict(os.environ), cwd="/tmp", timeout=60)
+    server.close()
+
+Importing TensorFlow and Keras takes about five seconds of CPU, and the suite
+runs the CLI a few hundred times. This server imports them once (no op run, so
+no TensorFlow thread exists yet) and forks a child per command. The child is a
+process of its own: it gets the request's argv, environment, working directory
+and fresh stdout/stderr files, calls :func:`tf_export_pipeline.cli.main` as
+``python -m tf_export_pipeline`` does, and its exit status is the command's.
+The pipeline's own modules are imported by each child, after its environment
+is set. Its first TensorFlow op (where TensorFlow probes for a GPU and logs) runs
+in the child, under the CLI's own stderr filter.
+
+What a forked child cannot show is how a fresh process starts (the import's
+log lines, the console script): the tests of those start Python anew
+(``run_cli(..., fresh=True)``), and so does every test that kills, races or
+confines a CLI process (they start it with ``subprocess.Popen``).
+``TF_EXPORT_TEST_FRESH_CLI=1`` makes every run start Python anew.
+
+The server is single-threaded (forking a threaded process can copy a held
+lock): one ``select`` loop accepts requests and reaps children.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+
+# What the children share: TensorFlow, Keras and what they pull in (nothing of this project).
+PRELOAD = ("numpy", "tensorflow", "keras")
+
+
+class CliForkServer:
+    """The test side: starts the server process and sends it one command per connection."""
+
+    def __init__(self, proc: subprocess.Popen, path: str, folder: str):
+        self.proc, self.path, self.folder = proc, path, folder
+
+    @classmethod
+    def start(cls, env: dict | None = None) -> CliForkServer:
+        folder = tempfile.mkdtemp(prefix="tf-export-forkserver-")
+        path = os.path.join(folder, "socket")
+        proc = subprocess.Popen([sys.executable, "-m", "tests.support.cli_forkserver", path], env=env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                text=True)
+        line = proc.stdout.readline()
+        if line.strip() != "ready":
+            proc.kill()
+            raise RuntimeError(f"CLI fork server did not start (exit {proc.wait()})")
+        return cls(proc, path, folder)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def run(self, argv: list[str], env: dict, cwd: str | None, timeout: float) -> tuple[int, str, str]:
+        """Run ``tf-export ARGV`` in a forked child; (exit status, stdout, stderr). Raises
+        ``subprocess.TimeoutExpired`` (after killing the child) when it runs longer than ``timeout``."""
+        request = json.dumps({"argv": argv, "env": env, "cwd": cwd or os.getcwd()}).encode()
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+                socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.connect(self.path)
+            socket.send_fds(conn, [request + b"\n"], [out.fileno(), err.fileno()])
+            conn.shutdown(socket.SHUT_WR)
+            reader = conn.makefile("r")
+            pid = int(json.loads(reader.readline())["pid"])
+            conn.settimeout(timeout)
+            try:
+                line = reader.readline()
+            except TimeoutError:
+                os.kill(pid, signal.SIGKILL)
+                raise subprocess.TimeoutExpired(["tf-export", *argv], timeout) from None
+            if not line:
+                raise RuntimeError("CLI fork server went away during a command")
+            rc = int(json.loads(line)["rc"])
+            out.seek(0)
+            err.seek(0)
+            return rc, out.read().decode("utf-8", "replace"), err.read().decode("utf-8", "replace")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        try:
+            os.unlink(self.path)
+            os.rmdir(self.folder)
+        except OSError:
+            pass
+
+
+# -- the server process ---------------------------------------------------------------
+def _preload() -> None:
+    # Imported with stderr pointed away: the import's start-up lines belong to no command.
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        for name in PRELOAD:
+            __import__(name)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _child(request: dict, fds: list[int]) -> None:
+    """In the forked child: become the command, run it, exit with its status. Never returns."""
+    rc = 1
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(fds[0], 1)
+        os.dup2(fds[1], 2)
+        for fd in (devnull, *fds):
+            os.close(fd)
+        os.environ.clear()
+        os.environ.update(request["env"])
+        os.chdir(request["cwd"])
+        sys.argv = ["tf-export", *request["argv"]]
+        from tf_export_pipeline.cli import main
+
+        try:
+            rc = main(request["argv"])
+        except SystemExit as exit_:
+            code = exit_.code
+            rc = code if isinstance(code, int) else (0 if code is None else 1)
+            if not isinstance(code, int) and code is not None:
+                print(code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001 - what Python would print for an uncaught exception
+        import traceback
+
+        traceback.print_exc()
+        rc = 1
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001
+                pass
+        os._exit(rc if isinstance(rc, int) else 1)
+
+
+def serve(path: str) -> None:
+    _preload()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(64)
+    running: dict[int, socket.socket] = {}  # child pid -> the connection waiting for its status
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    print("ready", flush=True)
+    while not stop:
+        try:
+            readable, _, _ = select.select([listener], [], [], 0.02)
+        except InterruptedError:
+            continue
+        if readable:
+            conn, _ = listener.accept()
+            msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, 2)
+            while not msg.endswith(b"\n"):
+                more = conn.recv(1 << 20)
+                if not more:
+                    break
+                msg += more
+            sys.stdout.flush()
+            pid = os.fork()
+            if pid == 0:
+                listener.close()
+                conn.close()
+                for other in running.values():
+                    other.close()
+                _child(json.loads(msg), list(fds))
+            for fd in fds:
+                os.close(fd)
+            conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+            running[pid] = conn
+        while running:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            conn = running.pop(pid, None)
+            if conn is not None:
+                rc = os.waitstatus_to_exitcode(status)
+                try:
+                    conn.sendall(json.dumps({"rc": rc}).encode() + b"\n")
+                except OSError:
+                    pass  # the test gave up on it (timeout)
+                conn.close()
+    for pid in running:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    listener.close()
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1])
+    sys.exit(0)
