@@ -18,6 +18,8 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 REPO = Path(__file__).resolve().parent.parent
 pytest_plugins = ["tests.support.gcs_fixtures"] if (REPO / "tests" / "support" / "gcs_fixtures.py").exists() else []
+pytest_plugins += ["tests.support.s3_fixtures"]
+pytest_plugins += ["tests.support.azure_fixtures"]
 
 
 @dataclass
@@ -112,6 +114,16 @@ def trained_dir(tmp_path_factory) -> Path:
 
             train(str(folder / "train"), steps=30, checkpoint_every=10)
     return folder / "train"
+
+
+def cli_popen(*args: str, env: dict | None = None, cwd: str | None = None, start_new_session: bool = False,
+              fresh: bool = False):
+    """``tf-export ARGS`` started and not waited for: ``subprocess.Popen`` with ``stdout`` and ``stderr`` piped
+    as text, forked like :func:`run_cli` (or started anew with ``fresh`` or TF_EXPORT_TEST_FRESH_CLI=1)."""
+    if fresh or os.environ.get("TF_EXPORT_TEST_FRESH_CLI"):
+        return subprocess.Popen(cli_cmd(*args), env=cli_env(env), cwd=cwd, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=start_new_session)
+    return _fork_server().popen(list(args), cli_env(env), cwd, start_new_session=start_new_session)
 
 
 @dataclass
@@ -225,7 +237,15 @@ def one_line_error(res) -> str:
 XDIST_TIMEOUT_FACTOR = 2.5
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
+    # Under `--dist loadgroup` a group runs on one worker, start to end: a module's tests share its
+    # servers, and the Airflow tests share one home (Airflow reads its settings once per process).
+    for item in items:
+        if not item.get_closest_marker("xdist_group"):
+            path = Path(str(item.path)).relative_to(REPO)
+            group = "airflow" if path.parts[:2] == ("tests", "airflow") else str(path)
+            item.add_marker(pytest.mark.xdist_group(group))
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return
     for item in items:

@@ -16,7 +16,7 @@ import time
 import pytest
 import yaml
 
-from tests.conftest import cli_cmd, cli_env, make_workspace, one_line_error, run_cli
+from tests.conftest import cli_cmd, cli_env, cli_popen, make_workspace, one_line_error, run_cli
 
 HUGE_STEP = "99999999999999999999"  # above 2**63 - 1, the largest version TF Serving reads
 
@@ -126,9 +126,8 @@ def test_step_beyond_int64_is_refused_before_the_claim(workspace):
 # -- a checkpoint rewritten while it is exported ------------------------------------------
 def test_checkpoint_rewritten_while_exported_is_refused(workspace, tmp_path):
     release = tmp_path / "release"
-    proc = subprocess.Popen(cli_cmd("run", "--config", str(workspace.config), "--json"),
-                            env=cli_env({"TF_EXPORT_TEST_HOLD": f"restored@{release}"}),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = cli_popen("run", "--config", str(workspace.config), "--json",
+                     env={"TF_EXPORT_TEST_HOLD": f"restored@{release}"}, start_new_session=True)
     try:
         seen = []
         line = proc.stderr.readline()

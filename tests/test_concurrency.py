@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 
-from tests.conftest import PartialVersionWatcher, assert_no_partial_versions, cli_cmd, cli_env
+from tests.conftest import PartialVersionWatcher, assert_no_partial_versions, cli_popen
 
 pytestmark = pytest.mark.slow
 
 
 def _spawn(workspace, *args, env=None):
-    return subprocess.Popen(cli_cmd("run", "--config", str(workspace.config), "--json", *args), env=cli_env(env),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return cli_popen("run", "--config", str(workspace.config), "--json", *args, env=env)
 
 
 def test_four_processes_same_checkpoint_exactly_one_version(workspace):

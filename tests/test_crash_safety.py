@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 
 import psutil
@@ -13,8 +12,7 @@ import pytest
 from tests.conftest import (
     PartialVersionWatcher,
     assert_no_partial_versions,
-    cli_cmd,
-    cli_env,
+    cli_popen,
     wait_until_lease_ran_out,
 )
 
@@ -22,8 +20,7 @@ pytestmark = pytest.mark.slow
 
 
 def _start(workspace, env=None):
-    return subprocess.Popen(cli_cmd("run", "--config", str(workspace.config), "--json"), env=cli_env(env),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return cli_popen("run", "--config", str(workspace.config), "--json", env=env, start_new_session=True)
 
 
 def _wait_for(predicate, timeout=120.0, what=""):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import threading
 import time
 import uuid
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import CliResult, cli_cmd, cli_env, run_cli
+from tests.conftest import CliResult, cli_env, cli_popen, run_cli
 from tests.support.gcs_fixtures import (  # noqa: F401  (fixtures)
     GcsBucket,
     fast_gcs_retries,
@@ -359,9 +358,8 @@ def test_concurrent_exporters_one_version_per_checkpoint(gcs_ws, tmp_path):
     jobs = ["ckpt-30", "ckpt-30", "ckpt-20"]
     # Released together under versioning timestamp, ckpt-20 may claim the number above ckpt-30's, which
     # the serving-order check refuses; --allow-outrank keeps this test about claims and the ledger.
-    procs = [subprocess.Popen(cli_cmd("run", "--checkpoint", name, "--allow-outrank", "--json",
-                                      "--config", str(gcs_ws.config)),
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [cli_popen("run", "--checkpoint", name, "--allow-outrank", "--json", "--config", str(gcs_ws.config),
+                       env=env)
              for name in jobs]
     errs: list[list[str]] = [[] for _ in procs]
 
@@ -405,9 +403,7 @@ def test_concurrent_exporters_one_version_per_checkpoint(gcs_ws, tmp_path):
 def test_killed_mid_promotion_leaves_no_loadable_partial_and_next_run_finishes(gcs_ws):
     import signal
 
-    proc = subprocess.Popen(cli_cmd("run", "--json", "--config", str(gcs_ws.config)),
-                            env=cli_env({"TF_EXPORT_TEST_HOLD": "promoting"}),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = cli_popen("run", "--json", "--config", str(gcs_ws.config), env={"TF_EXPORT_TEST_HOLD": "promoting"})
     try:
         for line in proc.stderr:
             if "holding at promoting" in line:

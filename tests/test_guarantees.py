@@ -20,6 +20,7 @@ from tests.conftest import (
     assert_no_partial_versions,
     cli_cmd,
     cli_env,
+    cli_popen,
     make_workspace,
     one_line_error,
     wait_until_lease_ran_out,
@@ -117,8 +118,7 @@ def test_several_finishers_of_one_commit_at_once_make_one_whole_version(workspac
     _kill(proc)
     [entry] = _ledger(workspace).values()
     with PartialVersionWatcher(workspace.base) as watcher:
-        procs = [subprocess.Popen(cli_cmd("run", "--config", str(workspace.config), "--json"), env=cli_env(),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+        procs = [cli_popen("run", "--config", str(workspace.config), "--json") for _ in range(3)]
         results = [_finish(p) for p in procs]
     for rc, out, err in results:
         assert rc == 0, err
@@ -270,9 +270,8 @@ def test_create_only_leaves_nothing_torn_when_the_write_fails(tmp_path, monkeypa
 # a commit whose process died is finished even when no run meets its checkpoint again ---------------
 def test_a_backfill_killed_after_a_commit_is_finished_by_the_next_backfill_and_by_gc(tmp_path, trained_dir):
     ws = make_workspace(tmp_path, trained_dir, versioning="checkpoint_time")
-    proc = subprocess.Popen(cli_cmd("backfill", "--config", str(ws.config), "--json"),
-                            env=cli_env({"TF_EXPORT_TEST_HOLD": "ledgered"}), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = cli_popen("backfill", "--config", str(ws.config), "--json", env={"TF_EXPORT_TEST_HOLD": "ledgered"},
+                     start_new_session=True)
     _wait_hold(proc, "ledgered")
     _kill(proc)
     [entry] = _ledger(ws).values()

@@ -62,3 +62,24 @@ def test_quiet_import_keeps_what_is_not_startup_chatter(tmp_path):
     assert proc.returncode == 0 and proc.stdout.strip() == "imported", proc.stderr
     assert "a real warning about the model" in proc.stderr
     assert "cuInit" not in proc.stderr
+
+
+def test_first_op_is_filtered_when_tensorflow_was_imported_before(tmp_path):
+    # A model factory (or the parent a process was forked from) imported TensorFlow first: the CUDA
+    # probe runs at the first op, and it still runs under the filter.
+    script = textwrap.dedent("""
+        import os
+        import tensorflow
+        pid = os.fork()
+        if pid == 0:
+            from tf_export_pipeline.quiet_tf import import_tensorflow_quietly
+            tf = import_tensorflow_quietly()
+            print(int(tf.constant(2) * 3), flush=True)
+            os._exit(0)
+        os.waitpid(pid, 0)
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TF_CPP") and k != "TF_EXPORT_VERBOSE"}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "6", proc.stderr
+    assert "cuInit" not in proc.stderr and not ERROR_LINE.search(proc.stderr), proc.stderr

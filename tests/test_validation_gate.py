@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
-import subprocess
 
 import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import assert_no_partial_versions, cli_cmd, cli_env, make_workspace, one_line_error, run_cli
+from tests.conftest import (
+    assert_no_partial_versions,
+    cli_popen,
+    make_workspace,
+    one_line_error,
+    run_cli,
+)
 from tests.models import save_checkpoints
 
 CONTRACT = {
@@ -134,8 +139,7 @@ def test_parity_break_between_serving_function_and_restored_model(tmp_path):
 
 def _corrupt_staging(ws, tmp_path, corrupt):
     release = tmp_path / "release"
-    proc = subprocess.Popen(cli_cmd("run", "--config", str(ws.config)), env=cli_env(
-        {"TF_EXPORT_TEST_HOLD": f"exported@{release}"}), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = cli_popen("run", "--config", str(ws.config), env={"TF_EXPORT_TEST_HOLD": f"exported@{release}"})
     line = proc.stderr.readline()
     assert "holding at exported" in line, proc.communicate()[1]
     staging = next(p for p in ws.base.iterdir() if p.name.startswith("temp-"))

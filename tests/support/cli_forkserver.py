@@ -10,7 +10,7 @@ Importing TensorFlow and Keras takes about five seconds of CPU, and the suite
 runs the CLI a few hundred times. This server imports them once (no op run, so
 no TensorFlow thread exists yet) and forks a child per command. The child is a
 process of its own: it gets the request's argv, environment, working directory
-and fresh stdout/stderr files, calls :func:`tf_export_pipeline.cli.main` as
+and its own stdout/stderr, calls :func:`tf_export_pipeline.cli.main` as
 ``python -m tf_export_pipeline`` does, and its exit status is the command's.
 The pipeline's own modules are imported by each child, after its environment
 is set. Its first TensorFlow op (where TensorFlow probes for a GPU and logs) runs
@@ -36,6 +36,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 # What the children share: TensorFlow, Keras and what they pull in (nothing of this project).
 PRELOAD = ("numpy", "tensorflow", "keras")
@@ -62,6 +63,24 @@ class CliForkServer:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def popen(self, argv: list[str], env: dict, cwd: str | None = None,
+              start_new_session: bool = False) -> ForkedProcess:
+        """Start ``tf-export ARGV`` in a forked child and return at once, as ``subprocess.Popen`` with
+        ``stdout=PIPE, stderr=PIPE, text=True`` does (``start_new_session`` too)."""
+        request = json.dumps({"argv": argv, "env": env, "cwd": cwd or os.getcwd(),
+                              "session": start_new_session}).encode()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            conn.connect(self.path)
+            socket.send_fds(conn, [request + b"\n"], [out_w, err_w])
+            conn.shutdown(socket.SHUT_WR)
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+        return ForkedProcess(["tf-export", *argv], conn, os.fdopen(out_r, "r"), os.fdopen(err_r, "r"))
 
     def run(self, argv: list[str], env: dict, cwd: str | None, timeout: float) -> tuple[int, str, str]:
         """Run ``tf-export ARGV`` in a forked child; (exit status, stdout, stderr). Raises
@@ -101,6 +120,86 @@ class CliForkServer:
             pass
 
 
+class ForkedProcess:
+    """What :meth:`CliForkServer.popen` returns: the parts of ``subprocess.Popen`` the tests use."""
+
+    def __init__(self, args: list[str], conn: socket.socket, stdout, stderr):
+        self.args, self._conn, self.stdout, self.stderr = args, conn, stdout, stderr
+        self._buffer = b""
+        self.pid = int(json.loads(self._line(None))["pid"])
+        self.returncode: int | None = None
+
+    def _line(self, timeout: float | None) -> bytes | None:
+        """The server's next line, or None when none came within ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([self._conn], [], [], left)[0]:
+                return None
+            data = self._conn.recv(4096)
+            if not data:
+                raise RuntimeError("CLI fork server went away during a command")
+            self._buffer += data
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line
+
+    def _read_status(self, timeout: float | None) -> int | None:
+        if self.returncode is None:
+            line = self._line(timeout)
+            if line is None:
+                return None
+            self.returncode = int(json.loads(line)["rc"])
+            self._conn.close()
+        return self.returncode
+
+    def poll(self) -> int | None:
+        return self._read_status(0)
+
+    def wait(self, timeout: float | None = None) -> int:
+        rc = self._read_status(timeout)
+        if rc is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return rc
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        import threading
+
+        chunks: dict[str, str] = {}
+
+        def drain(name, stream):
+            chunks[name] = stream.read()
+
+        threads = [threading.Thread(target=drain, args=(n, s), daemon=True)
+                   for n, s in (("out", self.stdout), ("err", self.stderr))]
+        for t in threads:
+            t.start()
+        self.wait(timeout)
+        for t in threads:
+            t.join(timeout)
+        return chunks.get("out", ""), chunks.get("err", "")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for stream in (self.stdout, self.stderr):
+            stream.close()
+        self.wait()
+
+
 # -- the server process ---------------------------------------------------------------
 def _preload() -> None:
     # Imported with stderr pointed away: the import's start-up lines belong to no command.
@@ -121,6 +220,8 @@ def _child(request: dict, fds: list[int]) -> None:
     """In the forked child: become the command, run it, exit with its status. Never returns."""
     rc = 1
     try:
+        if request.get("session"):
+            os.setsid()
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
