@@ -3,16 +3,22 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+AZURITE := .tools/azurite/node_modules/.bin/azurite-blob
 
 .PHONY: demo test test-fast lint venv bench clean airflow
 
-venv: $(STAMP)
+venv: $(STAMP) $(AZURITE)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[airflow,test,s3,azure]"
 	touch $(STAMP)
+
+# Azurite, the Azure Blob emulator of the Azure tests, from npm into .tools/ (once; see the script).
+$(AZURITE):
+	deploy/install_azurite.sh
+test test-fast: $(AZURITE)
 
 demo: $(STAMP)
 	$(VENV)/bin/tf-export demo --workdir build/demo
@@ -31,7 +37,7 @@ PYTEST_ARGS ?=
 test: $(STAMP) lint
 	@mkdir -p build
 	@rc=0; \
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not long and not alone" --durations=25 \
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not long and not alone" --durations=25 \
 		--junitxml=build/tests-parallel.xml $(PYTEST_ARGS) || rc=$$?; \
 	$(PY) -m pytest -q -m "alone and not long" --durations=10 \
 		--junitxml=build/tests-alone.xml $(PYTEST_ARGS) || { r=$$?; [ $$r -eq 5 ] || rc=$$r; }; \
@@ -40,7 +46,7 @@ test: $(STAMP) lint
 
 # The quick subset for the inner loop: neither the slow scenarios nor the `alone` ones.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not long and not alone and not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not long and not alone and not slow" $(PYTEST_ARGS)
 
 airflow: $(STAMP)
 	VENV=$(VENV) deploy/airflow_local.sh

@@ -21,9 +21,19 @@ its own module:
   through the JSON API, so that each operation costs a known number of
   requests (listings of 1000 names a page, create-only writes by generation,
   server-side copies, deletes matched to generations);
+- :class:`~tf_export_pipeline.storage.s3.S3Store` (``s3.py``): Amazon S3 and
+  S3-compatible servers (``s3://``, through s3fs), the same way: listings of
+  1000 keys a page, create-only writes by ``If-None-Match: *`` (probed once per
+  bucket), server-side copies, deletes matched to ETags, uploads checked by
+  the server against their md5 and crc32c;
+- :class:`~tf_export_pipeline.storage.azure.AzureBlobStore` (``azure.py``):
+  Azure Blob Storage (``az://``, ``abfs://``, through adlfs and
+  azure-storage-blob) the same way: listings of 5000 names a page,
+  create-only writes by ``If-None-Match: *``, server-side copies, deletes
+  matched to ETags, uploads checked by the server against their MD5;
 - :class:`~tf_export_pipeline.storage.fsspec_generic.FsspecStore`
-  (``fsspec_generic.py``): any other fsspec URL (``s3://``, ``memory://``…)
-  through the generic fsspec calls.
+  (``fsspec_generic.py``): any other fsspec URL (``memory://``…) through the
+  generic fsspec calls.
 
 Beside them, ``errors.py`` turns a backend's exceptions into one-line
 :class:`PipelineError` messages, and ``transfers.py`` checks and retries
@@ -39,17 +49,19 @@ import fsspec
 from fsspec.registry import known_implementations
 
 from tf_export_pipeline.errors import ConfigError
+from tf_export_pipeline.storage.azure import AzureBlobStore
 from tf_export_pipeline.storage.base import Entry, Store, mtime_of
 from tf_export_pipeline.storage.errors import ChecksumMismatch, storage_error_reason
 from tf_export_pipeline.storage.fsspec_generic import ATOMIC_CREATE_PROTOCOLS, FsspecStore
 from tf_export_pipeline.storage.gcs import GcsStore
 from tf_export_pipeline.storage.local import LocalStore, fsync_dir, fsync_tree
+from tf_export_pipeline.storage.s3 import S3Store
 from tf_export_pipeline.storage.transfers import crc32c_of_file
 
 #: The name callers have always used in type hints; the same class.
 Storage = Store
 
-_BACKENDS: tuple[type[Store], ...] = (LocalStore, GcsStore)
+_BACKENDS: tuple[type[Store], ...] = (LocalStore, GcsStore, S3Store, AzureBlobStore)
 
 
 def _store_class(url: str) -> type[Store]:
@@ -88,7 +100,7 @@ def open_storage(url: str, storage_options: dict[str, Any] | None = None) -> Sto
 
 
 __all__ = [
-    "ATOMIC_CREATE_PROTOCOLS", "ChecksumMismatch", "Entry", "FsspecStore", "GcsStore", "LocalStore",
-    "Storage", "Store", "crc32c_of_file", "fsync_dir", "fsync_tree", "mtime_of", "open_storage",
+    "ATOMIC_CREATE_PROTOCOLS", "AzureBlobStore", "ChecksumMismatch", "Entry", "FsspecStore", "GcsStore", "LocalStore",
+    "S3Store", "Storage", "Store", "crc32c_of_file", "fsync_dir", "fsync_tree", "mtime_of", "open_storage",
     "storage_error_reason",
 ]

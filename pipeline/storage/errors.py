@@ -13,6 +13,7 @@ import asyncio
 import errno
 
 from tf_export_pipeline.errors import PipelineError
+from tf_export_pipeline.storage.azure_errors import azure_reason, is_azure_error
 
 
 class ChecksumMismatch(PipelineError):
@@ -30,6 +31,8 @@ def storage_error_reason(err: BaseException | None, permanent_only: bool = False
     first = text.splitlines()[0][:160] if text else type(err).__name__
     if isinstance(err, PermissionError) or (isinstance(err, OSError) and text.startswith("Forbidden")):
         return "permission denied (HTTP 403; check the credentials in storage_options or the environment)"
+    if is_azure_error(err):
+        return azure_reason(err, permanent_only)
     try:
         from gcsfs.retry import HttpError
     except ImportError:  # pragma: no cover - gcsfs not installed

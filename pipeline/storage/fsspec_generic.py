@@ -1,4 +1,4 @@
-"""Any other fsspec filesystem (``s3://``, ``memory://``…) through fsspec's generic calls.
+"""Any other fsspec filesystem (``memory://``, ``http://``…) through fsspec's generic calls.
 
 Nothing here knows the server, so nothing here promises more than fsspec
 does: listings are one ``ls``/``find`` call, copies and deletes go one object
@@ -17,10 +17,10 @@ from tf_export_pipeline.errors import PipelineError
 from tf_export_pipeline.storage.base import Entry, Store, mtime_of
 from tf_export_pipeline.storage.errors import is_precondition_failure
 
-# fsspec backends whose ``pipe_file(mode="create")`` is one conditional request
-# (S3's If-None-Match). Elsewhere fsspec emulates it with exists-then-write,
-# which two writers can both pass.
-ATOMIC_CREATE_PROTOCOLS = ("s3", "s3a")
+# fsspec backends whose ``pipe_file(mode="create")`` is one conditional request.
+# Elsewhere fsspec emulates it with exists-then-write, which two writers can
+# both pass. S3 offers it and has a store of its own (s3.py).
+ATOMIC_CREATE_PROTOCOLS: tuple[str, ...] = ()
 
 
 class FsspecStore(Store):
@@ -81,7 +81,7 @@ class FsspecStore(Store):
         if self.protocol not in ATOMIC_CREATE_PROTOCOLS:
             raise PipelineError(
                 f"storage '{self.protocol}' offers no atomic create-only write, which version claims and the "
-                f"ledger need (use local disk, gs:// or s3://): {self.url(path)}")
+                f"ledger need (use local disk, gs://, s3:// or az://): {self.url(path)}")
         try:
             with self._errors("writing (create-only)", path, write=True):
                 self.fs.pipe_file(path, data, mode="create")
