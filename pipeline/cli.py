@@ -28,6 +28,7 @@ from tf_export_pipeline.quiet_tf import import_tensorflow_quietly
 from tf_export_pipeline.redaction import redact
 from tf_export_pipeline.serving import ServingControl
 from tf_export_pipeline.stages import discover, public, run_once, stage_prune, status
+from tf_export_pipeline.storage import open_storage
 from tf_export_pipeline.validate import check_signatures, format_report, signatures_of, validate_saved_model
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -108,6 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and the one TF Serving serves: the highest, or with a serving: section what "
                                    "the model config file says (the highest version its entry lists, the "
                                    "highest under a latest entry, none without an entry).")
+    _common(p)
+
+    p = sub.add_parser("check-storage", help="check what the export base's store guarantees",
+                       description="Probe the export base's store: a create-only write of a name that exists "
+                                   "must be refused (a server that ignores the condition is refused), and say "
+                                   "whether a version becomes visible to TF Serving in one step (a rename) or "
+                                   "object by object (then serve it through the model config file). Writes the "
+                                   "verdict to _exports/storage-check.json. Exit 0 when every guarantee holds, "
+                                   "2 when one is missing.")
     _common(p)
 
     p = sub.add_parser("validate", help="validate a SavedModel directory",
@@ -343,6 +353,25 @@ def cmd_status(args, cfg) -> int:
     return EXIT_OK
 
 
+def cmd_check_storage(args, cfg) -> int:
+    from tf_export_pipeline.publish.storage_check import check_storage, record_verdict, refusal
+
+    store = open_storage(cfg.export_base, cfg.storage_options)
+    verdict = check_storage(store, cfg.promotion)
+    if not verdict.ok:
+        raise refusal(verdict)
+    record_verdict(store, verdict)
+    rows = [[c.guarantee, "yes" if c.ok else "NO", c.detail] for c in verdict.checks]
+    visibility = ("one step (an atomic rename): TF Serving may watch the export base's folders" if
+                  verdict.one_step_visibility else
+                  "object by object: a version folder is listed from its first copied object, so serve through "
+                  "the model config file (serving: section), which names a version only once it is whole")
+    human = _table(rows, ["GUARANTEE", "HOLDS", "DETAIL"]) + \
+        f"\npromotion: {verdict.promotion}\nversions become visible: {visibility}\nexport base: {verdict.url}"
+    _emit(args, verdict.to_dict(), human)
+    return EXIT_OK
+
+
 def cmd_validate(args, cfg) -> int:
 
     path = os.path.abspath(args.path)
@@ -529,6 +558,7 @@ def cmd_history(args, cfg) -> int:
 
 COMMANDS = {"labels": cmd_labels, "promote": cmd_promote, "rollback": cmd_rollback, "history": cmd_history,
             "discover": cmd_discover, "run": cmd_run, "backfill": cmd_backfill, "status": cmd_status,
+            "check-storage": cmd_check_storage,
             "validate": cmd_validate, "gc": cmd_gc, "predict": cmd_predict, "demo": cmd_demo}
 
 

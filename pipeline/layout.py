@@ -13,6 +13,7 @@ An export base, as TF Serving and this package see it::
         leases/<staging name>            renewed while staging is in use
         work/<staging name>/files.json   the file list staging is verified against
         serving/history/                 label changes (serving control)
+        storage-check.json               what the store guarantees (tf-export check-storage)
 
 Nothing here does I/O; every module that lays out or reads an export base
 takes its names from here.
@@ -32,6 +33,7 @@ WORK_DIR = "work"
 SERVING_DIR = "serving"
 HISTORY_DIR = (EXPORTS_DIR, SERVING_DIR, "history")
 FILES_NAME = "files.json"
+STORAGE_CHECK_NAME = "storage-check.json"  # the last verdict of `tf-export check-storage`
 STAGING_PREFIX = "temp-"
 DELETING_PREFIX = "temp-deleting-"  # a version renamed out of TF Serving's sight before it is removed
 TEMP_MARK = ".tmp-"  # temporary name of a create-only write

@@ -54,6 +54,7 @@ from tf_export_pipeline.publish.staging import (
     staging_name,
     verify_staging,
 )
+from tf_export_pipeline.publish.storage_check import require_checked_store
 from tf_export_pipeline.publish.versioning import MAX_VERSION, first_candidate, training_order
 from tf_export_pipeline.storage import Storage
 
@@ -71,6 +72,7 @@ class Publisher:
     def __init__(self, store: Storage, strategy: PromotionStrategy | None = None, promotion: str = "auto"):
         self.store = store
         self.base = store.root
+        self.promotion = promotion
         self.strategy = strategy or choose_strategy(store, promotion)
 
     # -- layout ----------------------------------------------------------------
@@ -302,6 +304,7 @@ class Publisher:
         consecutive numbers; ``attempts`` bounds the create-only writes lost to
         writers racing for the same number.
         """
+        require_checked_store(self.store, self.promotion)
         taken = self.taken()
         version = start
         for i in range(attempts):

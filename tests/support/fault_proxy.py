@@ -8,7 +8,9 @@ answer is lost). It counts what it did and logs every request. ``fail_status``
 turns the injected 503 into another status (403, say, for a permanent error);
 ``delay`` holds each request matching ``delay_match`` that long before
 forwarding it (or, if callable, ``delay(method, path)`` seconds), to widen the
-windows between requests that a watcher observes.
+windows between requests that a watcher observes. ``strip_query`` names query
+parameters it removes (``ifGenerationMatch``: a gateway that drops
+preconditions).
 
 Bounds: it never injects more than ``max_consecutive_faults`` faults in a row
 (gcsfs retries 6 times, so with the default of 2 every request finally goes
@@ -99,6 +101,8 @@ class FaultProxy:
     fail_status: int = 503
     delay: float | Callable[[str, str], float] = 0.0
     delay_match: Callable[[str, str], bool] | None = None
+    # Query parameters removed before forwarding: what a gateway that drops preconditions amounts to.
+    strip_query: tuple[str, ...] = ()
     counters: Counters = field(default_factory=Counters)
     log: list[Entry] = field(default_factory=list)
 
@@ -238,6 +242,10 @@ class FaultProxy:
         headers = {
             k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP
         }
+        if self.strip_query and "?" in path:
+            head, query = path.split("?", 1)
+            kept = [p for p in query.split("&") if p.split("=", 1)[0] not in self.strip_query]
+            path = head + ("?" + "&".join(kept) if kept else "")
         try:
             async with self._session.request(
                 method,

@@ -1,0 +1,65 @@
+"""`tf-export check-storage`, and the check the first claim on an export base runs: a store that ignores a
+create-only condition is refused in one line before anything is published."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import make_workspace, one_line_error, run_cli
+from tests.support.fault_proxy import FaultProxy
+from tests.support.gcs_fixtures import clear_gcsfs_caches
+from tests.test_gcs_end_to_end import make_gcs_workspace
+
+
+def _leftover_probes(names) -> list[str]:
+    return [n for n in names if n.startswith(".storage-check-")]
+
+
+def test_local_disk_keeps_every_guarantee_and_the_verdict_is_kept(workspace):
+    res = workspace.cli("check-storage", "--json")
+    assert res.rc == 0, res.err
+    verdict = res.json
+    assert verdict["ok"] is True and verdict["promotion"] == "rename" and verdict["one_step_visibility"] is True
+    assert [c["guarantee"] for c in verdict["checks"]] == ["create_only"]
+    exports = workspace.base / "_exports"
+    assert json.loads((exports / "storage-check.json").read_text())["ok"] is True
+    assert _leftover_probes(p.name for p in exports.iterdir()) == []
+    human = workspace.cli("check-storage")
+    assert human.rc == 0 and "one step (an atomic rename)" in human.out
+
+
+def test_the_first_publish_checks_the_store_and_keeps_the_verdict(tmp_path, trained_dir):
+    ws = make_workspace(tmp_path, trained_dir)
+    res = ws.cli("run", "--json")
+    assert res.rc == 0 and res.json["status"] == "published", res.err
+    kept = json.loads((ws.base / "_exports" / "storage-check.json").read_text())
+    assert kept["ok"] is True and kept["url"] == str(ws.base)
+
+
+def test_a_gcs_gateway_that_drops_the_precondition_is_refused_before_anything_is_published(
+        tmp_path, trained_dir, gcs_bucket, gcs_server):
+    proxy = FaultProxy(gcs_server.url, lifetime=240.0, strip_query=("ifGenerationMatch",))
+    proxy.start()
+    try:
+        ws = make_gcs_workspace(tmp_path, trained_dir, gcs_bucket.via(proxy))
+        check = run_cli("check-storage", "--json", "--config", str(ws.config), timeout=240)
+        assert check.rc == 2, check.err
+        line = one_line_error(check)
+        assert "'create_only' guarantee" in line and "not refused" in line and line.endswith(ws.base_url)
+
+        run = run_cli("run", "--json", "--config", str(ws.config), timeout=240)
+        assert run.rc == 2, run.err
+        assert "'create_only' guarantee" in run.err
+        assert ws.versions() == [] and "storage-check.json" not in str(ws.children())  # nothing published
+    finally:
+        clear_gcsfs_caches()
+        proxy.stop()
+    # Without the gateway the same bucket keeps the guarantee, and no probe object was left behind.
+    direct = make_gcs_workspace(tmp_path / "direct", trained_dir, gcs_bucket)
+    ok = run_cli("check-storage", "--json", "--config", str(direct.config), timeout=240)
+    assert ok.rc == 0 and ok.json["ok"] is True and ok.json["promotion"] == "object_move", ok.err
+    assert ok.json["one_step_visibility"] is False
+    listed = [o.rsplit("/", 1)[-1] for o in gcs_bucket.fs().find(direct.base_url)]
+    assert "storage-check.json" in listed and _leftover_probes(listed) == []
+    human = run_cli("check-storage", "--config", str(direct.config), timeout=240)
+    assert "serve through the model config file" in human.out
