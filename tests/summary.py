@@ -23,7 +23,10 @@ def read(paths: list[str]) -> tuple[dict[str, int], dict[str, float]]:
             print(f"tests.summary: no report at {path} (that part did not run)", file=sys.stderr)
             counts["failed"] += 1
             continue
-        for case in ET.parse(path).getroot().iter("testcase"):
+        root = ET.parse(path).getroot()
+        for suite in root.iter("testsuite"):
+            print(f"{path}: {float(suite.get('time') or 0):.1f} s wall")
+        for case in root.iter("testcase"):
             module = (case.get("classname") or "").split(".")
             # classname is tests.x.test_y[.Class]: the file is the part that starts with test_
             file = "/".join(module[: next((i + 1 for i, m in enumerate(module) if m.startswith("test_")),

@@ -63,3 +63,17 @@ def test_a_gcs_gateway_that_drops_the_precondition_is_refused_before_anything_is
     assert "storage-check.json" in listed and _leftover_probes(listed) == []
     human = run_cli("check-storage", "--config", str(direct.config), timeout=240)
     assert "serve through the model config file" in human.out
+
+
+def test_s3_and_azure_keep_create_only_and_promote_object_by_object(tmp_path, trained_dir, s3_bucket,
+                                                                     azure_container):
+    from tests.test_azure_store import workspace as azure_workspace
+    from tests.test_s3_store import make_s3_workspace
+
+    configs = {"s3": make_s3_workspace(tmp_path / "s3", trained_dir, s3_bucket).config,
+               "az": azure_workspace(tmp_path / "az", trained_dir, azure_container)}
+    for store, config in configs.items():
+        res = run_cli("check-storage", "--json", "--config", str(config), timeout=240)
+        assert res.rc == 0, (store, res.err)
+        assert res.json["ok"] is True and res.json["promotion"] == "object_move", store
+        assert res.json["one_step_visibility"] is False and res.json["url"].startswith(f"{store}://"), store
