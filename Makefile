@@ -26,12 +26,13 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-# The suite runs in two parts: most tests (on TEST_WORKERS pytest-xdist workers when it is above 0; a
-# module's tests stay on one worker, so its servers start once), then the tests marked `alone` (random
-# kills, fault timing) one at a time. The slowest tests of each part are listed. On 2 cores the suite is
-# CPU-bound (TensorFlow starts in every CLI and validation process), and 3 workers took longer than one
-# process, so the default is 0: one process.
-TEST_WORKERS ?= 0
+# The suite runs in two parts: most tests on TEST_WORKERS pytest-xdist workers (0: in this process),
+# grouped so that a module's tests, and all of tests/airflow/, stay on one worker; then the tests
+# marked `alone` (random kills, fault timing) one at a time. `tf-export` commands in the tests fork from
+# a process per worker that imported TensorFlow once (tests/support/cli_forkserver.py), so most of a
+# test's time is waiting (servers, validation processes, Airflow), which a second worker overlaps.
+# The slowest tests of each part are listed; build/durations.txt has the seconds per file.
+TEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 
 test: $(STAMP) lint
