@@ -73,7 +73,8 @@ def soak_verdict(cfg, soak_seconds: float, now: float | None = None, control=Non
 
     control = control or ServingControl.from_config(cfg)
     if control.serving.policy != "labels":
-        raise ConfigError(f"serving.policy is 'latest': a canary needs policy: labels: {cfg.source or cfg.export_base}")
+        raise ConfigError(f"serving.policy is '{control.serving.policy}': a canary needs policy: labels: "
+                          f"{cfg.source or cfg.export_base}")
     now = time.time() if now is None else now
     labels = control.own_state().labels
     canary, stable = labels.get(CANARY), labels.get(STABLE)

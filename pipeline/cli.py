@@ -26,7 +26,7 @@ from tf_export_pipeline.layout import SAVED_MODEL_PB, VERSIONINGS
 from tf_export_pipeline.predict import format_outputs, predict, resolve_target, to_json
 from tf_export_pipeline.quiet_tf import import_tensorflow_quietly
 from tf_export_pipeline.redaction import redact
-from tf_export_pipeline.serving import ServingControl
+from tf_export_pipeline.serving import ServingControl, newest_advice
 from tf_export_pipeline.stages import discover, public, run_once, stage_prune, status
 from tf_export_pipeline.storage import open_storage
 from tf_export_pipeline.validate import check_signatures, format_report, signatures_of, validate_saved_model
@@ -276,9 +276,12 @@ def cmd_run(args, cfg) -> int:
 
     record = run_once(cfg, checkpoint=args.checkpoint, versioning=args.versioning, force=args.force,
                       allow_outrank=args.allow_outrank)
-    _emit(args, public(record), _run_line(record))
+    advice = record.get("serving_advice")
+    _emit(args, public(record), _run_line(record) + (f"\nrecommended: {advice}" if advice else ""))
     if record.get("gate_warning"):
         print(f"tf-export: warning: {redact(record['gate_warning'])}", file=sys.stderr)
+    if advice:
+        print(f"tf-export: warning: {redact(advice)}", file=sys.stderr)
     if record.get("serving_error"):
 
         print(f"tf-export: warning: published, but its serving label was not set: "
@@ -368,7 +371,12 @@ def cmd_check_storage(args, cfg) -> int:
                   "the model config file (serving: section), which names a version only once it is whole")
     human = _table(rows, ["GUARANTEE", "HOLDS", "DETAIL"]) + \
         f"\npromotion: {verdict.promotion}\nversions become visible: {visibility}\nexport base: {verdict.url}"
-    _emit(args, verdict.to_dict(), human)
+    out = verdict.to_dict()
+    advice = None if verdict.one_step_visibility else newest_advice(verdict.promotion, cfg.serving)
+    if advice:
+        human += f"\nrecommended: {advice}"
+        out["recommendation"] = advice
+    _emit(args, out, human)
     return EXIT_OK
 
 

@@ -105,9 +105,11 @@ class ServingConfig(_Strict):
     model_name: str = Field(min_length=1, description="the model name clients use (ModelConfig.name)")
     model_config_file: str = Field(description="TF Serving's --model_config_file: a local path or gs:// URL "
                                                "the pipeline owns one entry of")
-    policy: Literal["latest", "labels"] = Field(
+    policy: Literal["latest", "labels", "newest"] = Field(
         "latest", description="latest: the highest version is served; labels: the versions labelled "
-                              "stable and canary are served")
+                              "stable and canary are served; newest: the highest version is served, each "
+                              "one listed alone in the model config file once it is whole (for stores "
+                              "without an atomic folder rename: promotion object_move)")
     canary_on_publish: bool = Field(True, description="each published version gets the label canary")
     reload_seconds: int = Field(60, ge=0, description="the server's --model_config_file_poll_wait_seconds")
 

@@ -35,7 +35,14 @@ model name's entry serves another export base (a copied config that kept the
 model name) is refused, and the entry is left to the config that wrote it.
 The entry follows ``serving.policy``: the first publish after the policy
 changed rewrites it (``latest``: the highest version, no list and no labels;
-``labels``: a ``specific`` list with the labels a publish sets).
+``labels``: a ``specific`` list with the labels a publish sets; ``newest``: a
+``specific`` list of one version, no labels).
+
+Under ``policy: newest`` each publish lists its version alone once the version
+is whole against its manifest's file list: TF Serving's ``latest``, except that
+the server meets a version only through the file. Where a version folder is
+listed from its first copied object (promotion ``object_move``), watching the
+folders would let the server load a version still being copied.
 """
 
 from __future__ import annotations
@@ -277,6 +284,18 @@ def state_of(entry) -> EntryState:
     return EntryState(listed, dict(sorted(entry.version_labels.items())), which)
 
 
+def newest_advice(promotion: str, serving) -> str | None:
+    """Why ``serving.policy: newest`` should be set, or None: promotion ``object_move`` makes a version
+    folder visible object by object, and TF Serving watching the folders may meet it partial."""
+    if promotion != "object_move" or (serving is not None and serving.policy != "latest"):
+        return None
+    how, fix = (("without a serving: section", "add a serving: section with policy: newest") if serving is None
+                else ("under serving.policy: latest", "set serving.policy: newest"))
+    return (f"promotion is object_move here, so a version folder is listed from its first copied object and "
+            f"TF Serving watching the export base {how} may load a version before it is whole; {fix} "
+            f"(TF Serving started on its model config file) to serve each new version only once it is whole")
+
+
 def served_version(whole: Iterable[int], state: EntryState | None = None) -> int | None:
     """The version TF Serving serves to a request that names none, as the model config file says.
 
@@ -443,6 +462,8 @@ class ServingControl:
         """
         if self.serving.policy == "latest":
             return self._ensure_latest_entry()
+        if self.serving.policy == "newest":
+            return self._serve_newest(version)
         before = self.own_state()
         # An entry that serves the highest version (written under policy: latest, or by hand) would
         # go on serving each new version at once: it gets its specific list and labels now.
@@ -482,7 +503,7 @@ class ServingControl:
 
     def _require_labels(self) -> None:
         if self.serving.policy != "labels":
-            raise ConfigError(f"serving.policy is 'latest': labels need policy: labels: "
+            raise ConfigError(f"serving.policy is '{self.serving.policy}': labels need policy: labels: "
                               f"{self.cfg.source or self.file.url}")
 
     def _require_whole(self, version: int) -> None:
@@ -578,6 +599,36 @@ class ServingControl:
             log.warning("serving.policy is now 'latest': the entry of %s in %s serves the highest version and "
                         "no longer lists versions %s or labels (%s)", self.serving.model_name, self.file.url,
                         rec["versions_before"], labels)
+        return rec
+
+    def _serve_newest(self, version: int) -> dict | None:
+        """Under ``policy: newest`` the entry lists one version, the highest whole one, with no labels.
+
+        A version listed above ``version`` that is still whole stays (serving
+        never goes back to an older version); any other entry (written under
+        ``latest`` or ``labels``, or by hand) is rewritten.
+        """
+        before = self.own_state()
+        # This write is what lets the server meet the version: on a store without an atomic folder
+        # rename the folder was listed long before its last object landed.
+        self._require_whole(version)
+        pub = Publisher(self.base)
+
+        def newest(s: EntryState):
+            # Decided on the locked read: a newer publish that wrote meanwhile keeps its version.
+            above = [v for v in s.listed if v > version and self._not_whole(pub, v) is None] \
+                if s.policy == "specific" else []
+            return [max([version, *above])], {}
+
+        switching = before.policy in ("latest", "all") or bool(before.labels) or len(before.listed) > 1
+        rec = self._write(newest, "publish",
+                          phase="entry" if before.policy == "none" else "policy" if switching else "version")
+        if rec["written"] and rec["phase"] == "policy":
+            was = (f"versions {rec['versions_before']}" if before.policy == "specific" else "the highest version")
+            labels = ", ".join(f"{k}={v}" for k, v in sorted(rec["labels_before"].items())) or "none"
+            log.warning("serving.policy is now 'newest': the entry of %s in %s serves version %s alone, no longer "
+                        "%s, and has no labels (had: %s)", self.serving.model_name, self.file.url,
+                        rec["versions_after"][0], was, labels)
         return rec
 
     def _write(self, change, command: str, phase: str) -> dict:

@@ -46,7 +46,7 @@ from tf_export_pipeline.quiet_tf import import_tensorflow_quietly
 from tf_export_pipeline.records import PUBLIC_KEYS, StageRecord, Status, nothing_to_do
 from tf_export_pipeline.redaction import redact
 from tf_export_pipeline.retention import prune
-from tf_export_pipeline.serving import ServingControl, served_version
+from tf_export_pipeline.serving import ServingControl, newest_advice, served_version
 from tf_export_pipeline.storage import ChecksumMismatch, Storage, open_storage
 from tf_export_pipeline.validate import ValidationSession, check_signatures, require_ok, validate_saved_model
 from tf_export_pipeline.validate.contract import load_contract
@@ -530,6 +530,10 @@ def stage_publish(cfg: Config, validated: dict, versioning: str | None = None, a
                 record["labels"] = (change or {}).get("labels_after")
         except Exception as err:  # noqa: BLE001 - past the commit point nothing fails the run
             record["serving_error"] = _after_commit(err)
+    if result["status"] == Status.PUBLISHED:
+        advice = newest_advice(ctx.publisher.strategy.name, cfg.serving)
+        if advice:
+            record["serving_advice"] = advice
     return record
 
 
@@ -576,7 +580,8 @@ _WARNINGS = ("gate_warning",)
 def public(record: dict) -> dict:
     """The ``tf-export run --json`` record (a gated run also names the metric and both values;
     a publish under a ``serving:`` section the labels it set, or why it set none; a publish whose
-    metric could not be compared with the live version's says why)."""
+    metric could not be compared with the live version's says why). A publish where TF Serving may
+    meet a partial version carries ``serving_advice``, which the CLI prints as a warning, not in the record."""
     keys = PUBLIC_KEYS + _GATED if record.get("status") == Status.GATED else PUBLIC_KEYS
     return {k: record.get(k) for k in keys} | {k: record[k] for k in _SERVING + _WARNINGS if k in record}
 

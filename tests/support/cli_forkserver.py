@@ -9,8 +9,9 @@ Example::
 Importing TensorFlow and Keras takes about five seconds of CPU, and the suite
 runs the CLI a few hundred times. This server imports them once (no op run, so
 no TensorFlow thread exists yet) and forks a child per command. The child is a
-process of its own: it gets the request's argv, environment, working directory
-and its own stdout/stderr, calls :func:`tf_export_pipeline.cli.main` as
+process of its own: it gets the request's argv, environment (its PYTHONPATH
+put first on ``sys.path`` and a ``sitecustomize`` there imported, as at
+start-up), working directory and its own stdout/stderr, calls :func:`tf_export_pipeline.cli.main` as
 ``python -m tf_export_pipeline`` does, and its exit status is the command's.
 The pipeline's own modules are imported by each child, after its environment
 is set. Its first TensorFlow op (where TensorFlow probes for a GPU and logs) runs
@@ -216,6 +217,18 @@ def _preload() -> None:
         os.close(devnull)
 
 
+def _start_up_paths(env: dict) -> None:
+    """What Python's start-up does with the command's PYTHONPATH: its folders come first on sys.path, and
+    a ``sitecustomize`` among them is imported (tests use one to watch or break a command from inside)."""
+    import importlib
+
+    extra = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+    sys.path[0:0] = extra
+    if any(os.path.isfile(os.path.join(p, "sitecustomize.py")) for p in extra):
+        sys.modules.pop("sitecustomize", None)
+        importlib.import_module("sitecustomize")
+
+
 def _child(request: dict, fds: list[int]) -> None:
     """In the forked child: become the command, run it, exit with its status. Never returns."""
     rc = 1
@@ -234,6 +247,7 @@ def _child(request: dict, fds: list[int]) -> None:
         os.environ.clear()
         os.environ.update(request["env"])
         os.chdir(request["cwd"])
+        _start_up_paths(request["env"])
         sys.argv = ["tf-export", *request["argv"]]
         from tf_export_pipeline.cli import main
 
