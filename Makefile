@@ -38,7 +38,7 @@ PYTEST_ARGS ?=
 test: $(STAMP) lint
 	@mkdir -p build
 	@rc=0; \
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not long and not alone" --durations=25 \
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope -m "not long and not alone" --durations=25 \
 		--junitxml=build/tests-parallel.xml $(PYTEST_ARGS) || rc=$$?; \
 	$(PY) -m pytest -q -m "alone and not long" --durations=10 \
 		--junitxml=build/tests-alone.xml $(PYTEST_ARGS) || { r=$$?; [ $$r -eq 5 ] || rc=$$r; }; \
@@ -47,7 +47,7 @@ test: $(STAMP) lint
 
 # The quick subset for the inner loop: neither the slow scenarios nor the `alone` ones.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not long and not alone and not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope -m "not long and not alone and not slow" $(PYTEST_ARGS)
 
 airflow: $(STAMP)
 	VENV=$(VENV) deploy/airflow_local.sh

@@ -237,15 +237,26 @@ def one_line_error(res) -> str:
 XDIST_TIMEOUT_FACTOR = 2.5
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def worker_group_of(nodeid: str) -> str:
+    """What runs on one pytest-xdist worker, start to end: a test module (its tests share the servers it
+    starts), and all of tests/airflow/ (Airflow reads its settings once per process)."""
+    path = nodeid.split("::", 1)[0]
+    return "tests/airflow" if path.startswith("tests/airflow/") else path
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class TestGroups(LoadScopeScheduling):
+        """Hands out whole groups (:func:`worker_group_of`), the largest first."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return worker_group_of(nodeid)
+
+    return TestGroups(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    # Under `--dist loadgroup` a group runs on one worker, start to end: a module's tests share its
-    # servers, and the Airflow tests share one home (Airflow reads its settings once per process).
-    for item in items:
-        if not item.get_closest_marker("xdist_group"):
-            path = Path(str(item.path)).relative_to(REPO)
-            group = "airflow" if path.parts[:2] == ("tests", "airflow") else str(path)
-            item.add_marker(pytest.mark.xdist_group(group))
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return
     for item in items:
