@@ -46,6 +46,13 @@ class ValidationError(PipelineError):
     permanent = True
 
 
+class ConditionIgnored(PipelineError):
+    """The store accepted a conditional write and did not honour the condition (a second create-only
+    write of one name succeeded): no retry mends it."""
+
+    permanent = True
+
+
 class PublishError(PipelineError):
     """A version could not be claimed or promoted."""
 

@@ -65,6 +65,7 @@ from tf_export_pipeline.errors import PipelineError
 from tf_export_pipeline.layout import MANIFEST
 from tf_export_pipeline.publish import Publisher
 from tf_export_pipeline.publish.staging import file_list
+from tf_export_pipeline.publish.storage_check import check_storage, record_verdict
 from tf_export_pipeline.storage import open_storage
 
 pytestmark = pytest.mark.timeout(420)
@@ -668,6 +669,7 @@ def test_ledger_entry_that_landed_unseen_keeps_its_claim(gcs_server, gcs_bucket,
     (local / MANIFEST).unlink()
     files = file_list(str(local))
     direct = open_storage(gcs_bucket.url(BASE), gcs_bucket.storage_options)
+    record_verdict(direct, check_storage(direct))  # checked before the outage: the writes it counts are A's
     stamp = int(time.time())
     staging_a = direct.join(direct.root, f"temp-{stamp}-0000000a")
     staging_b = direct.join(direct.root, f"temp-{stamp}-0000000b")
@@ -737,6 +739,8 @@ def test_run_whose_ledger_entry_landed_unseen_keeps_its_claim_and_recovers(
     from tf_export_pipeline.stages import export_one
 
     upload_tree(gcs_bucket, trained_dir, "train")
+    direct = open_storage(gcs_bucket.url(BASE), gcs_bucket.storage_options)
+    record_verdict(direct, check_storage(direct))  # checked before the outage: the writes it counts are the run's
     outage = {"on": True, "creates": 0}
 
     def script(method: str, path: str):

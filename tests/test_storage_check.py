@@ -77,3 +77,5 @@ def test_s3_and_azure_keep_create_only_and_promote_object_by_object(tmp_path, tr
         assert res.rc == 0, (store, res.err)
         assert res.json["ok"] is True and res.json["promotion"] == "object_move", store
         assert res.json["one_step_visibility"] is False and res.json["url"].startswith(f"{store}://"), store
+        # No serving: section, so TF Serving would watch the folders: the model config file is recommended.
+        assert "add a serving: section with policy: newest" in res.json["recommendation"], res.json

@@ -55,7 +55,7 @@ from urllib.parse import urlsplit
 
 import fsspec
 
-from tf_export_pipeline.errors import PipelineError
+from tf_export_pipeline.errors import ConditionIgnored, PipelineError
 from tf_export_pipeline.storage.base import Entry, Store, mtime_of
 from tf_export_pipeline.storage.errors import ChecksumMismatch
 from tf_export_pipeline.storage.transfers import CONCURRENCY, backoff, gather
@@ -500,7 +500,7 @@ class S3Store(Store):
             except Exception:  # noqa: BLE001 - a probe left behind is a dot-file no reader lists
                 pass
         if not honoured:
-            raise PipelineError(f"storage ignores If-None-Match (a second create-only write of one key was "
+            raise ConditionIgnored(f"storage ignores If-None-Match (a second create-only write of one key was "
                                 f"accepted), so version claims and the ledger would not be safe: {self.url(path)}")
         _PROBED.add((self.endpoint, bucket))
 
