@@ -29,8 +29,8 @@ lint: $(STAMP)
 # The suite runs in two parts: most tests on TEST_WORKERS pytest-xdist workers (0: in this process),
 # grouped so that a module's tests, and all of tests/airflow/, stay on one worker; then the tests
 # marked `alone` (random kills, fault timing) one at a time. `tf-export` commands in the tests fork from
-# a process per worker that imported TensorFlow once (tests/support/cli_forkserver.py), so most of a
-# test's time is waiting (servers, validation processes, Airflow), which a second worker overlaps.
+# a process per worker that imported TensorFlow once (tests/support/cli_forkserver.py). On 2 cores the
+# suite stays CPU-bound (each run's fresh validation process, the Celery and Airflow servers).
 # The slowest tests of each part are listed; build/durations.txt has the seconds per file.
 TEST_WORKERS ?= 2
 PYTEST_ARGS ?=
