@@ -126,6 +126,36 @@ def cli_popen(*args: str, env: dict | None = None, cwd: str | None = None, start
     return _fork_server().popen(list(args), cli_env(env), cwd, start_new_session=start_new_session)
 
 
+def release_together(procs: list, release: Path, point: str = "publishing", limit: float = 180.0):
+    """Racers started with ``TF_EXPORT_TEST_HOLD=<point>@<release>``: wait (up to ``limit``) until each holds
+    at ``point`` or one has ended, create ``release`` so they go on at one instant, and wait for them.
+    Returns (each one's stdout, each one's stderr, how many were holding when released)."""
+    import threading
+    import time
+
+    errs: list[list[str]] = [[] for _ in procs]
+
+    def drain(i: int) -> None:
+        for line in procs[i].stderr:
+            errs[i].append(line)
+
+    readers = [threading.Thread(target=drain, args=(i,), daemon=True) for i in range(len(procs))]
+    for t in readers:
+        t.start()
+    held = 0
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        held = sum(any(f"holding at {point}" in line for line in e) for e in errs)
+        if held == len(procs) or any(p.poll() is not None for p in procs):
+            break
+        time.sleep(0.05)
+    release.touch()
+    outs = [p.communicate(timeout=limit)[0] for p in procs]
+    for t in readers:
+        t.join(5)
+    return outs, ["".join(e) for e in errs], held
+
+
 @dataclass
 class Workspace:
     root: Path

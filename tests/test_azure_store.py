@@ -13,13 +13,12 @@ import json
 import os
 import shutil
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import cli_popen, one_line_error, run_cli
+from tests.conftest import cli_popen, one_line_error, release_together, run_cli
 from tests.support.azurite import ACCOUNT_KEY, connection_string, free_port
 from tests.support.fault_proxy import DROP_AFTER, FaultProxy
 from tf_export_pipeline.storage import AzureBlobStore, open_storage
@@ -260,28 +259,9 @@ def test_four_racers_on_one_checkpoint_publish_it_once(tmp_path, trained_dir, az
     procs = [cli_popen("run", "--checkpoint", "ckpt-30", "--json", "--config", str(config),
                        env={"TF_EXPORT_TEST_HOLD": f"publishing@{release}"})
              for _ in range(4)]
-    errs: list[list[str]] = [[] for _ in procs]
-
-    def drain(i: int) -> None:
-        for line in procs[i].stderr:
-            errs[i].append(line)
-
-    readers = [threading.Thread(target=drain, args=(i,), daemon=True) for i in range(len(procs))]
-    for t in readers:
-        t.start()
-    deadline = time.monotonic() + 180
-    held = 0
-    while time.monotonic() < deadline:
-        held = sum(any("holding at publishing" in line for line in e) for e in errs)
-        if held == len(procs) or any(p.poll() is not None for p in procs):
-            break
-        time.sleep(0.05)
-    release.touch()  # all four publish at the same instant
-    outs = [p.communicate(timeout=180)[0] for p in procs]
-    for t in readers:
-        t.join(5)
+    outs, errs, held = release_together(procs, release, limit=180)  # all four publish at the same instant
     for p, e in zip(procs, errs):
-        assert p.returncode == 0, "".join(e)
+        assert p.returncode == 0, e
     assert held == len(procs), "every racer should have reached the publish step"
 
     records = [json.loads(o) for o in outs]
@@ -294,7 +274,7 @@ def test_four_racers_on_one_checkpoint_publish_it_once(tmp_path, trained_dir, az
     assert set(azure_container.blobs(f"{BASE}/_exports/claims")) == {str(version)}
     assert {rel.split("/", 1)[0] for rel in azure_container.blobs(BASE)} == {str(version), "_exports"}
     for out, e in zip(outs, errs):
-        assert_no_secret(out, "".join(e))
+        assert_no_secret(out, e)
 
 
 # -- bad input: one line naming the cause and the URL, nothing published -------------------------

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import CliResult, cli_env, cli_popen, run_cli
+from tests.conftest import CliResult, cli_env, cli_popen, release_together, run_cli
 from tests.support.gcs_fixtures import (  # noqa: F401  (fixtures)
     GcsBucket,
     fast_gcs_retries,
@@ -361,27 +361,9 @@ def test_concurrent_exporters_one_version_per_checkpoint(gcs_ws, tmp_path):
     procs = [cli_popen("run", "--checkpoint", name, "--allow-outrank", "--json", "--config", str(gcs_ws.config),
                        env=env)
              for name in jobs]
-    errs: list[list[str]] = [[] for _ in procs]
-
-    def drain(i: int) -> None:
-        for line in procs[i].stderr:
-            errs[i].append(line)
-
-    readers = [threading.Thread(target=drain, args=(i,), daemon=True) for i in range(len(procs))]
-    for t in readers:
-        t.start()
-    deadline = time.monotonic() + 150
-    while time.monotonic() < deadline:
-        held = sum(any("holding at publishing" in line for line in e) for e in errs)
-        if held == len(procs) or any(p.poll() is not None for p in procs):
-            break
-        time.sleep(0.05)
-    release.touch()  # all publish at the same instant: same timestamp candidate
-    outs = [p.communicate(timeout=150)[0] for p in procs]
-    for t in readers:
-        t.join(5)
+    outs, errs, held = release_together(procs, release, limit=150)  # one instant: same timestamp
     for p, e in zip(procs, errs):
-        assert p.returncode == 0, "".join(e)
+        assert p.returncode == 0, e
     assert held == len(procs), "every exporter should have reached the publish step"
 
     records = [json.loads(o) for o in outs]

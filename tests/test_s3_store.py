@@ -11,7 +11,6 @@ from __future__ import annotations
 import http.client
 import json
 import threading
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.conftest import CliResult, cli_popen, one_line_error, run_cli
+from tests.conftest import CliResult, cli_popen, one_line_error, release_together, run_cli
 from tests.support.s3_fixtures import S3Bucket
 from tf_export_pipeline.errors import PipelineError
 from tf_export_pipeline.storage import S3Store, crc32c_of_file, open_storage
@@ -358,28 +357,9 @@ def test_four_racers_on_one_checkpoint_publish_it_once(tmp_path, trained_dir, s3
     procs = [cli_popen("run", "--checkpoint", "ckpt-30", "--json", "--config", str(ws.config),
                        env={"TF_EXPORT_TEST_HOLD": f"publishing@{release}"})
              for _ in range(4)]
-    errs: list[list[str]] = [[] for _ in procs]
-
-    def drain(i: int) -> None:
-        for line in procs[i].stderr:
-            errs[i].append(line)
-
-    readers = [threading.Thread(target=drain, args=(i,), daemon=True) for i in range(len(procs))]
-    for t in readers:
-        t.start()
-    held = 0
-    deadline = time.monotonic() + 200
-    while time.monotonic() < deadline:
-        held = sum(any("holding at publishing" in line for line in e) for e in errs)
-        if held == len(procs) or any(p.poll() is not None for p in procs):
-            break
-        time.sleep(0.05)
-    release.touch()  # all four claim, write the ledger and promote at the same instant
-    outs = [p.communicate(timeout=200)[0] for p in procs]
-    for t in readers:
-        t.join(5)
+    outs, errs, held = release_together(procs, release, limit=200)  # claim, ledger, promote at once
     for p, e in zip(procs, errs):
-        assert p.returncode == 0, "".join(e)
+        assert p.returncode == 0, e
     assert held == len(procs), "every racer should have reached the publish step"
 
     records = [json.loads(o) for o in outs]
@@ -392,7 +372,7 @@ def test_four_racers_on_one_checkpoint_publish_it_once(tmp_path, trained_dir, s3
     assert set(s3_bucket.objects(f"{BASE}/_exports/claims")) == {str(version)}  # losers released theirs
     assert children(s3_bucket) == {str(version), "_exports"}
     secret = s3_bucket.storage_options["secret"]
-    assert all(secret not in o for o in outs) and all(secret not in "".join(e) for e in errs)
+    assert all(secret not in o for o in outs) and all(secret not in e for e in errs)
 
 
 # -- bad input: one line naming the cause and the URL, nothing published ----------------------------
