@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import logging
 import mimetypes
 import os
@@ -59,7 +58,7 @@ from tf_export_pipeline.errors import ConfigError, PipelineError
 from tf_export_pipeline.storage.azure_errors import azure_reason, error_code
 from tf_export_pipeline.storage.base import Entry, Store
 from tf_export_pipeline.storage.errors import ChecksumMismatch
-from tf_export_pipeline.storage.transfers import CONCURRENCY, gather
+from tf_export_pipeline.storage.transfers import CONCURRENCY, file_digests, gather
 
 log = logging.getLogger("tf_export_pipeline.storage")
 # The SDK logs retried requests; with no logging set up, Python would print those to stderr beside our
@@ -133,20 +132,9 @@ def _md5_b64(value: Any) -> str | None:
     return base64.b64encode(bytes(value)).decode()
 
 
-def checksums(path: str, chunk: int = 8 << 20) -> tuple[str, str]:
+def checksums(path: str) -> tuple[str, str]:
     """(crc32c, md5) of a local file, base64, in one read."""
-    import google_crc32c
-
-    crc = google_crc32c.Checksum()
-    md5 = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as fh:
-        while True:
-            block = fh.read(chunk)
-            if not block:
-                break
-            crc.update(block)
-            md5.update(block)
-    return base64.b64encode(crc.digest()).decode(), base64.b64encode(md5.digest()).decode()
+    return file_digests(path)
 
 
 def blob_metadata(metadata: dict[str, str] | None) -> dict[str, str]:

@@ -44,16 +44,27 @@ def backoff(attempt: int) -> None:
 
 def crc32c_of_file(path: str, chunk: int = 8 << 20) -> str:
     """CRC32C of a local file as GCS reports it: base64 of the big-endian 4 bytes."""
+    return file_digests(path, md5=False, chunk=chunk)[0]
+
+
+def file_digests(path: str, md5: bool = True, chunk: int = 8 << 20) -> tuple[str, str | None]:
+    """(crc32c, md5) of a local file, each base64, in one read; md5 None unless asked for."""
+    import hashlib
+
     import google_crc32c
 
-    c = google_crc32c.Checksum()
+    crc = google_crc32c.Checksum()
+    md5_hash = hashlib.md5(usedforsecurity=False) if md5 else None
     with open(path, "rb") as fh:
         while True:
             block = fh.read(chunk)
             if not block:
                 break
-            c.update(block)
-    return base64.b64encode(c.digest()).decode()
+            crc.update(block)
+            if md5_hash is not None:
+                md5_hash.update(block)
+    return (base64.b64encode(crc.digest()).decode(),
+            base64.b64encode(md5_hash.digest()).decode() if md5_hash is not None else None)
 
 
 def gather(loop: Any, jobs: list[Callable[[], Awaitable[Any]]], limit: int = CONCURRENCY) -> list[Any]:
