@@ -105,7 +105,7 @@ LIGHT = f"""
 import sys
 import {PACKAGE}, {PACKAGE}.config, {PACKAGE}.layout, {PACKAGE}.records, {PACKAGE}.errors
 import {PACKAGE}.operators.export, {PACKAGE}.operators.sensors, {PACKAGE}.operators.serving
-import {PACKAGE}.operators.hooks, {PACKAGE}.operators.provider
+import {PACKAGE}.operators.hooks, {PACKAGE}.operators.provider, {PACKAGE}.operators.celery_worker
 heavy = ("tensorflow", "keras", "gcsfs", "s3fs", "google.cloud.storage")
 print(sorted(m for m in heavy if m in sys.modules))
 """
@@ -115,6 +115,25 @@ def test_operators_and_their_hook_load_no_tensorflow_and_no_storage_backend():
     proc = subprocess.run([sys.executable, "-c", LIGHT], env=cli_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+PRELOAD = f"""
+import sys, threading
+from {PACKAGE}.operators.celery_worker import CELERY_CONFIG, PRELOAD_MODULE
+assert "tensorflow" not in sys.modules
+assert PRELOAD_MODULE in CELERY_CONFIG["imports"], CELERY_CONFIG.get("imports")
+__import__(PRELOAD_MODULE)
+print(sorted(m for m in ("tensorflow", "keras", "{PACKAGE}.stages") if m in sys.modules), threading.active_count())
+"""
+
+
+def test_a_celery_worker_preloads_tensorflow_without_starting_a_thread():
+    # Celery imports PRELOAD_MODULE before its pool forks: a thread alive then would not survive the fork.
+    proc = subprocess.run([sys.executable, "-c", PRELOAD], env=cli_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == f"['keras', 'tensorflow', '{PACKAGE}.stages'] 1"
+    assert proc.stderr.strip() == "", proc.stderr[-2000:]  # the import's start-up lines go nowhere
 
 
 def test_the_core_never_imports_airflow():

@@ -48,6 +48,8 @@ CELERY_ENV = {
     "AIRFLOW__CELERY__WORKER_PREFETCH_MULTIPLIER": "1",
     "AIRFLOW__CELERY__WORKER_ENABLE_REMOTE_CONTROL": "False",
     "AIRFLOW__CELERY__SYNC_PARALLELISM": "1",
+    # Workers import TensorFlow once, before their pool forks the task processes (as deployed).
+    "AIRFLOW__CELERY__CELERY_CONFIG_OPTIONS": "tf_export_pipeline.operators.celery_worker.CELERY_CONFIG",
     # An unacknowledged message goes back to the queue after this long (Redis): longer than any task here.
     "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT": "3600",
     # A task whose supervisor stopped heartbeating (its worker is gone) is failed by the scheduler

@@ -159,6 +159,24 @@ def test_components_and_servers_listen_on_loopback_only(cluster):
     assert health["metadatabase"]["status"] == "healthy"
 
 
+def _maps_tensorflow(pid: int) -> bool:
+    try:
+        return "_pywrap_tensorflow_internal" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:  # a process that just ended
+        return False
+
+
+def test_workers_and_their_pool_imported_tensorflow_before_any_task(cluster):
+    # celery_worker.CELERY_CONFIG: the worker imports TensorFlow at start-up, so its pool processes and
+    # every task process forked from them start with it (each task would otherwise import it again).
+    # Airflow's own helper process (stale bundle clean-up) is forked before that and does without.
+    for name in WORKERS:
+        leader = cluster.workers[name].pid
+        assert _maps_tensorflow(leader), f"{name}: the Celery worker process has no TensorFlow"
+        with_tf = [p for p in cluster.worker_pids(name) if p != leader and _maps_tensorflow(p)]
+        assert len(with_tf) >= cluster.concurrency, f"{name}: pool processes with TensorFlow: {with_tf}"
+
+
 def test_backfill_spreads_mapped_exports_over_both_workers_and_publishes_in_order(cluster):
     train, base = cluster.models["spread"]
     dag = "export_backfill__spread"
