@@ -62,15 +62,20 @@ def _fork_server():
     return _FORK_SERVER
 
 
+def _in_mount_namespace(argv: list[str], pid: int | None, cwd: str | None) -> list[str]:
+    return argv if pid is None else ["nsenter", "-t", str(pid), "-m", f"--wd={cwd or os.getcwd()}", *argv]
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300, cwd: str | None = None,
-            fresh: bool = False) -> CliResult:
+            fresh: bool = False, mount_namespace_of: int | None = None) -> CliResult:
     """``tf-export ARGS`` in a process of its own: forked from a process that imported TensorFlow once,
-    or, with ``fresh`` (or TF_EXPORT_TEST_FRESH_CLI=1), started as ``python -m tf_export_pipeline``."""
+    or, with ``fresh`` (or TF_EXPORT_TEST_FRESH_CLI=1), started as ``python -m tf_export_pipeline``.
+    With ``mount_namespace_of`` (a pid), the command runs in that process's mount namespace."""
     if fresh or os.environ.get("TF_EXPORT_TEST_FRESH_CLI"):
-        proc = subprocess.run(cli_cmd(*args), env=cli_env(env), capture_output=True, text=True,
-                              timeout=timeout, cwd=cwd)
+        proc = subprocess.run(_in_mount_namespace(cli_cmd(*args), mount_namespace_of, cwd), env=cli_env(env),
+                              capture_output=True, text=True, timeout=timeout, cwd=cwd)
         return CliResult(proc.returncode, proc.stdout, proc.stderr)
-    rc, out, err = _fork_server().run(list(args), cli_env(env), cwd, timeout)
+    rc, out, err = _fork_server().run(list(args), cli_env(env), cwd, timeout, mount_namespace_of)
     return CliResult(rc, out, err)
 
 
@@ -117,13 +122,15 @@ def trained_dir(tmp_path_factory) -> Path:
 
 
 def cli_popen(*args: str, env: dict | None = None, cwd: str | None = None, start_new_session: bool = False,
-              fresh: bool = False):
+              fresh: bool = False, mount_namespace_of: int | None = None):
     """``tf-export ARGS`` started and not waited for: ``subprocess.Popen`` with ``stdout`` and ``stderr`` piped
     as text, forked like :func:`run_cli` (or started anew with ``fresh`` or TF_EXPORT_TEST_FRESH_CLI=1)."""
     if fresh or os.environ.get("TF_EXPORT_TEST_FRESH_CLI"):
-        return subprocess.Popen(cli_cmd(*args), env=cli_env(env), cwd=cwd, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=start_new_session)
-    return _fork_server().popen(list(args), cli_env(env), cwd, start_new_session=start_new_session)
+        return subprocess.Popen(_in_mount_namespace(cli_cmd(*args), mount_namespace_of, cwd), env=cli_env(env),
+                                cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=start_new_session)
+    return _fork_server().popen(list(args), cli_env(env), cwd, start_new_session=start_new_session,
+                                mount_namespace_of=mount_namespace_of)
 
 
 def release_together(procs: list, release: Path, point: str = "publishing", limit: float = 180.0):

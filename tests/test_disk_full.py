@@ -15,7 +15,7 @@ input like any other. Whatever write it hits,
 How: the export base (and nothing else: training directory and config stay on
 normal disk) lives on a small tmpfs mounted in a private mount namespace
 (``unshare -m``), kept alive by a ``sleep`` process; every command enters it
-with ``nsenter -t PID -m`` and the test reads the tmpfs through
+(``nsenter -t PID -m``, or setns(2) in the child the test CLI forks) and the test reads the tmpfs through
 ``/proc/PID/root``. Nothing is mounted on the host.
 
 First a whole publish is measured: the space in use when its ledger entry has
@@ -43,10 +43,10 @@ from tests.conftest import (
     CliResult,
     PartialVersionWatcher,
     assert_no_partial_versions,
-    cli_cmd,
-    cli_env,
+    cli_popen,
     make_workspace,
     one_line_error,
+    run_cli,
 )
 
 TMPFS_SIZE = 16 << 20  # bytes; a whole publish of the demo model takes ~60 KB
@@ -164,12 +164,12 @@ class DiskFullBed:
         self.published_bytes = 0  # du -sb of the export base after a whole publish
         self.measure_note = ""
 
-    def argv(self, *args: str) -> list[str]:
-        return self.ns.enter(cli_cmd(*args, "--config", str(self.ws.config), "--json"), cwd=str(self.ws.root))
+    def args(self, *args: str) -> list[str]:
+        return [*args, "--config", str(self.ws.config), "--json"]
 
     def cli(self, *args: str, env: dict | None = None, timeout: float = 300) -> CliResult:
-        proc = subprocess.run(self.argv(*args), env=cli_env(env), capture_output=True, text=True, timeout=timeout)
-        return CliResult(proc.returncode, proc.stdout, proc.stderr)
+        return run_cli(*self.args(*args), env=env, timeout=timeout, cwd=str(self.ws.root),
+                       mount_namespace_of=self.ns.pid)
 
     def reset(self) -> None:
         self.ns.unfill()
@@ -227,8 +227,8 @@ class DiskFullBed:
         """One whole publish on the empty tmpfs: the peak space it takes, held at its ledger entry."""
         self.reset()
         release = self.ws.root / "measure.release"
-        proc = subprocess.Popen(self.argv("run"), env=cli_env({"TF_EXPORT_TEST_HOLD": f"ledgered@{release}"}),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = cli_popen(*self.args("run"), env={"TF_EXPORT_TEST_HOLD": f"ledgered@{release}"},
+                         cwd=str(self.ws.root), mount_namespace_of=self.ns.pid)
         err_lines: list[str] = []
         held_at = None
         for line in proc.stderr:

@@ -66,11 +66,12 @@ class CliForkServer:
         return self.proc.poll() is None
 
     def popen(self, argv: list[str], env: dict, cwd: str | None = None,
-              start_new_session: bool = False) -> ForkedProcess:
+              start_new_session: bool = False, mount_namespace_of: int | None = None) -> ForkedProcess:
         """Start ``tf-export ARGV`` in a forked child and return at once, as ``subprocess.Popen`` with
-        ``stdout=PIPE, stderr=PIPE, text=True`` does (``start_new_session`` too)."""
+        ``stdout=PIPE, stderr=PIPE, text=True`` does (``start_new_session`` too). With
+        ``mount_namespace_of``, the child enters that process's mount namespace first (``nsenter -m``)."""
         request = json.dumps({"argv": argv, "env": env, "cwd": cwd or os.getcwd(),
-                              "session": start_new_session}).encode()
+                              "session": start_new_session, "mount_ns": mount_namespace_of}).encode()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -83,10 +84,12 @@ class CliForkServer:
             os.close(err_w)
         return ForkedProcess(["tf-export", *argv], conn, os.fdopen(out_r, "r"), os.fdopen(err_r, "r"))
 
-    def run(self, argv: list[str], env: dict, cwd: str | None, timeout: float) -> tuple[int, str, str]:
+    def run(self, argv: list[str], env: dict, cwd: str | None, timeout: float,
+            mount_namespace_of: int | None = None) -> tuple[int, str, str]:
         """Run ``tf-export ARGV`` in a forked child; (exit status, stdout, stderr). Raises
         ``subprocess.TimeoutExpired`` (after killing the child) when it runs longer than ``timeout``."""
-        request = json.dumps({"argv": argv, "env": env, "cwd": cwd or os.getcwd()}).encode()
+        request = json.dumps({"argv": argv, "env": env, "cwd": cwd or os.getcwd(),
+                              "mount_ns": mount_namespace_of}).encode()
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
                 socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
             conn.connect(self.path)
@@ -229,6 +232,21 @@ def _start_up_paths(env: dict) -> None:
         importlib.import_module("sitecustomize")
 
 
+def _enter_mount_namespace(pid: int) -> None:
+    """``nsenter -t PID -m`` for this (single-threaded, forked) process: setns(2) on PID's mount namespace."""
+    import ctypes
+
+    clone_newns = 0x00020000
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY)
+    try:
+        if libc.setns(fd, clone_newns) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns into the mount namespace of {pid}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
 def _child(request: dict, fds: list[int]) -> None:
     """In the forked child: become the command, run it, exit with its status. Never returns."""
     rc = 1
@@ -246,6 +264,8 @@ def _child(request: dict, fds: list[int]) -> None:
             os.close(fd)
         os.environ.clear()
         os.environ.update(request["env"])
+        if request.get("mount_ns"):
+            _enter_mount_namespace(int(request["mount_ns"]))
         os.chdir(request["cwd"])
         _start_up_paths(request["env"])
         sys.argv = ["tf-export", *request["argv"]]
