@@ -23,6 +23,7 @@ from tests.conftest import (
     cli_popen,
     make_workspace,
     one_line_error,
+    run_cli,
     wait_until_lease_ran_out,
 )
 from tests.test_crash_safety import _kill, _start, _wait_hold
@@ -203,10 +204,8 @@ def test_concurrent_gcs_and_a_runs_prune_tolerate_each_other(tmp_path, trained_d
     ws.config.write_text(ws.config.read_text().replace("keep: 5", "keep: 1"))
     for i in range(4):  # abandoned staging for gc to collect
         (ws.base / f"temp-{int(time.time()) - 60}-dead{i:04x}" / "variables").mkdir(parents=True)
-    cmds = [cli_cmd("gc", "--config", str(ws.config), "--json") for _ in range(4)]
-    cmds.append(cli_cmd("run", "--config", str(ws.config), "--json"))
-    procs = [subprocess.Popen(c, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for c in cmds]
+    commands = [("gc", "--config", str(ws.config), "--json")] * 4 + [("run", "--config", str(ws.config), "--json")]
+    procs = [cli_popen(*c) for c in commands]
     results = [_finish(p) for p in procs]
     for rc, _, err in results:
         assert rc == 0, err
@@ -226,10 +225,9 @@ def test_the_same_checkpoint_through_another_path_spelling_is_not_published_twic
     for name, training_dir in (("via-link.yaml", str(link)), ("slash.yaml", str(workspace.train) + "/"),
                                ("relative.yaml", "./train")):
         config = write_config(str(workspace.root), name=name, training_dir=training_dir)
-        res = subprocess.run(cli_cmd("run", "--config", config, "--json"), env=cli_env(), capture_output=True,
-                             text=True, timeout=300)
-        assert res.returncode == 0, res.stderr
-        rec = json.loads(res.stdout)
+        res = run_cli("run", "--config", config, "--json")
+        assert res.rc == 0, res.err
+        rec = res.json
         assert rec["status"] == "skipped" and rec["version"] == first["version"], (name, rec)
     assert workspace.versions() == [first["version"]]
     assert len(_ledger(workspace)) == 1
