@@ -79,3 +79,62 @@ def test_s3_and_azure_keep_create_only_and_promote_object_by_object(tmp_path, tr
         assert res.json["one_step_visibility"] is False and res.json["url"].startswith(f"{store}://"), store
         # No serving: section, so TF Serving would watch the folders: the model config file is recommended.
         assert "add a serving: section with policy: newest" in res.json["recommendation"], res.json
+
+
+IGNORE_IF_NONE_MATCH_SITE = """
+import s3fs
+
+_set_session = s3fs.S3FileSystem.set_session
+
+
+def _drop(request, **_):
+    if "If-None-Match" in request.headers:
+        del request.headers["If-None-Match"]
+
+
+async def set_session(self, *args, **kwargs):
+    client = await _set_session(self, *args, **kwargs)
+    client.meta.events.register("before-sign.s3.PutObject", _drop)
+    return client
+
+
+s3fs.S3FileSystem.set_session = set_session
+"""
+
+
+def test_an_s3_store_that_ignores_if_none_match_or_a_gateway_that_strips_it_is_refused(
+        tmp_path, trained_dir, s3_bucket, s3_server):
+    from tests.support.s3_fixtures import S3Bucket
+    from tests.test_s3_store import BASE, make_s3_workspace
+
+    # A server that accepts If-None-Match and ignores it (the header never reaches the real one, which
+    # honours it): the check names the missing guarantee and the run publishes nothing.
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(IGNORE_IF_NONE_MATCH_SITE)
+    ws = make_s3_workspace(tmp_path / "ignores", trained_dir, s3_bucket)
+    env = {"PYTHONPATH": str(site)}
+    check = run_cli("check-storage", "--json", "--config", str(ws.config), env=env, timeout=240)
+    assert check.rc == 2, check.err
+    line = one_line_error(check)
+    assert "'create_only' guarantee" in line and "ignores If-None-Match" in line and line.endswith(ws.base_url), line
+    run = run_cli("run", "--json", "--config", str(ws.config), env=env, timeout=240)
+    assert run.rc == 2 and "'create_only' guarantee" in one_line_error(run), run.err
+    assert s3_bucket.objects(BASE) == {}  # nothing published, no verdict kept, no probe left
+
+    # A gateway that strips the header breaks its signature: refused too, in one line, before anything.
+    proxy = FaultProxy(s3_server.url, lifetime=240.0, strip_headers=("If-None-Match",), keep_host=True)
+    proxy.start()
+    try:
+        via = S3Bucket(s3_bucket.name, {**s3_bucket.storage_options, "endpoint_url": proxy.url}, s3_server)
+        gateway = make_s3_workspace(tmp_path / "gateway", trained_dir, via)
+        run = run_cli("run", "--json", "--config", str(gateway.config), timeout=240)
+        assert run.rc != 0
+        assert "SignatureDoesNotMatch" in one_line_error(run) and gateway.base_url in run.err, run.err
+        assert any(e.method == "PUT" for e in proxy.log), [(e.method, e.path, e.status) for e in proxy.log][:20]
+        assert s3_bucket.objects(BASE) == {}
+    finally:
+        proxy.stop()
+    # Straight to the server, the same bucket keeps the guarantee.
+    direct = run_cli("check-storage", "--json", "--config", str(ws.config), timeout=240)
+    assert direct.rc == 0 and direct.json["ok"] is True, direct.err

@@ -10,7 +10,7 @@ turns the injected 503 into another status (403, say, for a permanent error);
 forwarding it (or, if callable, ``delay(method, path)`` seconds), to widen the
 windows between requests that a watcher observes. ``strip_query`` names query
 parameters it removes (``ifGenerationMatch``: a gateway that drops
-preconditions).
+preconditions), ``strip_headers`` the request headers (``If-None-Match``).
 
 Bounds: it never injects more than ``max_consecutive_faults`` faults in a row
 (gcsfs retries 6 times, so with the default of 2 every request finally goes
@@ -103,6 +103,10 @@ class FaultProxy:
     delay_match: Callable[[str, str], bool] | None = None
     # Query parameters removed before forwarding: what a gateway that drops preconditions amounts to.
     strip_query: tuple[str, ...] = ()
+    # Request headers removed before forwarding (``If-None-Match``: an S3 or Azure gateway that drops them).
+    strip_headers: tuple[str, ...] = ()
+    # Forward the client's Host header (a signed one: S3's SigV4, Azure's Shared Key) instead of the upstream's.
+    keep_host: bool = False
     counters: Counters = field(default_factory=Counters)
     log: list[Entry] = field(default_factory=list)
 
@@ -240,8 +244,11 @@ class FaultProxy:
             if pause > 0:
                 await asyncio.sleep(pause)
         headers = {
-            k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP
+            k: v for k, v in request.headers.items()
+            if k.lower() not in _HOP_BY_HOP and k.lower() not in {h.lower() for h in self.strip_headers}
         }
+        if self.keep_host and "Host" in request.headers:
+            headers["Host"] = request.headers["Host"]
         if self.strip_query and "?" in path:
             head, query = path.split("?", 1)
             kept = [p for p in query.split("&") if p.split("=", 1)[0] not in self.strip_query]
