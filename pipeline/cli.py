@@ -27,7 +27,7 @@ from tf_export_pipeline.predict import format_outputs, predict, resolve_target, 
 from tf_export_pipeline.quiet_tf import import_tensorflow_quietly
 from tf_export_pipeline.redaction import redact
 from tf_export_pipeline.serving import ServingControl, newest_advice
-from tf_export_pipeline.stages import discover, public, run_once, stage_prune, status
+from tf_export_pipeline.stages import discover, finish_cut_short, public, run_once, stage_prune, status
 from tf_export_pipeline.storage import open_storage
 from tf_export_pipeline.validate import check_signatures, format_report, signatures_of, validate_saved_model
 
@@ -342,9 +342,27 @@ def cmd_backfill(args, cfg) -> int:
     return EXIT_OK
 
 
+def _finish_cut_short(cfg) -> list[int]:
+    """Finish promotions cut short before reading the export base (see :func:`finish_cut_short`); a failure
+    (e.g. read-only credentials) is a warning, and the command goes on with what is there."""
+    try:
+        finished = finish_cut_short(cfg)
+    except Exception as err:  # noqa: BLE001 - reading the export base must not depend on writing to it
+        print(f"tf-export: warning: a promotion cut short could not be finished: {redaction.redact(str(err))}",
+              file=sys.stderr)
+        return []
+    if finished:
+        print(f"tf-export: finished the promotion of version(s) {', '.join(map(str, finished))}, cut short "
+              f"earlier (listed without saved_model.pb until now)", file=sys.stderr)
+    return finished
+
+
 def cmd_status(args, cfg) -> int:
 
+    finished = _finish_cut_short(cfg)
     st = status(cfg)
+    if finished:
+        st["finished"] = finished
     rows = [[v["version"], v["step"], v["checkpoint"] or "(no manifest)", ",".join(v.get("labels") or []) or "-",
              "<- serving" if v["version"] == st["serving"] else ""] for v in st["versions"]]
     human = (_table(rows, ["VERSION", "STEP", "CHECKPOINT", "LABELS", ""]) if rows else "no published versions") + \
@@ -517,7 +535,9 @@ def _labels_line(view: dict) -> str:
 
 def cmd_labels(args, cfg) -> int:
 
-    view = ServingControl.from_config(cfg).view()
+    control = ServingControl.from_config(cfg)  # a config without a serving: section is refused first
+    _finish_cut_short(cfg)
+    view = control.view()
     _emit(args, view, _labels_line(view))
     return EXIT_OK
 
@@ -542,6 +562,7 @@ def _say_wait(args, control) -> None:
 def cmd_promote(args, cfg) -> int:
 
     control = ServingControl.from_config(cfg)
+    _finish_cut_short(cfg)
     _say_wait(args, control)
     rec = control.promote(args.version, label=args.label, now=args.now)
     _emit(args, rec, f"{args.label} -> version {args.version}\n" + _labels_line(control.view()))
@@ -551,6 +572,7 @@ def cmd_promote(args, cfg) -> int:
 def cmd_rollback(args, cfg) -> int:
 
     control = ServingControl.from_config(cfg)
+    _finish_cut_short(cfg)
     _say_wait(args, control)
     rec = control.rollback(to=args.to, now=args.now)
     _emit(args, rec, f"stable -> version {rec['labels_after'].get('stable')}\n" + _labels_line(control.view()))
@@ -559,7 +581,9 @@ def cmd_rollback(args, cfg) -> int:
 
 def cmd_history(args, cfg) -> int:
 
-    records = ServingControl.from_config(cfg).history()
+    control = ServingControl.from_config(cfg)
+    _finish_cut_short(cfg)
+    records = control.history()
     _emit(args, records, "\n".join(_change_line(r) for r in records) or "no changes recorded")
     return EXIT_OK
 

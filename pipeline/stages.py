@@ -697,6 +697,19 @@ def run_once(cfg: Config, checkpoint: str | None = None, versioning: str | None 
     return record
 
 
+def finish_cut_short(cfg: Config) -> list[int]:
+    """Finish every publish that was committed but whose promotion was cut short; the versions finished.
+
+    On an object store a move cut short (a process killed while it copied the
+    version's objects) leaves ``<base>/<V>/`` listed without ``saved_model.pb``,
+    which TF Serving may try to load under plain directory watching. ``status``
+    and the serving commands run this first, as ``run``, ``backfill`` and ``gc``
+    do, so the version does not stay partial until the next export. Safe beside
+    any other process: each promotion step happens once or finds it done.
+    """
+    return Context(cfg).publisher.finish_committed()["finished"]
+
+
 def status(cfg: Config) -> dict:
     """Published versions with their provenance, the one TF Serving serves (the highest, or with a
     ``serving:`` section what the model config file says: see :func:`served_version`), and the
@@ -733,4 +746,4 @@ def status(cfg: Config) -> dict:
 
 __all__ = ["publish_validated", "publish_in_order", "discover", "list_pending", "stage_export", "stage_validate",
            "stage_publish", "stage_prune",
-           "export_one", "run_once", "status", "public"]
+           "export_one", "run_once", "status", "finish_cut_short", "public"]
