@@ -1,4 +1,4 @@
-"""Airflow DAGs per model config: nightly, after training, backfill, and promote with serving labels.
+"""Airflow DAGs per model config: nightly, after training, backfill, promote with serving labels, finish.
 
 Every ``<model>.yaml`` in the config folder (``dags/configs/`` beside this
 file, or ``$TF_EXPORT_CONFIG_DIR``) yields:
@@ -33,6 +33,11 @@ file, or ``$TF_EXPORT_CONFIG_DIR``) yields:
     scheduled run, on ``airflow.promote_schedule``; none by default) check the
     canary instead: once it has been canary for ``airflow.soak_seconds`` and,
     with a ``gate:``, its metric is not worse than stable's, it becomes stable.
+``export_finish__<model>``
+    on ``airflow.finish_schedule``: by default (``auto``) every 3 minutes for
+    an export base on cloud storage and not at all on local disk. Finishes a
+    publish whose promotion was cut short (a process killed while it moved
+    the version's objects), within TF Serving's load retries.
 
 Every publish emits an event for the Asset of the export base; every label
 change one for the Asset of the model config file (``serving.model_config_file``).
@@ -72,6 +77,7 @@ from tf_export_pipeline.operators.assets import export_asset, requested_checkpoi
 from tf_export_pipeline.operators.export import (
     DiscoverCheckpointsOperator,
     ExportCheckpointOperator,
+    FinishPublishesOperator,
     PruneVersionsOperator,
     PublishVersionOperator,
     ValidateExportOperator,
@@ -294,6 +300,20 @@ def promote(model: str, path: str, cfg) -> DAG:
     return dag
 
 
+def finish(model: str, path: str, cfg) -> DAG:
+    with model_dag(
+        f"export_finish__{model}",
+        model,
+        description=f"Finish {model}'s promotions cut short on its object store",
+        schedule=cfg.finish_schedule,
+        doc_md=f"Config: `{path}`. On `{cfg.export_base}` a version is moved object by object; a process "
+               f"killed during the move leaves it listed without `saved_model.pb`. This DAG finishes such a "
+               f"move ({cfg.finish_schedule}), inside TF Serving's load retries, instead of at the next export.",
+    ) as dag:
+        FinishPublishesOperator(task_id="finish", config_path=path)
+    return dag
+
+
 def _parsing_bag():
     """The DagBag parsing this file, when a dag-processor (or ``airflow dags``) is parsing it; else None.
 
@@ -328,7 +348,8 @@ def report_config_error(file: Path, message: str, kind: str = "ConfigError") -> 
 
 
 # The config key each DAG's schedule comes from, to name it when Airflow cannot read the schedule.
-SCHEDULE_KEYS = {"nightly": "airflow.schedule", "promote": "airflow.promote_schedule"}
+SCHEDULE_KEYS = {"nightly": "airflow.schedule", "promote": "airflow.promote_schedule",
+                 "finish": "airflow.finish_schedule"}
 
 
 def build_model(file: Path, taken: dict[str, Path]) -> dict[str, DAG]:
@@ -344,6 +365,8 @@ def build_model(file: Path, taken: dict[str, Path]) -> dict[str, DAG]:
     builds = [nightly, after_training, backfill]
     if cfg.serving is not None and cfg.serving.policy == "labels":
         builds.append(promote)
+    if cfg.finish_schedule is not None:
+        builds.append(finish)
     dags: dict[str, DAG] = {}
     for build in builds:
         dag = build(model, str(file), cfg)

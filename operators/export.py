@@ -234,3 +234,20 @@ class PruneVersionsOperator(PipelineOperator):
             result = self.hook.prune(dry_run=as_bool(self.dry_run), keep_versions=mine)
         self.log.info("removed versions %s, staging %s", result["removed_versions"], result["removed_staging"])
         return xcom(result)
+
+
+class FinishPublishesOperator(PipelineOperator):
+    """Finishes every publish whose promotion was cut short (a process killed while it moved a version's
+    objects on an object store), so TF Serving does not keep meeting a partial version until the next
+    export. Returns ``{"finished": [versions]}``; nothing to do is a success."""
+
+    template_fields = ("config_path",)
+    ui_color = "#e6f4ea"
+
+    def execute(self, context: Context) -> dict:
+        with stage_errors():
+            finished = self.hook.finish_cut_short()
+        if finished:
+            self.log.info("finished the promotion of versions %s, cut short earlier", finished)
+        return {"finished": finished}
+

@@ -112,6 +112,10 @@ class ExportHook(BaseHook):
     def prune(self, dry_run: bool = False, keep_versions: tuple[int, ...] = ()) -> dict:
         return self._stages.stage_prune(self.config, dry_run=dry_run, keep_versions=keep_versions)
 
+    def finish_cut_short(self) -> list[int]:
+        """Finish every committed publish whose promotion was cut short; the versions finished."""
+        return self._stages.finish_cut_short(self.config)
+
     def public(self, record: dict) -> dict:
         return self._stages.public(record)
 

@@ -176,6 +176,13 @@ def _check_schedule(value: str | None) -> str | None:
     raise PydanticCustomError("schedule", "not a cron expression or preset ({detail})", {"detail": detail})
 
 
+AUTO_FINISH = "auto"
+#: What ``airflow.finish_schedule: auto`` means on an object store: TF Serving retries a failed load 5 times a
+#: minute apart (--max_num_load_retries, --load_retry_interval_micros), so a version finished within that
+#: window is loaded after all.
+FINISH_EVERY = "*/3 * * * *"
+
+
 class AirflowConfig(_Strict):
     schedule: str | None = Field("@daily", description="cron or preset of the nightly DAG")
     max_active_tis_per_dagrun: int = Field(4, ge=1, description="parallel exports in one backfill run")
@@ -184,12 +191,21 @@ class AirflowConfig(_Strict):
                                                            "(needs serving.policy: labels); none: manual runs only")
     soak_seconds: int = Field(86400, ge=0, description="how long a version is canary before the promote DAG's "
                                                        "check makes it stable")
+    finish_schedule: str | None = Field(
+        "auto", description="cron or preset of the finish DAG, which finishes promotions cut short on an object "
+                            "store; auto: every 3 minutes (inside TF Serving's 5 load retries a minute apart) "
+                            "when the export base is a cloud URL, no DAG on local disk; none: no DAG")
 
     @field_validator("schedule", "promote_schedule")
     @classmethod
     def _schedule_form(cls, value: str | None) -> str | None:
         # Airflow drops a DAG whose schedule it cannot read: refused here, every command says so.
         return _check_schedule(value)
+
+    @field_validator("finish_schedule")
+    @classmethod
+    def _finish_schedule_form(cls, value: str | None) -> str | None:
+        return value if value == AUTO_FINISH else _check_schedule(value)
 
 
 class Config(_Strict):
@@ -231,6 +247,15 @@ class Config(_Strict):
             shaping["warmup"] = True  # the warmup file is part of the version
         blob = json.dumps(shaping, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+    @property
+    def finish_schedule(self) -> str | None:
+        """The finish DAG's schedule, ``airflow.finish_schedule`` with ``auto`` resolved: on local disk a
+        promotion is one rename and nothing is left to finish, so no DAG."""
+        value = self.airflow.finish_schedule
+        if value != AUTO_FINISH:
+            return value
+        return FINISH_EVERY if is_url(self.export_base) and not self.export_base.startswith("file://") else None
 
     def with_overrides(self, **changes: Any) -> Config:
         clone = self.model_copy(update=changes)

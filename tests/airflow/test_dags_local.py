@@ -103,8 +103,8 @@ def test_dag_file_parses_without_tensorflow_and_yields_three_dags_per_config(tmp
     [(where, why)] = other["import_errors"].items()
     assert where == str(folder / "broken.yaml") and why.startswith("ConfigError: invalid config")
     assert str(folder / "broken.yaml") in why and other["tensorflow"] is False
-    assert sorted(other["dags"]) == sorted(f"export_{k}__{m}" for k in ("nightly", "after_training", "backfill")
-                                           for m in ("alpha", "beta"))
+    assert sorted(other["dags"]) == sorted([f"export_{k}__{m}" for k in ("nightly", "after_training", "backfill")
+                                            for m in ("alpha", "beta")] + ["export_finish__beta"])  # gs://
     assert other["dags"]["export_nightly__alpha"]["schedule"] == "0 3 * * *"
     assert other["dags"]["export_backfill__alpha"]["tasks"]["export_each.export"]["max_active_tis_per_dagrun"] == 5
     assert other["dags"]["export_after_training__beta"]["assets"] == ["gs://models-bucket/beta/train"]
