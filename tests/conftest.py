@@ -122,15 +122,29 @@ def trained_dir(tmp_path_factory) -> Path:
 
 
 def cli_popen(*args: str, env: dict | None = None, cwd: str | None = None, start_new_session: bool = False,
-              fresh: bool = False, mount_namespace_of: int | None = None):
+              fresh: bool = False, mount_namespace_of: int | None = None, hostname: str | None = None):
     """``tf-export ARGS`` started and not waited for: ``subprocess.Popen`` with ``stdout`` and ``stderr`` piped
-    as text, forked like :func:`run_cli` (or started anew with ``fresh`` or TF_EXPORT_TEST_FRESH_CLI=1)."""
+    as text, forked like :func:`run_cli` (or started anew with ``fresh`` or TF_EXPORT_TEST_FRESH_CLI=1).
+    With ``hostname`` (root only) the command runs on a host of that name (``unshare -u``)."""
     if fresh or os.environ.get("TF_EXPORT_TEST_FRESH_CLI"):
-        return subprocess.Popen(_in_mount_namespace(cli_cmd(*args), mount_namespace_of, cwd), env=cli_env(env),
-                                cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=start_new_session)
+        argv = _in_mount_namespace(cli_cmd(*args), mount_namespace_of, cwd)
+        if hostname:
+            argv = ["unshare", "-u", "sh", "-c", f'hostname {hostname} && exec "$@"', "sh", *argv]
+        return subprocess.Popen(argv, env=cli_env(env), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=start_new_session)
     return _fork_server().popen(list(args), cli_env(env), cwd, start_new_session=start_new_session,
-                                mount_namespace_of=mount_namespace_of)
+                                mount_namespace_of=mount_namespace_of, hostname=hostname)
+
+
+def assert_published_once(records: list[dict]) -> int:
+    """Racers of one checkpoint: every record names the one version; the ledger's winner reports
+    ``published``, and so does a racer that finished the winner's promotion (README: it "finishes the
+    committed publish and reports published"); the others ``skipped``. Returns the version."""
+    statuses = [r["status"] for r in records]
+    assert set(statuses) <= {"published", "skipped"} and "published" in statuses, statuses
+    versions = {r["version"] for r in records}
+    assert len(versions) == 1 and None not in versions, records
+    return versions.pop()
 
 
 def release_together(procs: list, release: Path, point: str = "publishing", limit: float = 180.0):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.conftest import PartialVersionWatcher, assert_no_partial_versions, cli_popen
+from tests.conftest import PartialVersionWatcher, assert_no_partial_versions, assert_published_once, cli_popen
 
 pytestmark = pytest.mark.slow
 
@@ -23,14 +23,8 @@ def test_four_processes_same_checkpoint_exactly_one_version(workspace):
             out, err = p.communicate(timeout=300)
             assert p.returncode == 0, err
             results.append(json.loads(out))
-    # One export wins the ledger; a racer that meets the committed entry before its promotion ended
-    # finishes that promotion and reports `published` too (README: "finishes the committed publish and
-    # reports published"); every other racer reports `skipped`. All name the one version.
-    statuses = [r["status"] for r in results]
-    assert set(statuses) <= {"published", "skipped"} and "published" in statuses, statuses
-    assert statuses.count("skipped") >= 1, statuses
-    versions = {r["version"] for r in results}
-    assert len(versions) == 1 and workspace.versions() == sorted(versions)
+    version = assert_published_once(results)
+    assert workspace.versions() == [version]
     assert len(list((workspace.base / "_exports" / "ledger").iterdir())) == 1
     assert not [e for e in workspace.entries() if e.startswith("temp-")]
     assert watcher.violations == []

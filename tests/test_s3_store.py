@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.conftest import CliResult, cli_popen, one_line_error, release_together, run_cli
+from tests.conftest import CliResult, assert_published_once, cli_popen, one_line_error, release_together, run_cli
 from tests.support.s3_fixtures import S3Bucket
 from tf_export_pipeline.errors import PipelineError
 from tf_export_pipeline.storage import S3Store, crc32c_of_file, open_storage
@@ -363,7 +363,7 @@ def test_four_racers_on_one_checkpoint_publish_it_once(tmp_path, trained_dir, s3
     assert held == len(procs), "every racer should have reached the publish step"
 
     records = [json.loads(o) for o in outs]
-    assert sorted(r["status"] for r in records) == ["published", "skipped", "skipped", "skipped"]
+    assert_published_once(records)
     assert len({r["version"] for r in records}) == 1
     version = records[0]["version"]
     assert sorted(versions_in(s3_bucket)) == [version]

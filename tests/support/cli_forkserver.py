@@ -66,12 +66,15 @@ class CliForkServer:
         return self.proc.poll() is None
 
     def popen(self, argv: list[str], env: dict, cwd: str | None = None,
-              start_new_session: bool = False, mount_namespace_of: int | None = None) -> ForkedProcess:
+              start_new_session: bool = False, mount_namespace_of: int | None = None,
+              hostname: str | None = None) -> ForkedProcess:
         """Start ``tf-export ARGV`` in a forked child and return at once, as ``subprocess.Popen`` with
         ``stdout=PIPE, stderr=PIPE, text=True`` does (``start_new_session`` too). With
-        ``mount_namespace_of``, the child enters that process's mount namespace first (``nsenter -m``)."""
+        ``mount_namespace_of``, the child enters that process's mount namespace first (``nsenter -m``); with
+        ``hostname``, it runs in a UTS namespace of its own under that name (``unshare -u``; root only)."""
         request = json.dumps({"argv": argv, "env": env, "cwd": cwd or os.getcwd(),
-                              "session": start_new_session, "mount_ns": mount_namespace_of}).encode()
+                              "session": start_new_session, "mount_ns": mount_namespace_of,
+                              "hostname": hostname}).encode()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -247,6 +250,18 @@ def _enter_mount_namespace(pid: int) -> None:
         os.close(fd)
 
 
+def _own_hostname(name: str) -> None:
+    """``unshare -u`` and ``hostname NAME`` for this (forked, single-threaded) process."""
+    import ctypes
+
+    clone_newuts = 0x04000000
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(clone_newuts) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"unshare(CLONE_NEWUTS): {os.strerror(err)}")
+    socket.sethostname(name)
+
+
 def _child(request: dict, fds: list[int]) -> None:
     """In the forked child: become the command, run it, exit with its status. Never returns."""
     rc = 1
@@ -266,6 +281,8 @@ def _child(request: dict, fds: list[int]) -> None:
         os.environ.update(request["env"])
         if request.get("mount_ns"):
             _enter_mount_namespace(int(request["mount_ns"]))
+        if request.get("hostname"):
+            _own_hostname(request["hostname"])
         os.chdir(request["cwd"])
         _start_up_paths(request["env"])
         sys.argv = ["tf-export", *request["argv"]]
