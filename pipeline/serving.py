@@ -24,11 +24,12 @@ versions no label needs, keeping those another promotion has just listed and
 is about to label (dropping one would make the server unload what it just
 loaded, and that promotion start over). Every write is atomic (a temporary
 name, then a rename, under a lock file, on local disk; one upload conditional
-on the previous generation on GCS), so two promotions at once never lose an
-update: the one that loses re-reads the file and tries again. Every change is
-recorded in the export base, ``_exports/serving/history/``, one create-only
-record per write, in the order of the writes; a record that does not read as
-one (edited by hand, torn) is skipped with a warning naming it.
+on the previous generation on GCS, or on the previous ETag on S3 and Azure
+Blob), so two promotions at once never lose an update: the one that loses
+re-reads the file and tries again. Every change is recorded in the export
+base, ``_exports/serving/history/``, one create-only record per write, in the
+order of the writes; a record that does not read as one (edited by hand, torn)
+is skipped with a warning naming it.
 
 An entry belongs to the export base its ``base_path`` names: a config whose
 model name's entry serves another export base (a copied config that kept the
@@ -70,7 +71,7 @@ STABLE, CANARY = "stable", "canary"
 LABEL_PATTERN = re.compile(r"^[a-zA-Z0-9_]+$")
 WRITE_ATTEMPTS = 8
 RELOAD_MARGIN_MAX_SECONDS = 30.0
-WRITE_NONCE_KEY = "tf-export-write"
+WRITE_NONCE_KEY = "tf_export_write"  # an identifier: Azure Blob metadata names allow no hyphen
 HISTORY_METADATA_KEY = "tf-export-record"
 # How long past its reload wait a version listed by a promotion counts as about to be labelled. A
 # promotion that died between its two writes leaves its version listed this long, no longer.
@@ -99,13 +100,16 @@ def _protos():
 
 # -- the file ---------------------------------------------------------------------------
 class ModelConfigFile:
-    """Read and conditionally write one model config file, local or on GCS."""
+    """Read and conditionally write one model config file: on local disk under a lock and replaced in one
+    rename; on GCS, S3 or Azure Blob written back only if it is still the object read (its generation or
+    ETag), so two writers never lose each other's change."""
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
         self.url = url
         self.store: Storage = open_storage(url, storage_options)
-        if not (self.store.is_local or self.store.is_gcs):
-            raise ConfigError(f"serving.model_config_file must be a local path or a gs:// URL: {url}")
+        if not (self.store.is_local or self.store.conditional_overwrite):
+            raise ConfigError(f"serving.model_config_file must be a local path or a gs://, s3:// or az:// URL "
+                              f"(a store with conditional overwrites): {url}")
         self.path = self.store.root
 
     def parse(self, data: bytes):
@@ -135,24 +139,16 @@ class ModelConfigFile:
                 return pb2.ModelServerConfig(), "local"
             except IsADirectoryError:
                 raise ConfigError(f"model config file is a directory: {self.url}") from None
-        for _ in range(WRITE_ATTEMPTS):
-            try:
-                before = self.store.object_info(self.path)
-            except FileNotFoundError:
-                return pb2.ModelServerConfig(), 0
-            try:
-                data = self.store.read_bytes(self.path)
-                same = self.store.object_info(self.path).get("generation") == before.get("generation")
-            except FileNotFoundError:
-                continue  # replaced or removed between the two requests: read it again
-            if same:  # the bytes are those of the generation the write will be conditional on
-                return self.parse(data), before["generation"]
-        raise PipelineError(f"model config file keeps changing while it is read: {self.url}")
+        try:
+            data, token = self.store.read_versioned(self.path)
+        except FileNotFoundError:
+            return pb2.ModelServerConfig(), None  # the write must then create it
+        return self.parse(data), token
 
     def write(self, config, token: Any) -> str | None:
         """Write ``config`` if the file is still the one read with ``token``; else ConcurrentChange.
 
-        Returns the new generation on GCS (None on local disk).
+        Returns the new generation or ETag on an object store (None on local disk).
         """
         _, text_format = _protos()
         data = text_format.MessageToString(config).encode()
@@ -172,25 +168,23 @@ class ModelConfigFile:
                 if os.path.lexists(tmp):
                     os.unlink(tmp)
             return None
-        # The upload carries a nonce: when the answer to it is lost and gcsfs retries, the retry
+        # The upload carries a nonce: when the answer to it is lost and the client retries, the retry
         # meets a precondition failure caused by our own write, which the nonce tells apart.
         nonce = secrets.token_hex(16)
         try:
-            out = self.store.upload(self.path, data, {WRITE_NONCE_KEY: nonce}, if_generation_match=token,
-                                    action="writing the model config file")
-        except FileExistsError:
+            return self.store.write_if(self.path, data, token, {WRITE_NONCE_KEY: nonce})
+        except (FileExistsError, FileNotFoundError):  # changed, created or removed since it was read
             try:
-                now = self.store.object_info(self.path)
+                now, metadata = self.store.token_of(self.path)
             except FileNotFoundError:
                 raise ConcurrentChange(self.url) from None
-            if (now.get("metadata") or {}).get(WRITE_NONCE_KEY) == nonce:
-                return now.get("generation")
+            if metadata.get(WRITE_NONCE_KEY) == nonce:
+                return now
             raise ConcurrentChange(self.url) from None
-        return (out or {}).get("generation")
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        """Serialise read-modify-write between processes on local disk (GCS uses generations)."""
+        """Serialise read-modify-write between processes on local disk (object stores use conditions)."""
         if not self.store.is_local:
             yield
             return
@@ -682,7 +676,7 @@ class ServingControl:
                "labels_before": before.labels, "labels_after": after.labels,
                "host": socket.gethostname(), "written": written}
         if generation is not None:
-            rec["generation"] = str(generation)  # of the file this write made (GCS)
+            rec["generation"] = str(generation)  # of the file this write made (GCS generation, S3/Azure ETag)
         if written:
             path = self.base.join(self.base.root, *HISTORY_DIR, rec["id"] + ".json")
             text = json.dumps(rec, sort_keys=True)

@@ -156,6 +156,7 @@ class AzureBlobStore(Store):
     """A container (and a root prefix in it) in Azure Blob Storage or Azurite."""
 
     protocols = ("az", "abfs", "abfss")
+    conditional_overwrite = True
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
         super().__init__(url, storage_options)
@@ -340,14 +341,15 @@ class AzureBlobStore(Store):
     def makedirs(self, path: str) -> None:
         """Nothing to do: a flat namespace has no directories to make."""
 
-    async def _put(self, path: str, data: bytes, metadata: dict[str, str], overwrite: bool) -> dict[str, Any]:
+    async def _put(self, path: str, data: bytes, metadata: dict[str, str], overwrite: bool,
+                   **condition: Any) -> dict[str, Any]:
         from azure.storage.blob import ContentSettings
 
         # validate_content: the server checks the body against its Content-MD5 and keeps that MD5.
         ctype = mimetypes.guess_type(path)[0] or "application/octet-stream"
         return await self._blob(path).upload_blob(data, overwrite=overwrite, metadata=metadata,
                                                   validate_content=True,
-                                                  content_settings=ContentSettings(content_type=ctype))
+                                                  content_settings=ContentSettings(content_type=ctype), **condition)
 
     def write_bytes(self, path: str, data: bytes) -> None:
         self._run("writing", path, lambda: self._put(path, data, {}, overwrite=True))
@@ -371,6 +373,28 @@ class AzureBlobStore(Store):
                 return False  # released by its owner in the meantime: not ours either
             return (props.metadata or {}).get(NONCE_KEY) == nonce
         return True
+
+    def read_versioned(self, path: str) -> tuple[bytes, str]:
+        async def read():
+            stream = await self._blob(path).download_blob()  # one Get Blob: bytes and ETag together
+            return await stream.readall(), stream.properties.etag
+
+        return self._run("reading", path, read)
+
+    def write_if(self, path: str, data: bytes, token: str | None, metadata: dict[str, str] | None = None) -> str:
+        from azure.core import MatchConditions
+
+        meta = blob_metadata(metadata)
+        if token is None:  # If-None-Match: *
+            out = self._run("writing (conditional)", path, lambda: self._put(path, data, meta, overwrite=False))
+        else:  # If-Match: the ETag read
+            out = self._run("writing (conditional)", path, lambda: self._put(
+                path, data, meta, overwrite=True, etag=token, match_condition=MatchConditions.IfNotModified))
+        return str((out or {}).get("etag") or "")
+
+    def token_of(self, path: str) -> tuple[str, dict[str, str]]:
+        props = self._run("reading blob properties", path, lambda: self._blob(path).get_blob_properties())
+        return str(props.etag), dict(props.metadata or {})
 
     def remove_if_torn(self, path: str, torn: Callable[[bytes], bool]) -> bool:
         from azure.core import MatchConditions

@@ -66,6 +66,9 @@ class Store:
     # Kept for callers that choose behaviour outside storage (serving, promotion, retention).
     is_local = False
     is_gcs = False
+    #: Whether :meth:`read_versioned`, :meth:`write_if` and :meth:`token_of` are offered (a model config
+    #: file read, changed and written back only if nobody wrote it in between).
+    conditional_overwrite = False
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
         try:
@@ -130,6 +133,22 @@ class Store:
         A backend whose paths live in containers (GCS buckets) tells a missing
         container from a missing object here.
         """
+
+    # -- read-modify-write -------------------------------------------------------
+    def read_versioned(self, path: str) -> tuple[bytes, str]:
+        """The object's bytes and a token naming exactly that content (GCS: its generation; S3 and Azure:
+        its ETag), for :meth:`write_if`. FileNotFoundError when there is no such object."""
+        raise NotImplementedError(f"{type(self).__name__} offers no conditional overwrite")
+
+    def write_if(self, path: str, data: bytes, token: str | None, metadata: dict[str, str] | None = None) -> str:
+        """Write ``data`` only if the object is still the one :meth:`read_versioned` gave ``token`` for
+        (``None``: only if there is no object). Raises FileExistsError when it changed or appeared;
+        returns the new object's token."""
+        raise NotImplementedError(f"{type(self).__name__} offers no conditional overwrite")
+
+    def token_of(self, path: str) -> tuple[str, dict[str, str]]:
+        """The object's token (as :meth:`read_versioned` gives it) and its metadata; FileNotFoundError."""
+        raise NotImplementedError(f"{type(self).__name__} offers no conditional overwrite")
 
     # -- reading ---------------------------------------------------------------
     def exists(self, path: str) -> bool:

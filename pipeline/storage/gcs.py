@@ -60,11 +60,15 @@ def split(path: str) -> tuple[str, str]:
     return bucket, key
 
 
+READ_VERSIONED_ATTEMPTS = 8  # a generation that changes between the reads of its metadata and its bytes
+
+
 class GcsStore(Store):
     """A bucket (and a root prefix in it) on Google Cloud Storage or an emulator of it."""
 
     protocols = ("gs", "gcs")
     is_gcs = True
+    conditional_overwrite = True
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
         super().__init__(url, storage_options)
@@ -136,6 +140,28 @@ class GcsStore(Store):
         bucket, key = split(path)
         with self._errors("reading object metadata", path):
             return self.fs.call("GET", "b/{}/o/{}", bucket, key, json_out=True)
+
+    def read_versioned(self, path: str) -> tuple[bytes, str]:
+        # The generation is read before and after the bytes: equal, the bytes are that generation's.
+        for _ in range(READ_VERSIONED_ATTEMPTS):
+            before = self.object_info(path)
+            try:
+                data = self.read_bytes(path)
+                same = self.object_info(path).get("generation") == before.get("generation")
+            except FileNotFoundError:
+                continue  # replaced or removed between the two requests: read it again
+            if same:
+                return data, str(before["generation"])
+        raise PipelineError(f"object keeps changing while it is read: {self.url(path)}")
+
+    def write_if(self, path: str, data: bytes, token: str | None, metadata: dict[str, str] | None = None) -> str:
+        out = self.upload(path, data, metadata, if_generation_match=0 if token is None else token,
+                          action="writing (conditional)")
+        return str((out or {}).get("generation"))
+
+    def token_of(self, path: str) -> tuple[str, dict[str, str]]:
+        info = self.object_info(path)
+        return str(info.get("generation")), dict(info.get("metadata") or {})
 
     def _entry(self, bucket: str, obj: dict, base_key: str = "", relative: bool = False) -> Entry:
         name = obj["name"]

@@ -72,7 +72,7 @@ CONFLICT_ATTEMPTS = 5           # 409 ConditionalRequestConflict: another condit
 PROBE_PREFIX = ".create-only-probe-"
 # The request parameters the guarantees rest on. s3fs drops any keyword its botocore does not know,
 # which would turn a conditional request into a plain one; so they are checked before the first use.
-CONDITIONAL_PARAMETERS = {"PutObject": ("IfNoneMatch",), "CopyObject": ("IfNoneMatch",),
+CONDITIONAL_PARAMETERS = {"PutObject": ("IfNoneMatch", "IfMatch"), "CopyObject": ("IfNoneMatch",),
                           "DeleteObject": ("IfMatch",), "CompleteMultipartUpload": ("IfNoneMatch",)}
 
 # S3 error codes -> the cause, in words a user can act on. Checked in order: code first, then HTTP status.
@@ -166,6 +166,7 @@ class S3Store(Store):
     """A bucket (and a root prefix in it) on Amazon S3 or an S3-compatible server."""
 
     protocols = ("s3", "s3a")
+    conditional_overwrite = True
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
         options = dict(storage_options or {})
@@ -469,6 +470,27 @@ class S3Store(Store):
                 return (head.get("Metadata") or {}).get(NONCE_KEY) == nonce
         raise PipelineError(f"create-only write kept conflicting with concurrent writes (HTTP 409 "
                             f"ConditionalRequestConflict, {CONFLICT_ATTEMPTS} attempts): {self.url(path)}")
+
+    def read_versioned(self, path: str) -> tuple[bytes, str]:
+        data, etag = self._get(path)  # one GetObject: the bytes and the ETag of the same object
+        return data, etag or ""
+
+    def write_if(self, path: str, data: bytes, token: str | None, metadata: dict[str, str] | None = None) -> str:
+        self._check_parameters()
+        condition = {"IfNoneMatch": "*"} if token is None else {"IfMatch": etag_of(token)}
+        meta = {k: v for k, v in (metadata or {}).items() if str(v).isascii()}
+        for attempt in range(CONFLICT_ATTEMPTS):
+            try:
+                out = self._put(path, data, meta, "writing (conditional)", **condition)
+                return etag_of(out.get("ETag")) or ""
+            except _Conflict:
+                backoff(attempt)
+        raise PipelineError(f"conditional write kept conflicting with concurrent writes (HTTP 409 "
+                            f"ConditionalRequestConflict, {CONFLICT_ATTEMPTS} attempts): {self.url(path)}")
+
+    def token_of(self, path: str) -> tuple[str, dict[str, str]]:
+        head = self._head(path)
+        return etag_of(head.get("ETag")) or "", dict(head.get("Metadata") or {})
 
     def _require_create_only(self, path: str) -> None:
         """Refuse a server that accepts ``If-None-Match: *`` and ignores it (once per bucket and process).
