@@ -74,7 +74,9 @@ def snapshot(proxy) -> dict:
 
 def run_ours(store, proxy, model_dir: str, work_dir: str, version: int) -> dict:
     from tf_export_pipeline.checkpoints import Checkpoint
+    from tf_export_pipeline.layout import MANIFEST
     from tf_export_pipeline.publish import Publisher
+    from tf_export_pipeline.publish.staging import file_list
 
     name = f"temp-{int(time.time())}-{version:08x}"
     staging = store.join(store.root, name)
@@ -108,7 +110,8 @@ def run_ours(store, proxy, model_dir: str, work_dir: str, version: int) -> dict:
         marks["after"] = len(proxy.log)
 
     pub.strategy.promote = counted
-    rec = pub.publish(staging=staging, checkpoint=ckpt, ledger_key=f"bench-{version}", config_hash="bench",
+    files = {k: v for k, v in file_list(model_dir).items() if k != MANIFEST}  # made at export, as a run does
+    rec = pub.publish(staging=staging, files=files, checkpoint=ckpt, ledger_key=f"bench-{version}", config_hash="bench",
                       versioning="step", max_claim_attempts=3, validation={"ok": True})
     store.rm(work, recursive=True)
     publish = {**snapshot(proxy), "seconds": time.monotonic() - started}
