@@ -263,11 +263,8 @@ class FaultProxy:
             ) as resp:
                 payload = await resp.read()
                 status = resp.status
-                out_headers = [
-                    (k, v)
-                    for k, v in resp.headers.items()
-                    if k.lower() not in _HOP_BY_HOP
-                ]
+                resp_headers_all = list(resp.headers.items())
+                out_headers = [(k, v) for k, v in resp_headers_all if k.lower() not in _HOP_BY_HOP]
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             with self._lock:
                 self.counters.upstream_errors += 1
@@ -285,6 +282,10 @@ class FaultProxy:
             return web.Response(status=599)
 
         response = web.Response(status=status, body=payload)
+        if method == "HEAD":  # no body to count: the object's size is the upstream's Content-Length
+            length = next((v for k, v in resp_headers_all if k.lower() == "content-length"), None)
+            if length is not None:
+                response.headers["Content-Length"] = length
         for k, v in out_headers:
             if k.lower() == "location":
                 v = v.replace(self.upstream, self.url)
