@@ -9,12 +9,14 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
 import re
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from tf_export_pipeline import __version__, redaction
@@ -342,24 +344,29 @@ def cmd_backfill(args, cfg) -> int:
     return EXIT_OK
 
 
-def _finish_cut_short(cfg) -> list[int]:
-    """Finish promotions cut short before reading the export base (see :func:`finish_cut_short`); a failure
-    (e.g. read-only credentials) is a warning, and the command goes on with what is there."""
+@contextlib.contextmanager
+def _finishing_cut_short(cfg) -> Iterator[list[int]]:
+    """Finish promotions cut short before the command reads the export base (see :func:`finish_cut_short`),
+    yielding the versions finished. What it did, or a failure to do it (read-only credentials), is said on
+    stderr once the command succeeded; a command that fails says only its own one-line error."""
     try:
-        finished = finish_cut_short(cfg)
+        finished, problem = finish_cut_short(cfg), None
     except Exception as err:  # noqa: BLE001 - reading the export base must not depend on writing to it
-        print(f"tf-export: warning: a promotion cut short could not be finished: {redaction.redact(str(err))}",
-              file=sys.stderr)
-        return []
-    if finished:
+        finished, problem = [], redaction.redact(str(err))
+    yield finished
+    if problem:
+        print(f"tf-export: warning: a promotion cut short could not be finished: {problem}", file=sys.stderr)
+    elif finished:
         print(f"tf-export: finished the promotion of version(s) {', '.join(map(str, finished))}, cut short "
               f"earlier (listed without saved_model.pb until now)", file=sys.stderr)
-    return finished
 
 
 def cmd_status(args, cfg) -> int:
+    with _finishing_cut_short(cfg) as finished:
+        return _status(args, cfg, finished)
 
-    finished = _finish_cut_short(cfg)
+
+def _status(args, cfg, finished: list[int]) -> int:
     st = status(cfg)
     if finished:
         st["finished"] = finished
@@ -536,9 +543,9 @@ def _labels_line(view: dict) -> str:
 def cmd_labels(args, cfg) -> int:
 
     control = ServingControl.from_config(cfg)  # a config without a serving: section is refused first
-    _finish_cut_short(cfg)
-    view = control.view()
-    _emit(args, view, _labels_line(view))
+    with _finishing_cut_short(cfg):
+        view = control.view()
+        _emit(args, view, _labels_line(view))
     return EXIT_OK
 
 
@@ -562,29 +569,29 @@ def _say_wait(args, control) -> None:
 def cmd_promote(args, cfg) -> int:
 
     control = ServingControl.from_config(cfg)
-    _finish_cut_short(cfg)
-    _say_wait(args, control)
-    rec = control.promote(args.version, label=args.label, now=args.now)
-    _emit(args, rec, f"{args.label} -> version {args.version}\n" + _labels_line(control.view()))
+    with _finishing_cut_short(cfg):
+        _say_wait(args, control)
+        rec = control.promote(args.version, label=args.label, now=args.now)
+        _emit(args, rec, f"{args.label} -> version {args.version}\n" + _labels_line(control.view()))
     return EXIT_OK
 
 
 def cmd_rollback(args, cfg) -> int:
 
     control = ServingControl.from_config(cfg)
-    _finish_cut_short(cfg)
-    _say_wait(args, control)
-    rec = control.rollback(to=args.to, now=args.now)
-    _emit(args, rec, f"stable -> version {rec['labels_after'].get('stable')}\n" + _labels_line(control.view()))
+    with _finishing_cut_short(cfg):
+        _say_wait(args, control)
+        rec = control.rollback(to=args.to, now=args.now)
+        _emit(args, rec, f"stable -> version {rec['labels_after'].get('stable')}\n" + _labels_line(control.view()))
     return EXIT_OK
 
 
 def cmd_history(args, cfg) -> int:
 
     control = ServingControl.from_config(cfg)
-    _finish_cut_short(cfg)
-    records = control.history()
-    _emit(args, records, "\n".join(_change_line(r) for r in records) or "no changes recorded")
+    with _finishing_cut_short(cfg):
+        records = control.history()
+        _emit(args, records, "\n".join(_change_line(r) for r in records) or "no changes recorded")
     return EXIT_OK
 
 
