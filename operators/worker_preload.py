@@ -12,26 +12,11 @@ belongs to no task.
 from __future__ import annotations
 
 import os
-import sys
 
-
-def _import_quietly(names: tuple[str, ...]) -> None:
-    # TensorFlow's C++ start-up lines ignore Python's logging; its stderr descriptor is pointed away.
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        for name in names:
-            __import__(name)
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
+from tf_export_pipeline.quiet_tf import import_modules_silently
 
 #: What every export and validate task imports: TensorFlow, Keras and the stages over them.
 PRELOADED = ("tensorflow", "keras", "tf_export_pipeline.stages")
 
-_import_quietly(PRELOADED)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the tasks' own TensorFlow logs: warnings and up
+import_modules_silently(PRELOADED)

@@ -68,3 +68,26 @@ def import_tensorflow_quietly():
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     _QUIETED_PID = os.getpid()
     return tf
+
+
+def import_modules_silently(names: tuple[str, ...]) -> None:
+    """Import ``names`` with stderr's file descriptor pointed at /dev/null, running no TensorFlow op.
+
+    For a process that imports TensorFlow ahead of the work that will use it and
+    then forks (a Celery worker before its pool, a process forking commands):
+    no op means no TensorFlow thread pool for the fork to copy, and the
+    import's start-up lines belong to no command, so they go nowhere. Each
+    forked process's first op still runs under :func:`import_tensorflow_quietly`.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        for name in names:
+            __import__(name)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+

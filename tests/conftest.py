@@ -136,6 +136,26 @@ def cli_popen(*args: str, env: dict | None = None, cwd: str | None = None, start
                                 mount_namespace_of=mount_namespace_of, hostname=hostname)
 
 
+def kill_at_hold(point: str, *args: str, env: dict | None = None) -> None:
+    """``tf-export ARGS`` with ``TF_EXPORT_TEST_HOLD=<point>``: wait until it holds there, then SIGKILL every
+    process of its session (as a lost machine would stop it)."""
+    import signal
+
+    proc = cli_popen(*args, env={**(env or {}), "TF_EXPORT_TEST_HOLD": point}, start_new_session=True)
+    try:
+        for line in proc.stderr:
+            if f"holding at {point}" in line:
+                break
+        else:
+            raise AssertionError(f"tf-export {args[0]} ended before reaching {point} (exit {proc.wait()})")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(30)
+
+
 def assert_published_once(records: list[dict]) -> int:
     """Racers of one checkpoint: every record names the one version; the ledger's winner reports
     ``published``, and so does a racer that finished the winner's promotion (README: it "finishes the

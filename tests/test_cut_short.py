@@ -9,12 +9,9 @@ load. The next ``status`` finishes the move and says so.
 
 from __future__ import annotations
 
-import os
-import signal
-
 import pytest
 
-from tests.conftest import cli_popen, run_cli
+from tests.conftest import kill_at_hold, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -33,26 +30,13 @@ def _workspace(store: str, request, tmp_path, trained_dir) -> tuple[str, str, di
     return str(workspace(tmp_path, trained_dir, container)), container.url(BASE), container.storage_options
 
 
-def _kill_while_promoting(config: str) -> None:
-    proc = cli_popen("run", "--json", "--config", config, env={"TF_EXPORT_TEST_HOLD": "promoting"})
-    try:
-        for line in proc.stderr:
-            if "holding at promoting" in line:
-                break
-        else:
-            pytest.fail(f"the publisher never reached the promotion (exit {proc.wait()})")
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(30)
-
-
 @pytest.mark.parametrize("store", ["s3", "az"])
 def test_a_move_cut_short_is_finished_by_the_next_status(store, request, tmp_path, trained_dir):
     from tf_export_pipeline.publish import Publisher
     from tf_export_pipeline.storage import open_storage
 
     config, base_url, options = _workspace(store, request, tmp_path, trained_dir)
-    _kill_while_promoting(config)
+    kill_at_hold("promoting", "run", "--json", "--config", config)
     publisher = Publisher(open_storage(base_url, options))
     [version] = publisher.versions()  # listed, as TF Serving would list it ...
     assert not publisher.is_whole(publisher.version_path(version))  # ... without saved_model.pb

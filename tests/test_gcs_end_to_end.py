@@ -12,7 +12,6 @@ fresh gcsfs instance), never through the pipeline's storage layer.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 import uuid
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import CliResult, cli_env, cli_popen, release_together, run_cli
+from tests.conftest import CliResult, cli_env, cli_popen, kill_at_hold, release_together, run_cli
 from tests.support.gcs_fixtures import (  # noqa: F401  (fixtures)
     GcsBucket,
     fast_gcs_retries,
@@ -383,18 +382,7 @@ def test_concurrent_exporters_one_version_per_checkpoint(gcs_ws, tmp_path):
 
 # -- a publisher killed in the middle of moving objects ----------------------------------------
 def test_killed_mid_promotion_leaves_no_loadable_partial_and_next_run_finishes(gcs_ws):
-    import signal
-
-    proc = cli_popen("run", "--json", "--config", str(gcs_ws.config), env={"TF_EXPORT_TEST_HOLD": "promoting"})
-    try:
-        for line in proc.stderr:
-            if "holding at promoting" in line:
-                break
-        else:
-            pytest.fail(f"the publisher never reached the promotion: {proc.wait()}")
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(30)
+    kill_at_hold("promoting", "run", "--json", "--config", str(gcs_ws.config))
     # every object but saved_model.pb was copied: TF Serving's rule holds, the version does not load
     [(version, files)] = versions_in(gcs_ws.bucket).items()
     assert "saved_model.pb" not in files and "variables/variables.index" in files

@@ -9,14 +9,12 @@ process was SIGKILLed after its commit point.
 from __future__ import annotations
 
 import json
-import os
-import signal
 
 import pytest
 
 from tests.airflow.conftest import model_dags, task_states, versions, xcom
 from tests.airflow.test_dags_local import parse_in_fresh_process
-from tests.conftest import cli_popen, run_cli
+from tests.conftest import kill_at_hold, run_cli
 
 pytestmark = pytest.mark.timeout(300, method="thread")
 
@@ -54,16 +52,7 @@ def test_a_run_of_the_finish_dag_finishes_a_publish_killed_after_its_commit(tmp_
     m = model_dags(tmp_path / "ws", "finisher", trained_dir, versioning="step",
                    airflow={"finish_schedule": "@hourly"})
     base = m.config.parent / "serving" / "demo_regressor"
-    proc = cli_popen("run", "--json", "--config", str(m.config), env={"TF_EXPORT_TEST_HOLD": "ledgered"})
-    try:
-        for line in proc.stderr:
-            if "holding at ledgered" in line:
-                break
-        else:
-            pytest.fail(f"the run never reached its commit point (exit {proc.wait()})")
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(30)
+    kill_at_hold("ledgered", "run", "--json", "--config", str(m.config))
     [entry] = [json.loads(p.read_text()) for p in (base / "_exports" / "ledger").iterdir()]
     assert versions(base) == []  # committed, not promoted
 

@@ -209,18 +209,9 @@ class ForkedProcess:
 
 # -- the server process ---------------------------------------------------------------
 def _preload() -> None:
-    # Imported with stderr pointed away: the import's start-up lines belong to no command.
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        for name in PRELOAD:
-            __import__(name)
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+    from tf_export_pipeline.quiet_tf import import_modules_silently
+
+    import_modules_silently(PRELOAD)
 
 
 def _start_up_paths(env: dict) -> None:
