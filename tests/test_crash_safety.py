@@ -19,8 +19,9 @@ from tests.conftest import (
 pytestmark = pytest.mark.slow
 
 
-def _start(workspace, env=None):
-    return cli_popen("run", "--config", str(workspace.config), "--json", env=env, start_new_session=True)
+def _start(workspace, env=None, fresh=False):
+    return cli_popen("run", "--config", str(workspace.config), "--json", env=env, start_new_session=True,
+                     fresh=fresh)
 
 
 def _wait_for(predicate, timeout=120.0, what=""):
@@ -91,7 +92,9 @@ def test_killed_during_export_as_staging_appears(workspace):
 
 def test_killed_while_the_validation_process_runs(workspace):
     with PartialVersionWatcher(workspace.base) as watcher:
-        proc = _start(workspace)
+        # Started anew, so that its validation process is a new Python too: one forked by the tests' CLI
+        # server validates in well under the half second this waits.
+        proc = _start(workspace, fresh=True)
 
         def validating():
             # The validation process starts with the export; it validates once the export wrote its file list.

@@ -23,6 +23,16 @@ log lines, the console script): the tests of those start Python anew
 confines a CLI process (they start it with ``subprocess.Popen``).
 ``TF_EXPORT_TEST_FRESH_CLI=1`` makes every run start Python anew.
 
+A forked command's validation process comes from the same server: the child's
+``sys.executable`` is a small launcher (written next to the socket) that, for
+``-m tf_export_pipeline.validate.worker``, asks the server to fork a child that
+runs that module with the launcher's stdin, stdout and stderr, and waits for its
+status; for anything else it execs the real Python. The validation child never
+held the exporter's objects (it is forked from the server, not from the
+command), so what the gate proves is unchanged: the SavedModel is loaded from
+disk by another process. When the launcher dies (a timeout or a kill of the
+command's process group), the server kills the child it stands for.
+
 The server is single-threaded (forking a threaded process can copy a held
 lock): one ``select`` loop accepts requests and reaps children.
 """
@@ -41,6 +51,43 @@ import time
 
 # What the children share: TensorFlow, Keras and what they pull in (nothing of this project).
 PRELOAD = ("numpy", "tensorflow", "keras")
+# The modules a forked command's launcher runs in a child of the server rather than in a new Python.
+FORKED_MODULES = ("tf_export_pipeline.validate.worker",)
+SOCKET_ENV = "TF_EXPORT_TEST_FORK_SOCKET"
+REAL_PYTHON_ENV = "TF_EXPORT_TEST_REAL_PYTHON"
+
+# The launcher a forked command sees as sys.executable; run by the real Python with -SE (stdlib only).
+LAUNCHER = """\
+import json, os, signal, socket, sys
+
+args = sys.argv[1:]
+path = os.environ.get({socket_env!r})
+if not path or len(args) < 2 or args[0] != "-m" or args[1] not in {modules!r}:
+    real = os.environ.get({real_env!r}) or {real!r}
+    os.execv(real, [real, *args])
+conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+conn.connect(path)
+request = {{"module": args[1], "argv": args[2:], "env": dict(os.environ), "cwd": os.getcwd(), "watch": True,
+           "mount_ns": os.getpid()}}
+socket.send_fds(conn, [json.dumps(request).encode() + b"\\n"], [0, 1, 2])
+reader = conn.makefile("r")
+pid = int(json.loads(reader.readline())["pid"])
+
+def forward(signum, frame):
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(sig, forward)
+line = reader.readline()
+rc = int(json.loads(line)["rc"]) if line else 1
+if rc < 0:
+    signal.signal(-rc, signal.SIG_DFL)
+    os.kill(os.getpid(), -rc)
+sys.exit(rc)
+"""
 
 
 class CliForkServer:
@@ -120,11 +167,9 @@ class CliForkServer:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-        try:
-            os.unlink(self.path)
-            os.rmdir(self.folder)
-        except OSError:
-            pass
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 class ForkedProcess:
@@ -230,6 +275,9 @@ def _enter_mount_namespace(pid: int) -> None:
     """``nsenter -t PID -m`` for this (single-threaded, forked) process: setns(2) on PID's mount namespace."""
     import ctypes
 
+    if os.readlink(f"/proc/{pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt"):
+        return
+
     clone_newns = 0x00020000
     libc = ctypes.CDLL(None, use_errno=True)
     fd = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY)
@@ -253,7 +301,40 @@ def _own_hostname(name: str) -> None:
     socket.sethostname(name)
 
 
-def _child(request: dict, fds: list[int]) -> None:
+def _write_launcher(path: str) -> str:
+    """The launcher, next to the server's socket at ``path``."""
+    launcher = os.path.join(os.path.dirname(path), "python")
+    with open(launcher, "w", encoding="utf-8") as fh:
+        fh.write(f"#!{sys.executable} -SE\n")  # one option word: a shebang passes what follows as one argument
+        fh.write(LAUNCHER.format(socket_env=SOCKET_ENV, modules=FORKED_MODULES, real_env=REAL_PYTHON_ENV,
+                                 real=sys.executable))
+    os.chmod(launcher, 0o755)
+    return launcher
+
+
+def _run_module(request: dict) -> int:
+    """``python -m MODULE ARGV`` in this child (a validation process of a forked command)."""
+    import runpy
+
+    sys.argv = [request["module"], *request["argv"]]
+    os.environ.pop(SOCKET_ENV, None)  # its own children start Python anew
+    runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+    return 0
+
+
+def _run_command(request: dict, path: str, launcher: str) -> int:
+    """``tf-export ARGV`` in this child; its Python subprocesses start from ``launcher``, which asks the server
+    at ``path`` for a validation process."""
+    sys.argv = ["tf-export", *request["argv"]]
+    os.environ[SOCKET_ENV] = path
+    os.environ[REAL_PYTHON_ENV] = sys.executable
+    sys.executable = launcher
+    from tf_export_pipeline.cli import main
+
+    return main(request["argv"])
+
+
+def _child(request: dict, fds: list[int], path: str, launcher: str) -> None:
     """In the forked child: become the command, run it, exit with its status. Never returns."""
     rc = 1
     try:
@@ -262,12 +343,18 @@ def _child(request: dict, fds: list[int]) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.dup2(fds[0], 1)
-        os.dup2(fds[1], 2)
-        for fd in (devnull, *fds):
-            os.close(fd)
+        if len(fds) == 3:  # stdin, stdout, stderr
+            for target, fd in enumerate(fds):
+                os.dup2(fd, target)
+        else:  # stdout, stderr; stdin is /dev/null
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(devnull, 0)
+            os.dup2(fds[0], 1)
+            os.dup2(fds[1], 2)
+            os.close(devnull)
+        for fd in fds:
+            if fd > 2:
+                os.close(fd)
         os.environ.clear()
         os.environ.update(request["env"])
         if request.get("mount_ns"):
@@ -276,11 +363,8 @@ def _child(request: dict, fds: list[int]) -> None:
             _own_hostname(request["hostname"])
         os.chdir(request["cwd"])
         _start_up_paths(request["env"])
-        sys.argv = ["tf-export", *request["argv"]]
-        from tf_export_pipeline.cli import main
-
         try:
-            rc = main(request["argv"])
+            rc = _run_module(request) if request.get("module") else _run_command(request, path, launcher)
         except SystemExit as exit_:
             code = exit_.code
             rc = code if isinstance(code, int) else (0 if code is None else 1)
@@ -302,26 +386,37 @@ def _child(request: dict, fds: list[int]) -> None:
 
 def serve(path: str) -> None:
     _preload()
+    launcher = _write_launcher(path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(64)
     running: dict[int, socket.socket] = {}  # child pid -> the connection waiting for its status
+    watched: dict[socket.socket, int] = {}  # a launcher's connection -> its child: killed when it closes
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     print("ready", flush=True)
     while not stop:
         try:
-            readable, _, _ = select.select([listener], [], [], 0.02)
+            readable, _, _ = select.select([listener, *watched], [], [], 0.02)
         except InterruptedError:
             continue
-        if readable:
+        for conn in readable:
+            if conn is listener:
+                continue
+            if not conn.recv(4096):  # the launcher is gone: so goes its child
+                try:
+                    os.kill(watched.pop(conn), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        if listener in readable:
             conn, _ = listener.accept()
-            msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, 2)
+            msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
             while not msg.endswith(b"\n"):
                 more = conn.recv(1 << 20)
                 if not more:
                     break
                 msg += more
+            request = json.loads(msg)
             sys.stdout.flush()
             pid = os.fork()
             if pid == 0:
@@ -329,11 +424,13 @@ def serve(path: str) -> None:
                 conn.close()
                 for other in running.values():
                     other.close()
-                _child(json.loads(msg), list(fds))
+                _child(request, list(fds), path, launcher)
             for fd in fds:
                 os.close(fd)
             conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
             running[pid] = conn
+            if request.get("watch"):
+                watched[conn] = pid
         while running:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -343,6 +440,7 @@ def serve(path: str) -> None:
                 break
             conn = running.pop(pid, None)
             if conn is not None:
+                watched.pop(conn, None)
                 rc = os.waitstatus_to_exitcode(status)
                 try:
                     conn.sendall(json.dumps({"rc": rc}).encode() + b"\n")
