@@ -167,10 +167,12 @@ def assert_published_once(records: list[dict]) -> int:
     return versions.pop()
 
 
-def release_together(procs: list, release: Path, point: str = "publishing", limit: float = 180.0):
+def release_together(procs: list, release: Path, point: str = "publishing", limit: float = 180.0,
+                     on_release=None):
     """Racers started with ``TF_EXPORT_TEST_HOLD=<point>@<release>``: wait (up to ``limit``) until each holds
-    at ``point`` or one has ended, create ``release`` so they go on at one instant, and wait for them.
-    Returns (each one's stdout, each one's stderr, how many were holding when released)."""
+    at ``point`` or one has ended, create ``release`` so they go on at one instant (and call ``on_release``
+    right after), and wait for them. Returns (each one's stdout, each one's stderr, how many were holding
+    when released)."""
     import threading
     import time
 
@@ -191,6 +193,8 @@ def release_together(procs: list, release: Path, point: str = "publishing", limi
             break
         time.sleep(0.05)
     release.touch()
+    if on_release is not None:
+        on_release()
     outs = [p.communicate(timeout=limit)[0] for p in procs]
     for t in readers:
         t.join(5)

@@ -252,8 +252,13 @@ class Publisher:
             staging = self.store.strip(staging)
             try:
                 self.strategy.promote(self.store, staging, final)
-            except (FileNotFoundError, VersionExistsError):
+            except FileNotFoundError:
                 pass  # another finisher got there first, or is moving the last objects
+            except VersionExistsError:
+                # Another finisher's identical copies are not "other content": a version that does not
+                # match its manifest here holds objects that staging does not, and no run can finish it.
+                if not self.is_whole(final) or self.check_files(version) is not None:
+                    raise
             except PublishError:
                 # e.g. staging without saved_model.pb: another finisher is deleting the sources
                 # of a version it has made whole; anything else is raised

@@ -150,9 +150,13 @@ class ObjectMove:
         copied = 0
         body = [(e, store.join(final, e.name)) for n, e in sorted(by_name.items())
                 if n != SAVED_MODEL_PB and n not in present]
-        copied += store.copy_objects(body, limit=self.concurrency)
-        faults.hold("promoting")
-        copied += store.copy_objects([(by_name[SAVED_MODEL_PB], store.join(final, SAVED_MODEL_PB))])
+        try:
+            copied += store.copy_objects(body, limit=self.concurrency)
+            faults.hold("promoting")
+            copied += store.copy_objects([(by_name[SAVED_MODEL_PB], store.join(final, SAVED_MODEL_PB))])
+        except FileExistsError as err:  # written there by something else since the check above
+            raise VersionExistsError(f"version directory already exists with other content ({err}): "
+                                     f"{store.url(final)}") from None
         self._delete_sources(store, sources)
         self._record(started, sources, copied)
 

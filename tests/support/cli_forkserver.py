@@ -384,6 +384,23 @@ def _child(request: dict, fds: list[int], path: str, launcher: str) -> None:
         os._exit(rc if isinstance(rc, int) else 1)
 
 
+def _read_request(conn: socket.socket) -> tuple[dict, list[int]]:
+    """One request line and the file descriptors sent with it (closed again when the line is not whole)."""
+    fds: list[int] = []
+    try:
+        msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+        while not msg.endswith(b"\n"):
+            more = conn.recv(1 << 20)
+            if not more:
+                break
+            msg += more
+        return json.loads(msg), list(fds)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+
 def serve(path: str) -> None:
     _preload()
     launcher = _write_launcher(path)
@@ -403,20 +420,22 @@ def serve(path: str) -> None:
         for conn in readable:
             if conn is listener:
                 continue
-            if not conn.recv(4096):  # the launcher is gone: so goes its child
+            try:
+                gone = not conn.recv(4096)
+            except OSError:  # reset by a launcher killed with data unread
+                gone = True
+            if gone:  # the launcher is gone: so goes its child
                 try:
                     os.kill(watched.pop(conn), signal.SIGKILL)
                 except ProcessLookupError:
                     pass
         if listener in readable:
             conn, _ = listener.accept()
-            msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
-            while not msg.endswith(b"\n"):
-                more = conn.recv(1 << 20)
-                if not more:
-                    break
-                msg += more
-            request = json.loads(msg)
+            try:
+                request, fds = _read_request(conn)
+            except (OSError, ValueError):  # the requester died while asking (a kill of its process group)
+                conn.close()
+                continue
             sys.stdout.flush()
             pid = os.fork()
             if pid == 0:
@@ -424,11 +443,15 @@ def serve(path: str) -> None:
                 conn.close()
                 for other in running.values():
                     other.close()
-                _child(request, list(fds), path, launcher)
+                _child(request, fds, path, launcher)
             for fd in fds:
                 os.close(fd)
-            conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
             running[pid] = conn
+            try:
+                conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+            except OSError:  # whoever asked is gone already (killed): the child has no one to answer to
+                os.kill(pid, signal.SIGKILL)
+                continue
             if request.get("watch"):
                 watched[conn] = pid
         while running:
