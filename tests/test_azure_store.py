@@ -318,4 +318,3 @@ def test_bad_azure_input_is_one_line_naming_cause_and_url(tmp_path, trained_dir,
     assert not versions_in(azure_container)
     assert not azure_container.blobs(BASE)
     shutil.rmtree(tmp_path, ignore_errors=True)
-

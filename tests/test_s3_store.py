@@ -430,4 +430,3 @@ def test_credentials_from_the_environment(s3_bucket, monkeypatch):
     assert store.endpoint == s3_bucket.storage_options["endpoint_url"]
     assert store.create_only(store.join(store.root, "x"), b"from the environment")
     assert s3_bucket.read("env/x") == b"from the environment"
-
