@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import statistics
@@ -39,87 +38,9 @@ sys.path.insert(0, REPO)
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from bench.publish_common import build_inputs, mib, run_ours, snapshot, write_section  # noqa: E402 - importable once REPO is on sys.path
+
 HEADING = "## Cloud storage publish"
-
-
-def build_model(directory: str, mib: float) -> int:
-    """Write a SavedModel with one ~``mib`` MiB variable; returns its size in bytes."""
-    from tf_export_pipeline.quiet_tf import import_tensorflow_quietly
-
-    tf = import_tensorflow_quietly()
-    n = int(math.sqrt(mib * 2**20 / 4))
-
-    class Big(tf.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = tf.Variable(tf.random.stateless_normal([n, n], seed=[1, 2]), name="w")
-
-        @tf.function(input_signature=[tf.TensorSpec([None, n], tf.float32, name="x")])
-        def __call__(self, x):
-            return {"y": tf.matmul(x, self.w)}
-
-    m = Big()
-    tf.saved_model.save(m, directory, signatures={"serving_default": m.__call__.get_concrete_function()})
-    return tree_size(directory)
-
-
-def tree_size(directory: str) -> int:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(directory) for f in fs)
-
-
-def snapshot(proxy) -> dict:
-    c = proxy.counters
-    return {"requests": c.requests, "bytes_in": c.bytes_in, "bytes_out": c.bytes_out}
-
-
-def run_ours(store, proxy, model_dir: str, work_dir: str, version: int) -> dict:
-    from tf_export_pipeline.checkpoints import Checkpoint
-    from tf_export_pipeline.layout import MANIFEST
-    from tf_export_pipeline.publish import Publisher
-    from tf_export_pipeline.publish.staging import file_list
-
-    name = f"temp-{int(time.time())}-{version:08x}"
-    staging = store.join(store.root, name)
-    work = store.join(store.root, "_exports", "work", name)
-
-    proxy.reset_counters()
-    started = time.monotonic()
-    store.upload_dir(work_dir, work)
-    store.upload_dir(model_dir, staging)
-    upload = {**snapshot(proxy), "seconds": time.monotonic() - started}
-
-    proxy.reset_counters()
-    scratch = tempfile.mkdtemp(prefix="bench-validate-")
-    try:
-        store.download_dir(staging, os.path.join(scratch, "model"))
-        store.download_dir(work, os.path.join(scratch, "work"))
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    validation = snapshot(proxy)
-
-    proxy.reset_counters()
-    started = time.monotonic()
-    ckpt = Checkpoint(prefix="gs://bench/train/ckpt-1", name="ckpt-1", step=version, written_at=time.time(),
-                      complete=True, index_size=1, index_crc32c="AAAAAA==")
-    pub = Publisher(store)
-    inner, marks = pub.strategy.promote, {}
-
-    def counted(*a):
-        marks["before"] = len(proxy.log)
-        inner(*a)
-        marks["after"] = len(proxy.log)
-
-    pub.strategy.promote = counted
-    files = {k: v for k, v in file_list(model_dir).items() if k != MANIFEST}  # made at export, as a run does
-    rec = pub.publish(staging=staging, files=files, checkpoint=ckpt, ledger_key=f"bench-{version}", config_hash="bench",
-                      versioning="step", max_claim_attempts=3, validation={"ok": True})
-    store.rm(work, recursive=True)
-    publish = {**snapshot(proxy), "seconds": time.monotonic() - started}
-    assert rec["status"] == "published", rec
-    promotion_requests = marks["after"] - marks["before"]
-    return {"upload": upload, "validation": validation, "publish": publish,
-            "promotion": dict(pub.strategy.stats), "strategy": pub.strategy.name,
-            "promotion_requests": promotion_requests}
 
 
 def run_seed(fs, proxy, bucket: str, model_dir: str, version: int) -> dict:
@@ -160,21 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", metavar="RESULTS_MD", help="write the figures into this Markdown file")
     args = parser.parse_args(argv)
 
-    import numpy as np
-
     from tests.support.fault_proxy import FaultProxy
     from tests.support.gcs_emulator import GcsEmulator, make_fs
     from tf_export_pipeline.storage import open_storage
 
     tmp = tempfile.mkdtemp(prefix="bench-gcs-")
-    model_dir, work_dir = os.path.join(tmp, "model"), os.path.join(tmp, "work")
-    size = build_model(model_dir, args.mb)
-    os.makedirs(work_dir)
-    n = int(math.sqrt(args.mb * 2**20 / 4))
-    np.savez(os.path.join(work_dir, "samples.npz"), x=np.zeros((2, n), "float32"))
-    np.savez(os.path.join(work_dir, "expected.npz"), y=np.zeros((2, n), "float32"))
-    work_size = tree_size(work_dir)
-    files = sum(len(f) for _, _, f in os.walk(model_dir))
+    inputs = build_inputs(tmp, args.mb)
+    model_dir, work_dir = inputs["model_dir"], inputs["work_dir"]
+    size, work_size, files = inputs["size"], inputs["work_size"], inputs["files"]
 
     ours, seed = [], []
     with GcsEmulator() as server:
@@ -226,12 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print(json.dumps(figures, indent=1), file=sys.stderr)
     if args.write:
-        write_section(args.write, text)
+        write_section(args.write, text, HEADING)
     return 0
-
-
-def mib(n: float) -> str:
-    return f"{n / 2**20:.1f} MiB"
 
 
 def render(f: dict) -> str:
@@ -289,20 +199,6 @@ def render(f: dict) -> str:
         "rewrite+delete per object far more than on one concurrent round.",
     ]
     return "\n".join(lines) + "\n"
-
-
-def write_section(path: str, text: str) -> None:
-    """Replace (or append) the section under HEADING, leaving the rest of the file alone."""
-    old = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmarks\n"
-    start = old.find(HEADING)
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        nxt = old.find("\n## ", start + len(HEADING))
-        tail = old[nxt + 1:] if nxt >= 0 else ""
-        new = old[:start] + text + ("\n" + tail if tail else "")
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(new)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""S3 requests failing through a proxy: every run publishes, or fails in one line, and the next runs converge
-to each checkpoint once.
+"""S3 and Azure Blob requests failing through a proxy: every run publishes, or fails in one line, and the next
+runs converge to each checkpoint once.
 
-The commands reach the server (SeaweedFS) through a fault proxy that
+The commands reach the server (SeaweedFS, Azurite) through a fault proxy that
 answers 503, drops the connection before forwarding, or forwards and then
 drops the answer (the server acted, the client never heard), at random on
 about a fifth of the requests, never more than two in a row (what the
@@ -42,10 +42,7 @@ def _through(store: str, request, proxy_url: str | None):
     return place, options, ACCOUNT_KEY
 
 
-# Not Azure: a Copy Blob names its source by URL, which here names the proxy; Azurite takes that for another
-# account's blob and refuses it (AuthorizationFailure), so every promotion would fail for the proxy's sake.
-# Azure's answers lost after the server acted are tested on create-only writes (tests/test_azure_store.py).
-@pytest.mark.parametrize("store", ["s3"])
+@pytest.mark.parametrize("store", ["s3", "az"])
 def test_runs_through_failing_requests_publish_or_fail_in_one_line_and_converge(store, request, tmp_path,
                                                                                 trained_dir):
     from tf_export_pipeline.demo import train, write_config

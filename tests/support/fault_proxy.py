@@ -260,6 +260,9 @@ class FaultProxy:
                 headers=headers,
                 data=body if body else None,
                 allow_redirects=False,
+                # Else aiohttp gives a PUT or POST without one "Content-Type: application/octet-stream",
+                # which breaks Azure's Shared Key signature (it covers Content-Type): Azurite answers 403.
+                skip_auto_headers=("Content-Type",),
             ) as resp:
                 payload = await resp.read()
                 status = resp.status
