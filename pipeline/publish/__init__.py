@@ -106,10 +106,11 @@ class Publisher:
             return listed
         return [v for v in listed if self.is_whole(self.version_path(v))]
 
-    def live_version(self) -> int | None:
-        """The highest version TF Serving can serve: a name beyond int64 (left by an older release) it
-        never reads, so it neither serves it nor must a new version outrank it."""
-        versions = [v for v in self.versions() if v <= MAX_VERSION]
+    def live_version(self, listed: list[int] | None = None) -> int | None:
+        """The highest version TF Serving can serve (of ``listed``, else of a new listing): a name beyond
+        int64 (left by an older release) it never reads, so it neither serves it nor must a new version
+        outrank it."""
+        versions = [v for v in (self.versions() if listed is None else listed) if v <= MAX_VERSION]
         return versions[-1] if versions else None
 
     def manifest(self, version: int) -> dict | None:
@@ -248,10 +249,12 @@ class Publisher:
         version = int(entry["version"])
         final = self.version_path(version)
         staging = entry.get("staging")
+        promoted = False
         if staging:
             staging = self.store.strip(staging)
             try:
                 self.strategy.promote(self.store, staging, final)
+                promoted = True  # a strategy returns only once the version is whole
             except FileNotFoundError:
                 pass  # another finisher got there first, or is moving the last objects
             except VersionExistsError:
@@ -265,7 +268,7 @@ class Publisher:
                 if not self.is_whole(final):
                     raise
             drop_lease(self.store, staging_name(staging))
-        return self.is_whole(final)
+        return promoted or self.is_whole(final)
 
     def is_whole(self, final: str) -> bool:
         """Whether a version directory is complete. On object stores a version
@@ -296,28 +299,31 @@ class Publisher:
                 return f"{rel} does not match its manifest's crc32c"
         return None
 
-    def taken(self) -> set[int]:
-        """Numbers already claimed or published, from one listing of each."""
+    def taken(self, listed: list[int] | None = None) -> set[int]:
+        """Numbers already claimed or published (``listed``, else a new listing of the versions)."""
         claims = {int(e.name) for e in self.store.list_dir(self.path(EXPORTS_DIR, CLAIMS_DIR)) if e.name.isdigit()}
-        return claims | set(self.versions())
+        return claims | set(self.versions() if listed is None else listed)
 
-    def claim(self, start: int, attempts: int, note: dict) -> tuple[int, int]:
+    def claim(self, start: int, attempts: int, note: dict, listed: list[int] | None = None) -> tuple[int, int]:
         """Claim the first free number from ``start``; returns (version, attempts used).
 
         Numbers that the listings show as taken are skipped without a try, so a
         run of checkpoints written within one second (``checkpoint_time``) gets
         consecutive numbers; ``attempts`` bounds the create-only writes lost to
-        writers racing for the same number.
+        writers racing for the same number. ``listed``: the versions as the
+        caller just listed them.
         """
         require_checked_store(self.store, self.promotion)
-        taken = self.taken()
+        taken = self.taken(listed)
         version = start
         for i in range(attempts):
             while version in taken:
                 version += 1
             if version > MAX_VERSION:
                 break  # TF Serving would never read it
-            if not self.store.exists(self.version_path(version)) and \
+            # The first number comes from the listings just made; after a lost race they are older, so the
+            # version directory is looked for before claiming. The check after the claim is what guards.
+            if (i == 0 or not self.store.exists(self.version_path(version))) and \
                     self.store.create_only(self.claim_path(version), json.dumps(note).encode(),
                                            metadata=to_metadata(note)):
                 # A claim file is written after the version directory only by a
@@ -406,13 +412,14 @@ class Publisher:
         files = {k: v for k, v in files.items() if k != MANIFEST}  # the manifest is written below
         claim_lease_for_publish(self.store, staging, lease_seconds)
         verify_staging(self.store, staging, files)
-        live = self.live_version()
+        listed = self.versions()
+        live = self.live_version(listed)
         now = time.time() if now is None else now
         start = first_candidate(versioning, checkpoint, now, live)
         note = {"staging": staging, "checkpoint": checkpoint.prefix, "checkpoint_name": checkpoint.name,
                 "step": checkpoint.step, "written_at": checkpoint.written_at, "config_hash": config_hash,
                 "ledger_key": ledger_key, "claimed_at": time.time()}
-        version, attempts = self.claim(start, max_claim_attempts, note)
+        version, attempts = self.claim(start, max_claim_attempts, note, listed)
         try:
             if not allow_outrank:
                 self.check_serving_order(version, checkpoint, config_hash, versioning)
