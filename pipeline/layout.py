@@ -47,6 +47,7 @@ WARMUP_FILE = "tf_serving_warmup_requests"
 
 # -- signatures ------------------------------------------------------------------
 SERVING_KEY = "serving_default"
+SERVE_TAG = "serve"  # the tag-set TF Serving loads (its default --saved_model_tags)
 PREDICT_METHOD = "tensorflow/serving/predict"
 
 # -- version numbering -----------------------------------------------------------

@@ -60,7 +60,8 @@ def test_manifest_records_provenance(workspace):
 
     assert ck["index_crc32c"] == crc32c_b64(index.read_bytes())
     assert manifest["validation"]["ok"] is True
-    assert {c["name"] for c in manifest["validation"]["checks"]} >= {"fresh_process_load", "smoke_inference",
+    assert manifest["validation"]["loader"] == "session"
+    assert {c["name"] for c in manifest["validation"]["checks"]} >= {"load_as_tf_serving", "smoke_inference",
                                                                     "finite_outputs", "parity_with_checkpoint"}
     assert manifest["tool"]["name"] == "tf-export-pipeline"
     assert len(manifest["config_hash"]) == 16

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -158,13 +159,97 @@ def test_truncated_variables_in_staging_are_caught_by_the_fresh_load(workspace, 
 
     res = _corrupt_staging(workspace, tmp_path, truncate)
     line = _failed_cleanly(workspace, res, before)
-    assert "SavedModel does not load" in line
+    assert "SavedModel does not load as TF Serving loads it: its restore op failed on variables/" in line
 
 
 def test_missing_saved_model_pb_in_staging(workspace, tmp_path):
     res = _corrupt_staging(workspace, tmp_path, lambda staging: (staging / "saved_model.pb").unlink())
     line = _failed_cleanly(workspace, res, [])
     assert "saved_model.pb is missing" in line
+
+
+def test_savedmodel_without_a_serve_meta_graph_is_refused(tmp_path):
+    import tensorflow as tf
+
+    path = tmp_path / "train_only"
+    with tf.Graph().as_default() as graph, tf.compat.v1.Session(graph=graph) as sess:
+        features = tf.compat.v1.placeholder(tf.float32, [None, 4], name="features")
+        weights = tf.compat.v1.get_variable("w", initializer=tf.ones([4, 1]))
+        score = tf.matmul(features, weights, name="score")
+        sess.run(tf.compat.v1.global_variables_initializer())
+        builder = tf.compat.v1.saved_model.Builder(str(path))
+        builder.add_meta_graph_and_variables(sess, ["train"], signature_def_map={
+            "serving_default": tf.compat.v1.saved_model.predict_signature_def({"features": features},
+                                                                              {"score": score})})
+        builder.save()
+    # tf.saved_model.load takes the only meta graph, whatever its tags; TF Serving looks for "serve" only.
+    loaded = tf.saved_model.load(str(path))
+    out = loaded.signatures["serving_default"](features=tf.ones([2, 4]))["score"].numpy()
+    np.testing.assert_array_equal(out, np.full((2, 1), 4.0, "float32"))
+
+    res = run_cli("validate", str(path), "--json")
+    assert res.rc == 1, res.err
+    line = one_line_error(res)
+    assert line == ("tf-export: error: validation failed: SavedModel does not load as TF Serving loads it: "
+                    f"no meta graph tagged 'serve' (tag-sets found: [['train']]): {path}")
+    assert res.json["ok"] is False and res.json["loader"] == "session"
+    assert [(c["name"], c["ok"]) for c in res.json["checks"]] == [("saved_model_pb", True),
+                                                                  ("load_as_tf_serving", False)]
+
+
+def test_every_signature_runs_and_the_init_op_runs_as_tf_serving_runs_them(tmp_path):
+    import tensorflow as tf
+
+    from tf_export_pipeline.validate import ValidationSession
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("a\nb\nc\n")
+
+    class Model(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = tf.lookup.StaticHashTable(tf.lookup.TextFileInitializer(
+                str(vocab), tf.string, tf.lookup.TextFileIndex.WHOLE_LINE,
+                tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER), -1)
+            self.w = tf.Variable(2.0)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32, name="features")])
+        def serve(self, features):
+            return {"score": tf.reduce_sum(features, axis=1, keepdims=True) * self.w}
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32, name="features")])
+        def strict(self, features):
+            tf.debugging.assert_less(features, -50.0, message="features must be below -50")
+            return {"y": features * self.w}
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="word")])
+        def lookup(self, word):
+            return {"index": self.table.lookup(word)}
+
+    model = Model()
+    tf.saved_model.save(model, str(tmp_path / "good"), signatures={"serving_default": model.serve,
+                                                                   "lookup": model.lookup})
+    tf.saved_model.save(model, str(tmp_path / "strict"), signatures={"serving_default": model.serve,
+                                                                     "strict": model.strict})
+    shutil.copytree(tmp_path / "good", tmp_path / "no_vocab")
+    (tmp_path / "no_vocab" / "assets" / "vocab.txt").unlink()
+    with ValidationSession() as session:
+        good, strict, no_vocab = (session.validate(str(tmp_path / name)) for name in ("good", "strict", "no_vocab"))
+
+    assert good["ok"], good["reason"]
+    checks = {c["name"]: c for c in good["checks"]}
+    assert checks["load_as_tf_serving"]["detail"] == "tag serve, 2 signatures"
+    # the samples are serving_default's: a signature with other inputs is named, not failed
+    assert checks["run_signature_lookup"] == {"name": "run_signature_lookup", "ok": True,
+                                              "detail": "not run: the samples lack its input(s) ['word']"}
+    assert not strict["ok"]
+    assert strict["reason"].startswith("signature 'strict' failed to run (InvalidArgumentError: assertion failed: "
+                                       "[features must be below -50]")
+    assert not no_vocab["ok"]
+    assert no_vocab["reason"].startswith("SavedModel does not load as TF Serving loads it: its init op (tables, "
+                                         "assets) failed (NotFoundError: ")
+    assert "vocab.txt" in no_vocab["reason"]
+    assert {r["loader"] for r in (good, strict, no_vocab)} == {"session"}
 
 
 def _metrics(ws, values: dict[int, float]):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -221,35 +221,36 @@ def rows_of(inputs: dict[str, np.ndarray], names: list[str]) -> list[dict]:
 
 
 # -- validation --------------------------------------------------------------------
-def check_example_signature(loaded: Any, saved_model_dir: str, inputs: dict[str, np.ndarray],
-                            outputs: dict[str, np.ndarray], add: Callable[[str, bool, str], Any],
-                            rtol: float, atol: float) -> None:
+def check_example_signature(signatures: Mapping[str, Callable[[dict[str, Any]], dict[str, np.ndarray]]],
+                            saved_model_dir: str, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
+                            add: Callable[[str, bool, str], Any], rtol: float, atol: float) -> str | None:
     """Feed the smoke-test samples as tf.Example protos to the parsing signature; its outputs must equal
-    those ``serving_default`` gave. Adds the ``example_signature_parity`` check; nothing without a spec."""
+    those ``serving_default`` gave. ``signatures`` maps each signature key of the loaded model to a function
+    of its feeds (input name -> array) that returns its outputs. Adds the ``example_signature_parity`` check
+    (none without a spec) and returns the key of the parsing signature it was given to run, or None."""
     try:
         spec = read_spec(saved_model_dir)
     except (OSError, ValueError) as err:
         add("example_signature_parity", False, f"{EXAMPLE_SPEC} does not parse ({type(err).__name__})")
-        return
+        return None
     if spec is None:
-        return
-    import tensorflow as tf
-
+        return None
     name = spec.get("name")
-    if name not in loaded.signatures:
+    if name not in signatures:
         add("example_signature_parity", False, f"signature '{name}' named in {EXAMPLE_SPEC} is missing")
-        return
+        return None
     try:
         serialized = serialize_examples(rows_of(inputs, list(spec["features"])), spec["features"])
-        got = loaded.signatures[name](**{spec.get("input", INPUT_NAME): tf.constant(serialized)})
+        got = signatures[name]({spec.get("input", INPUT_NAME): np.array(serialized, dtype=object)})
     except Exception as err:
-        text = " ".join(str(err).split())[:240]
+        text = " ".join(str(err).split()).removeprefix("Graph execution error: ")[:240]
         add("example_signature_parity", False, f"signature '{name}' failed on tf.Example protos of the samples "
                                                f"({type(err).__name__}: {text})")
-        return
-    mismatches, _ = compare_outputs({k: v.numpy() for k, v in got.items()}, outputs, rtol, atol)
+        return name
+    mismatches, _ = compare_outputs(got, outputs, rtol, atol)
     problems = [f"output '{key}' missing" if why == "missing" else f"output '{key}' differs from {SERVING_KEY}'s"
                 for key, why in mismatches.items()]
     detail = ("; ".join(problems) if problems
               else f"'{name}' on {len(serialized)} tf.Example protos equals {SERVING_KEY}")
     add("example_signature_parity", not problems, detail)
+    return name

@@ -1,10 +1,10 @@
-"""The validation gate: a staged SavedModel is loaded in a fresh process and checked.
+"""The validation gate: a staged SavedModel is loaded in a fresh process, as TF Serving loads it, and checked.
 
 Example::
 
     from tf_export_pipeline.validate import validate_saved_model
     report = validate_saved_model("/srv/models/m/temp-1732147260-ab12")
-    print(report["ok"], [c["name"] for c in report["checks"]])
+    print(report["ok"], report["loader"], [c["name"] for c in report["checks"]])
 
 An in-process load can hide a missing file (the model's variables are already in
 memory), so the load, the signature checks and the smoke inference run in a new
@@ -24,6 +24,13 @@ import time
 from tf_export_pipeline.errors import ValidationError
 from tf_export_pipeline.validate.contract import check_contract, diff_signatures, load_contract
 from tf_export_pipeline.validate.signatures import signatures_of  # noqa: F401 - part of this package's surface
+
+# How the worker loads the model, recorded in each report. "session" is TF Serving's path: the meta graph
+# tagged "serve" imported into a Session, its restore and init ops run, each signature run by the tensor
+# names of its SignatureDef. tf.saved_model.load is not used: it reads the TF2 object graph and accepts
+# SavedModels TF Serving refuses (one with no "serve" meta graph, for one).
+LOADER = "session"
+_LOADER_DESCRIPTIONS = {LOADER: "as TF Serving: the 'serve' meta graph in a Session, signatures run by tensor name"}
 
 
 def _worker_env() -> dict:
@@ -202,7 +209,7 @@ def apply_signature_checks(report: dict, *, contract: dict | None = None, live_s
 
 
 def _failed(path: str, reason: str) -> dict:
-    return {"ok": False, "saved_model": path, "reason": reason,
+    return {"ok": False, "saved_model": path, "loader": LOADER, "reason": reason,
             "checks": [{"name": "fresh_process_load", "ok": False, "detail": reason}]}
 
 
@@ -217,6 +224,9 @@ def format_report(report: dict) -> str:
     lines = [f"SavedModel: {report.get('saved_model')}", f"Result: {'PASS' if report.get('ok') else 'FAIL'}"]
     if not report.get("ok"):
         lines.append(f"Reason: {report.get('reason')}")
+    if report.get("loader"):
+        about = _LOADER_DESCRIPTIONS.get(report["loader"])
+        lines.append(f"Loader: {report['loader']}" + (f" ({about})" if about else ""))
     for key, sig in sorted((report.get("signatures") or {}).items()):
         lines.append(f"\nsignature_def['{key}']:  method: {sig.get('method')}")
         for kind in ("inputs", "outputs"):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from tf_export_pipeline.layout import SAVED_MODEL_PB
+from tf_export_pipeline.layout import SAVED_MODEL_PB, SERVE_TAG
 
 
 def signatures_of(path: str) -> dict:
@@ -24,11 +24,12 @@ def signatures_of(path: str) -> dict:
 
 def signatures_from_bytes(data: bytes) -> dict:
     """Signatures from the bytes of a ``saved_model.pb`` (the serving meta graph's; ``__*`` keys left out)."""
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    sm = saved_model_pb2.SavedModel()
-    sm.ParseFromString(data)
-    meta = next((m for m in sm.meta_graphs if "serve" in m.meta_info_def.tags), sm.meta_graphs[0])
+    sm = _parse(data)
+    # TF Serving loads the meta graph whose tag-set is exactly {"serve"}; one that only includes the tag,
+    # or the first, stands in for SavedModels it would not load, whose signatures are still worth showing.
+    metas = sm.meta_graphs
+    meta = next((m for m in metas if set(m.meta_info_def.tags) == {SERVE_TAG}),
+                next((m for m in metas if SERVE_TAG in m.meta_info_def.tags), metas[0]))
     out = {}
     for key, sig in meta.signature_def.items():
         if key.startswith("__"):
@@ -39,6 +40,19 @@ def signatures_from_bytes(data: bytes) -> dict:
             "outputs": {n: _tensor_info(t) for n, t in sig.outputs.items()},
         }
     return out
+
+
+def tag_sets_from_bytes(data: bytes) -> list[list[str]]:
+    """The tag-set of each meta graph in the bytes of a ``saved_model.pb``, in file order."""
+    return [sorted(m.meta_info_def.tags) for m in _parse(data).meta_graphs]
+
+
+def _parse(data: bytes):
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    sm = saved_model_pb2.SavedModel()
+    sm.ParseFromString(data)
+    return sm
 
 
 def _tensor_info(info) -> dict:

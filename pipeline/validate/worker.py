@@ -1,13 +1,17 @@
 """Entry point of the fresh validation process: ``python -m tf_export_pipeline.validate.worker DIR --report FILE``.
 
-It loads the SavedModel from disk with nothing of the exporting process in
-memory, checks the serving signature, runs a smoke inference and writes a JSON
-report. Exit status 0 whether or not the model passed; the report says which.
+It loads the SavedModel from disk the way TF Serving does, with nothing of the
+exporting process in memory: the meta graph tagged ``serve`` imported into a
+Session of its own, its restore op and its init op (tables, assets) run, each
+signature run by the tensor names of its SignatureDef. It checks the serving
+signature, runs every signature on the samples and writes a JSON report. Exit
+status 0 whether or not the model passed; the report says which.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -17,10 +21,11 @@ import numpy as np
 
 from tf_export_pipeline.export import sample_inputs
 from tf_export_pipeline.export.examples import check_example_signature
-from tf_export_pipeline.layout import ASSETS_EXTRA, PREDICT_METHOD, SAVED_MODEL_PB, SERVING_KEY, WARMUP_FILE
+from tf_export_pipeline.layout import ASSETS_EXTRA, PREDICT_METHOD, SAVED_MODEL_PB, SERVE_TAG, SERVING_KEY, WARMUP_FILE
 from tf_export_pipeline.quiet_tf import import_tensorflow_quietly
+from tf_export_pipeline.validate import LOADER
 from tf_export_pipeline.validate.parity import compare_outputs
-from tf_export_pipeline.validate.signatures import signatures_of
+from tf_export_pipeline.validate.signatures import signatures_from_bytes, tag_sets_from_bytes
 from tf_export_pipeline.validate.warmup import read_warmup
 
 
@@ -39,9 +44,112 @@ class _Checks:
         return None
 
 
+def _text(err: BaseException) -> str:
+    """An error on one line, without the "Graph execution error:" every failed Session run starts with."""
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text.removeprefix('Graph execution error: ')[:240]}"
+
+
+_NOT_LOADED = "SavedModel does not load as TF Serving loads it"
+
+
+class _LoadFailed(Exception):
+    pass
+
+
+class _ServeGraph:
+    """The ``serve`` meta graph in a Session, loaded step by step as TF Serving's SavedModel loader does:
+    import the graph, run the restore op on ``variables/``, run the init op with the asset paths fed.
+
+    Each step that fails raises :class:`_LoadFailed` naming it. ``signature_defs`` are those of the
+    meta graph, ``__*`` keys (the TF2 init op) left out; :meth:`run` runs one by its tensor names.
+    """
+
+    def __init__(self, tf, path: str):
+        from tensorflow.python.saved_model import loader_impl
+
+        self._graph = tf.Graph()
+        self._session = tf.compat.v1.Session(graph=self._graph)
+        try:
+            with self._graph.as_default():
+                try:
+                    loader = loader_impl.SavedModelLoader(path)
+                    saver, _ = loader.load_graph(self._graph, [SERVE_TAG])
+                except Exception as err:
+                    raise _LoadFailed(f"the meta graph tagged '{SERVE_TAG}' does not import ({_text(err)})") from err
+                try:
+                    loader.restore_variables(self._session, saver)
+                except Exception as err:
+                    raise _LoadFailed(f"its restore op failed on variables/ ({_text(err)})") from err
+                try:
+                    loader.run_init_ops(self._session, [SERVE_TAG])
+                except Exception as err:
+                    raise _LoadFailed(f"its init op (tables, assets) failed ({_text(err)})") from err
+            meta = loader.get_meta_graph_def_from_tags([SERVE_TAG])
+        except BaseException:
+            self.close()
+            raise
+        self.signature_defs = {k: v for k, v in meta.signature_def.items() if not k.startswith("__")}
+
+    def run(self, key: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Signature ``key`` on ``feeds`` (its input names to arrays): its outputs by name, as TF Serving's
+        Predict runs it, feeding and fetching the tensor names of the SignatureDef."""
+        sig = self.signature_defs[key]
+        for kind, infos in (("input", sig.inputs), ("output", sig.outputs)):
+            for name, info in infos.items():
+                if info.WhichOneof("encoding") != "name":
+                    raise ValueError(f"{kind} '{name}' is not a dense tensor (TF Serving runs tensors by name)")
+        fetches = {name: info.name for name, info in sig.outputs.items()}
+        feed_dict = {info.name: feeds[name] for name, info in sig.inputs.items()}
+        return self._session.run(fetches, feed_dict=feed_dict)
+
+    def close(self) -> None:
+        self._session.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _tensor_specs(tf, sig) -> dict:
+    """The inputs of a SignatureDef as TensorSpecs (for generated samples), by input name."""
+    specs = {}
+    for name, info in sig.inputs.items():
+        shape = None if info.tensor_shape.unknown_rank else [d.size if d.size >= 0 else None
+                                                            for d in info.tensor_shape.dim]
+        specs[name] = tf.TensorSpec(shape, tf.as_dtype(info.dtype), name=name)
+    return specs
+
+
+def _nonconforming(tf, sig, outputs: dict) -> list[str]:
+    """Outputs whose dtype or shape is not the one their SignatureDef declares (what clients are told)."""
+    problems = []
+    for name, info in sorted(sig.outputs.items()):
+        value = np.asarray(outputs[name])
+        want = tf.as_dtype(info.dtype)
+        dtype_ok = value.dtype.kind in "OSU" if want == tf.string else value.dtype == want.as_numpy_dtype
+        dims = None if info.tensor_shape.unknown_rank else [d.size for d in info.tensor_shape.dim]
+        shape_ok = dims is None or (len(dims) == value.ndim and all(d < 0 or d == n for d, n in zip(dims, value.shape)))
+        if not (dtype_ok and shape_ok):
+            shown = "?" if dims is None else dims
+            problems.append(f"output '{name}' is {value.dtype.name} {list(value.shape)}, its SignatureDef says "
+                            f"{want.name} {shown}")
+    return problems
+
+
+def _non_finite(outputs: dict) -> list[str]:
+    return [k for k, v in outputs.items() if np.asarray(v).dtype.kind in "fc" and not np.all(np.isfinite(v))]
+
+
+def _batch(inputs: dict) -> int:
+    return len(next(iter(inputs.values())))
+
+
 def run(path: str, samples: str | None, expected: str | None, rtol: float, atol: float) -> dict:
     checks = _Checks()
-    report: dict = {"saved_model": path, "checks": checks.items}
+    report: dict = {"saved_model": path, "loader": LOADER, "checks": checks.items}
 
     def done() -> dict:
         reason = checks.first_failure()
@@ -50,14 +158,22 @@ def run(path: str, samples: str | None, expected: str | None, rtol: float, atol:
             report["reason"] = reason
         return report
 
-    if not checks.add("saved_model_pb", os.path.isfile(os.path.join(path, SAVED_MODEL_PB)),
-                      "" if os.path.isfile(os.path.join(path, SAVED_MODEL_PB)) else "saved_model.pb is missing"):
+    pb = os.path.join(path, SAVED_MODEL_PB)
+    if not checks.add("saved_model_pb", os.path.isfile(pb), "" if os.path.isfile(pb) else "saved_model.pb is missing"):
         return done()
     try:
-        sigs = signatures_of(path)
+        with open(pb, "rb") as fh:
+            data = fh.read()
+        tag_sets = tag_sets_from_bytes(data)
     except Exception as err:  # a truncated or foreign protobuf
         checks.add("parse_saved_model", False, f"saved_model.pb does not parse ({type(err).__name__})")
         return done()
+    # TF Serving loads the meta graph of exactly this tag-set; tf.saved_model.load would take another.
+    if not any(set(tags) == {SERVE_TAG} for tags in tag_sets):
+        checks.add("load_as_tf_serving", False, f"{_NOT_LOADED}: no meta graph tagged '{SERVE_TAG}' "
+                                                f"(tag-sets found: {tag_sets or 'none'})")
+        return done()
+    sigs = signatures_from_bytes(data)
     report["signatures"] = sigs
     serving = sigs.get(SERVING_KEY)
     if not checks.add("serving_default_present", serving is not None,
@@ -70,44 +186,47 @@ def run(path: str, samples: str | None, expected: str | None, rtol: float, atol:
                       f"{len(serving['outputs'])} outputs)"):
         return done()
 
-
     tf = import_tensorflow_quietly()
     try:
-        loaded = tf.saved_model.load(path)
-        fn = loaded.signatures[SERVING_KEY]
-    except Exception as err:
-        text = " ".join(str(err).split())[:240]
-        checks.add("fresh_process_load", False, f"SavedModel does not load ({type(err).__name__}: {text})")
+        model = _ServeGraph(tf, path)
+    except _LoadFailed as err:
+        checks.add("load_as_tf_serving", False, f"{_NOT_LOADED}: {err}")
         return done()
-    checks.add("fresh_process_load", True)
+    with model:
+        checks.add("load_as_tf_serving", True, f"tag {SERVE_TAG}, {len(model.signature_defs)} signatures")
+        _run_signatures(tf, model, path, samples, expected, rtol, atol, checks, report)
+    return done()
 
-    _args, kw_specs = fn.structured_input_signature
+
+def _run_signatures(tf, model: _ServeGraph, path: str, samples: str | None, expected: str | None,
+                    rtol: float, atol: float, checks: _Checks, report: dict) -> None:
+    serving = model.signature_defs[SERVING_KEY]
+    specs = _tensor_specs(tf, serving)
     if samples:
         with np.load(samples, allow_pickle=False) as data:
             inputs = {k: data[k] for k in data.files}
     else:
-
-        inputs = sample_inputs([kw_specs[k] for k in sorted(kw_specs)])
-    missing = sorted(set(kw_specs) - set(inputs))
+        inputs = sample_inputs([specs[k] for k in sorted(specs)])
+    missing = sorted(set(specs) - set(inputs))
     if not checks.add("sample_inputs", not missing, f"samples lack inputs {missing}" if missing else ""):
-        return done()
+        return
     try:
-        outputs = fn(**{k: tf.constant(inputs[k], dtype=kw_specs[k].dtype) for k in kw_specs})
+        outputs = model.run(SERVING_KEY, inputs)
     except Exception as err:
-        text = " ".join(str(err).split())[:240]
-        checks.add("smoke_inference", False, f"inference failed ({type(err).__name__}: {text})")
-        return done()
-    outputs = {k: v.numpy() for k, v in outputs.items()}
-    checks.add("smoke_inference", True, f"batch of {len(next(iter(inputs.values())))}")
-    bad = [k for k, v in outputs.items() if v.dtype.kind in "fc" and not np.all(np.isfinite(v))]
+        checks.add("smoke_inference", False, f"signature '{SERVING_KEY}' failed to run ({_text(err)})")
+        return
+    problems = _nonconforming(tf, serving, outputs)
+    if not checks.add("smoke_inference", not problems,
+                      f"signature '{SERVING_KEY}' {'; '.join(problems)}" if problems else f"batch of {_batch(inputs)}"):
+        return
+    bad = _non_finite(outputs)
     checks.add("finite_outputs", not bad, f"non-finite values in output(s) {bad}" if bad else "")
     warmup = os.path.join(path, ASSETS_EXTRA, WARMUP_FILE)
     if os.path.exists(warmup):
         try:
-
             logs = read_warmup(warmup)
             bad = [i for i, log in enumerate(logs)
-                   if set(log.predict_log.request.inputs) != set(kw_specs)]
+                   if set(log.predict_log.request.inputs) != set(specs)]
             checks.add("warmup_records", bool(logs) and not bad,
                        f"{len(logs)} PredictionLog records" if logs and not bad else
                        f"warmup records do not match the inputs of '{SERVING_KEY}' (records {bad or 'none'})")
@@ -124,9 +243,28 @@ def run(path: str, samples: str | None, expected: str | None, rtol: float, atol:
         report["parity_max_abs_diff"] = worst
         checks.add("parity_with_checkpoint", not problems, "; ".join(problems))
 
+    runners = {key: functools.partial(model.run, key) for key in model.signature_defs}
     # A tf.Example-parsing signature must give serving_default's outputs for the same samples.
-    check_example_signature(loaded, path, inputs, outputs, checks.add, rtol, atol)
-    return done()
+    example_key = check_example_signature(runners, path, inputs, outputs, checks.add, rtol, atol)
+    # TF Serving serves every signature, so each must run; the samples are serving_default's and feed
+    # another only when its inputs have the same names.
+    for key in sorted(set(model.signature_defs) - {SERVING_KEY, example_key}):
+        sig = model.signature_defs[key]
+        lacking = sorted(set(sig.inputs) - set(inputs))
+        if lacking:
+            checks.add(f"run_signature_{key}", True, f"not run: the samples lack its input(s) {lacking}")
+            continue
+        try:
+            got = model.run(key, inputs)
+        except Exception as err:
+            checks.add(f"run_signature_{key}", False, f"signature '{key}' failed to run ({_text(err)})")
+            continue
+        problems = _nonconforming(tf, sig, got)
+        bad = _non_finite(got)
+        if bad:
+            problems.append(f"non-finite values in output(s) {bad}")
+        checks.add(f"run_signature_{key}", not problems,
+                   f"signature '{key}' {'; '.join(problems)}" if problems else f"batch of {_batch(inputs)}")
 
 
 def _run_safely(path, samples, expected, rtol, atol) -> dict:
@@ -134,7 +272,7 @@ def _run_safely(path, samples, expected, rtol, atol) -> dict:
         return run(path, samples, expected, rtol, atol)
     except Exception as err:
         traceback.print_exc()
-        return {"ok": False, "saved_model": path,
+        return {"ok": False, "saved_model": path, "loader": LOADER,
                 "reason": f"validation crashed ({type(err).__name__}: {str(err)[:200]})", "checks": []}
 
 
