@@ -11,7 +11,10 @@ Example::
 
 :func:`open_storage` returns a :class:`Store` (``base.py``: the interface and
 what every backend shares) of the URL's kind. Each backend is one subclass in
-its own module:
+its own module; the three bucket stores (GCS, S3, Azure) share
+:class:`~tf_export_pipeline.storage.bucket.BucketStore` (``bucket.py``:
+listings, look-ups, removals and copies built from one request per page or
+object, each store saying how its server is asked):
 
 - :class:`~tf_export_pipeline.storage.local.LocalStore` (``local.py``): POSIX
   semantics where they matter (create-only by ``link(2)``, ``fsync`` before a

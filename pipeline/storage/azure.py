@@ -50,17 +50,17 @@ import secrets
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import fsspec
 
 from tf_export_pipeline.errors import ConfigError, PipelineError
 from tf_export_pipeline.storage.azure_errors import azure_reason, error_code
-from tf_export_pipeline.storage.base import Entry, Store
+from tf_export_pipeline.storage.base import Entry
+from tf_export_pipeline.storage.bucket import BucketStore, listed_name, split
 from tf_export_pipeline.storage.errors import ChecksumMismatch
 from tf_export_pipeline.storage.transfers import CONCURRENCY, file_digests, gather
 
-log = logging.getLogger("tf_export_pipeline.storage")
 # The SDK logs retried requests; with no logging set up, Python would print those to stderr beside our
 # one-line error. Where logging is configured (Airflow, --verbose), they still reach its handlers.
 logging.getLogger("azure").addHandler(logging.NullHandler())
@@ -93,12 +93,6 @@ _ENV_KEYS = (("connection_string", "AZURE_STORAGE_CONNECTION_STRING"),
              ("account_key", "AZURE_STORAGE_ACCOUNT_KEY"),
              ("sas_token", "AZURE_STORAGE_SAS_TOKEN"))
 _SECRET_OPTIONS = ("connection_string", "account_key", "sas_token", "credential", "client_secret")
-
-
-def split(path: str) -> tuple[str, str]:
-    """``container/key`` as (container, key); the key is empty for the container itself."""
-    container, _, key = path.strip("/").partition("/")
-    return container, key
 
 
 def credentials(options: dict[str, Any]) -> dict[str, Any]:
@@ -152,11 +146,12 @@ def blob_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
     return meta
 
 
-class AzureBlobStore(Store):
+class AzureBlobStore(BucketStore):
     """A container (and a root prefix in it) in Azure Blob Storage or Azurite."""
 
     protocols = ("az", "abfs", "abfss")
     conditional_overwrite = True
+    object_noun = "blobs"
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
         super().__init__(url, storage_options)
@@ -188,7 +183,7 @@ class AzureBlobStore(Store):
 
     @property
     def container(self) -> str:
-        return split(self.root)[0]
+        return self.bucket
 
     # -- paths -----------------------------------------------------------------
     def url(self, path: str) -> str:
@@ -206,7 +201,7 @@ class AzureBlobStore(Store):
             return super()._translate(err, action, path)
         return PipelineError(f"{reason} while {action}: {self.url(path)}")
 
-    def _raise(self, err: BaseException, action: str, path: str) -> None:
+    def _raise(self, err: BaseException, action: str, path: str) -> NoReturn:
         """Re-raise an SDK error as what callers expect: FileNotFoundError, FileExistsError or one line."""
         from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 
@@ -267,7 +262,7 @@ class AzureBlobStore(Store):
 
     def _entry(self, container: str, blob: Any, base_key: str = "", relative: bool = False) -> Entry:
         name = blob.name
-        shown = (name[len(base_key):].lstrip("/") if base_key else name) if relative else posixpath.basename(name)
+        shown = listed_name(name, base_key, relative)
         meta = dict(blob.metadata or {})
         md5 = _md5_b64(getattr(blob.content_settings, "content_md5", None))
         # The recorded crc32c is this store's claim about the bytes; it holds while the MD5 the server
@@ -278,58 +273,23 @@ class AzureBlobStore(Store):
         return Entry(shown, f"{container}/{name}", False, int(blob.size or 0), mtime, crc, _etag(blob.etag),
                      own or None)
 
-    @staticmethod
-    def _is_marker(blob: Any) -> bool:
+    def _is_folder_marker(self, blob: Any) -> bool:
         meta = {k.lower(): str(v).lower() for k, v in (blob.metadata or {}).items()}
         return blob.name.endswith("/") or any(meta.get(k) == v for k, v in _DIR_MARKERS)
 
+    def _listed_files(self, container: str, blobs: list[Any], dirs: list[Entry]) -> list[Entry]:
+        # A directory blob beside its prefix (a hierarchical namespace lists both) is shown once, as the directory.
+        names = {e.name for e in dirs}
+        return [self._entry(container, b) for b in blobs
+                if not self._is_folder_marker(b) and posixpath.basename(b.name) not in names]
+
+    def _file_stat(self, path: str) -> Any:
+        props = self._run("reading blob properties", path, lambda: self._blob(path).get_blob_properties())
+        if self._is_folder_marker(props):
+            raise FileNotFoundError(self.url(path))
+        return props
+
     # -- reading ---------------------------------------------------------------
-    def exists(self, path: str) -> bool:
-        return self.isfile(path) or self.isdir(path)
-
-    def isdir(self, path: str) -> bool:
-        # A "directory" is a prefix with something under it; the container itself always is one.
-        blobs, prefixes = self._list(path, "/", max_results=1)
-        return bool(blobs or prefixes) or not split(path)[1]
-
-    def isfile(self, path: str) -> bool:
-        if not split(path)[1]:
-            return False
-        try:
-            props = self._run("reading blob properties", path, lambda: self._blob(path).get_blob_properties())
-        except FileNotFoundError:
-            return False
-        return not self._is_marker(props)
-
-    def list_dir(self, path: str) -> list[Entry]:
-        container, _ = split(path)
-        blobs, prefixes = self._list(path, "/")
-        out = [Entry(posixpath.basename(p.rstrip("/")), f"{container}/{p.rstrip('/')}", True, 0, None)
-               for p in prefixes]
-        names = {e.name for e in out}
-        out += [self._entry(container, b) for b in blobs
-                if not self._is_marker(b) and posixpath.basename(b.name) not in names]
-        return out
-
-    def walk(self, path: str) -> list[Entry]:
-        container, key = split(path)
-        blobs, _ = self._list(path, None)
-        base = key.rstrip("/") + "/" if key else ""
-        return sorted((self._entry(container, b, base, relative=True) for b in blobs if not self._is_marker(b)),
-                      key=lambda e: e.name)
-
-    def info(self, path: str) -> Entry:
-        container, _ = split(path)
-        try:
-            props = self._run("reading blob properties", path, lambda: self._blob(path).get_blob_properties())
-            if not self._is_marker(props):
-                return self._entry(container, props)
-        except FileNotFoundError:
-            pass
-        if self.isdir(path):
-            return Entry(posixpath.basename(path.rstrip("/")), path.rstrip("/"), True, 0, None)
-        raise FileNotFoundError(self.url(path))
-
     def read_bytes(self, path: str) -> bytes:
         async def read():
             stream = await self._blob(path).download_blob()
@@ -338,9 +298,6 @@ class AzureBlobStore(Store):
         return self._run("reading", path, read)
 
     # -- writing ---------------------------------------------------------------
-    def makedirs(self, path: str) -> None:
-        """Nothing to do: a flat namespace has no directories to make."""
-
     async def _put(self, path: str, data: bytes, metadata: dict[str, str], overwrite: bool,
                    **condition: Any) -> dict[str, Any]:
         from azure.storage.blob import ContentSettings
@@ -396,42 +353,27 @@ class AzureBlobStore(Store):
         props = self._run("reading blob properties", path, lambda: self._blob(path).get_blob_properties())
         return str(props.etag), dict(props.metadata or {})
 
-    def remove_if_torn(self, path: str, torn: Callable[[bytes], bool]) -> bool:
-        from azure.core import MatchConditions
-
+    def _read_for_removal(self, path: str) -> tuple[bytes, str]:
         async def read():
             stream = await self._blob(path).download_blob()
-            return stream.properties.etag, await stream.readall()
+            etag = stream.properties.etag
+            return await stream.readall(), etag
 
-        try:
-            etag, data = self._run("reading", path, read)
-        except FileNotFoundError:
-            return False
-        if not torn(data):
-            return False
+        return self._run("reading", path, read)
+
+    def _remove_seen(self, path: str, seen: str) -> bool:
+        from azure.core import MatchConditions
+
         # Deleted only at the ETag whose bytes were read: a rewrite since then stays.
         try:
             self._run("deleting", path, lambda: self._blob(path).delete_blob(
-                etag=etag, match_condition=MatchConditions.IfNotModified))
-        except FileNotFoundError:
-            return False
-        except FileExistsError:
+                etag=seen, match_condition=MatchConditions.IfNotModified))
+        except (FileNotFoundError, FileExistsError):
             return False
         return True
 
-    def rm(self, path: str, recursive: bool = False) -> None:
-        if recursive:
-            entries = self.walk(path)
-            if entries:
-                kept = self.delete_objects(entries)
-                if kept:
-                    log.warning("left %d blobs rewritten since listing under %s", len(kept), self.url(path))
-                return
-        if split(path)[1]:
-            try:
-                self._run("deleting", path, lambda: self._blob(path).delete_blob())
-            except FileNotFoundError:
-                pass
+    def _delete_key(self, path: str) -> None:
+        self._run("deleting", path, lambda: self._blob(path).delete_blob())
 
     # -- whole directories -------------------------------------------------------
     def _checksums(self, local_path: str) -> tuple[str, str]:
@@ -496,70 +438,54 @@ class AzureBlobStore(Store):
         return [self._classified(res, "downloading", rp) for res, (rp, _) in zip(results, pairs)]
 
     # -- server-side copies and deletes ---------------------------------------------
-    def copy_objects(self, pairs: list[tuple[Entry, str]], created: list[Entry] | None = None,
-                     limit: int = CONCURRENCY) -> int:
-        """Copy Blob on the server, ``limit`` at a time, each destination ``If-None-Match: *`` and each
-        source matched to its listed ETag.
+    async def _copy_one(self, src: Entry, dst: str, created: list[Entry]) -> int:
+        """Copy Blob on the server, the destination ``If-None-Match: *``, the source matched to its listed
+        ETag; polled until the copy ends.
 
-        A destination that exists with the source's size and checksum counts as
-        copied and is not appended to ``created``: not ours to undo.
+        A destination that exists with the source's size and checksum counts as copied.
         """
         from azure.core import MatchConditions
         from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 
-        created = created if created is not None else []
+        target = self._blob(dst)
+        source = {"source_etag": src.generation, "source_match_condition": MatchConditions.IfNotModified} \
+            if src.generation else {}
+        try:
+            out = await target.start_copy_from_url(self._blob(src.path).url,
+                                                   match_condition=MatchConditions.IfMissing, **source)
+        except (ResourceExistsError, ResourceModifiedError) as err:
+            changed = PipelineError(f"source blob changed since it was listed: {self.url(src.path)}")
+            if error_code(err) == "SourceConditionNotMet":
+                raise changed from None
+            if error_code(err) not in ("BlobAlreadyExists", "ConditionNotMet"):
+                raise
+            try:
+                have = await target.get_blob_properties()
+            except ResourceNotFoundError:
+                # No destination: the condition refused was the source's (Azurite names both
+                # failures ConditionNotMet).
+                raise changed from None
+            if int(have.size or 0) == src.size and _same_content(src, have):
+                return 0  # already there, identical: not ours to undo
+            raise FileExistsError(self.url(dst)) from None
+        status = out.get("copy_status")
+        deadline = time.monotonic() + COPY_TIMEOUT
+        delay = 0.05
+        while status == "pending":
+            if time.monotonic() > deadline:
+                raise PipelineError(f"server-side copy did not finish within {COPY_TIMEOUT:.0f} s: {self.url(dst)}")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            status = (await target.get_blob_properties()).copy.status
+        if status != "success":
+            raise PipelineError(f"server-side copy ended '{status}': {self.url(dst)}")
+        created.append(Entry(posixpath.basename(dst), dst, False, src.size, None, src.crc32c, _etag(out.get("etag"))))
+        return src.size
 
-        def job(src: Entry, dst: str):
-            async def run():
-                target = self._blob(dst)
-                source = {"source_etag": src.generation, "source_match_condition": MatchConditions.IfNotModified} \
-                    if src.generation else {}
-                try:
-                    out = await target.start_copy_from_url(self._blob(src.path).url,
-                                                           match_condition=MatchConditions.IfMissing, **source)
-                except (ResourceExistsError, ResourceModifiedError) as err:
-                    changed = PipelineError(f"source blob changed since it was listed: {self.url(src.path)}")
-                    if error_code(err) == "SourceConditionNotMet":
-                        raise changed from None
-                    if error_code(err) not in ("BlobAlreadyExists", "ConditionNotMet"):
-                        raise
-                    try:
-                        have = await target.get_blob_properties()
-                    except ResourceNotFoundError:
-                        # No destination: the condition refused was the source's (Azurite names both
-                        # failures ConditionNotMet).
-                        raise changed from None
-                    if int(have.size or 0) == src.size and _same_content(src, have):
-                        return None, 0  # already there, identical: not ours to undo
-                    raise FileExistsError(self.url(dst)) from None
-                status = out.get("copy_status")
-                deadline = time.monotonic() + COPY_TIMEOUT
-                delay = 0.05
-                while status == "pending":
-                    if time.monotonic() > deadline:
-                        raise PipelineError(f"server-side copy did not finish within {COPY_TIMEOUT:.0f} s: "
-                                            f"{self.url(dst)}")
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 2.0)
-                    status = (await target.get_blob_properties()).copy.status
-                if status != "success":
-                    raise PipelineError(f"server-side copy ended '{status}': {self.url(dst)}")
-                entry = Entry(posixpath.basename(dst), dst, False, src.size, None, src.crc32c, _etag(out.get("etag")))
-                created.append(entry)
-                return entry, src.size
-            return run
-
-        results = gather(self.fs.loop, [job(s, d) for s, d in pairs], limit=limit)
-        copied = 0
-        for (src, dst), res in zip(pairs, results):
-            if isinstance(res, BaseException):
-                if isinstance(res, FileExistsError):
-                    raise FileExistsError(f"destination exists with other content: {self.url(dst)}")
-                if isinstance(res, PipelineError):
-                    raise res
-                self._raise(res, "copying", src.path)
-            copied += res[1]
-        return copied
+    def _copy_failed(self, err: BaseException, src: Entry) -> NoReturn:
+        if isinstance(err, PipelineError):
+            raise err
+        self._raise(err, "copying", src.path)
 
     def delete_objects(self, entries: list[Entry], limit: int = CONCURRENCY) -> list[str]:
         from azure.core import MatchConditions

@@ -69,6 +69,8 @@ class Store:
     #: Whether :meth:`read_versioned`, :meth:`write_if` and :meth:`token_of` are offered (a model config
     #: file read, changed and written back only if nobody wrote it in between).
     conditional_overwrite = False
+    #: Exceptions :meth:`_errors` lets through as they are: each already says what callers need.
+    _passed_through: tuple[type[BaseException], ...] = (FileExistsError, PipelineError)
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
         try:
@@ -111,12 +113,10 @@ class Store:
         """Turn a permanent or exhausted remote error into a one-line PipelineError."""
         try:
             yield
-        except FileExistsError:
+        except self._passed_through:
             raise
-        except FileNotFoundError:
-            self._not_found(path, write)
-            raise
-        except PipelineError:
+        except FileNotFoundError as err:
+            self._not_found(path, write, err)
             raise
         except Exception as err:  # noqa: BLE001 - classified below, re-raised when unknown
             mapped = self._translate(err, action, path)
@@ -127,8 +127,9 @@ class Store:
     def _translate(self, err: BaseException, action: str, path: str) -> PipelineError | None:
         return translate(err, action, self.url(path))
 
-    def _not_found(self, path: str, write: bool) -> None:
-        """Called when acting on ``path`` raised FileNotFoundError; raise a clearer error if there is one.
+    def _not_found(self, path: str, write: bool, err: BaseException | None = None) -> None:
+        """Called when acting on ``path`` raised FileNotFoundError (``err``, where there is one); raise a
+        clearer error if there is one.
 
         A backend whose paths live in containers (GCS buckets) tells a missing
         container from a missing object here.
@@ -209,6 +210,21 @@ class Store:
         generation on GCS, the inode locally), so an entry written since is
         left alone.
         """
+        try:
+            data, seen = self._read_for_removal(path)
+        except FileNotFoundError:
+            return False
+        if not torn(data):
+            return False
+        return self._remove_seen(path, seen)
+
+    def _read_for_removal(self, path: str) -> tuple[bytes, Any]:
+        """The bytes at ``path`` and what a removal of them is matched to (a generation's entry, an ETag,
+        an inode; None where the backend has nothing to match). FileNotFoundError when there is nothing."""
+        raise NotImplementedError
+
+    def _remove_seen(self, path: str, seen: Any) -> bool:
+        """Remove ``path`` if it is still what :meth:`_read_for_removal` saw as ``seen``; True when removed."""
         raise NotImplementedError
 
     def rm(self, path: str, recursive: bool = False) -> None:

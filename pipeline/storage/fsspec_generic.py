@@ -10,7 +10,6 @@ create-only write, is used only where it is one conditional request (see
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Callable
 from typing import Any
 
 from tf_export_pipeline.errors import PipelineError
@@ -97,14 +96,11 @@ class FsspecStore(Store):
             raise
         return True
 
-    def remove_if_torn(self, path: str, torn: Callable[[bytes], bool]) -> bool:
+    def _read_for_removal(self, path: str) -> tuple[bytes, Any]:
         # No generation to match the removal to: what was read torn is removed by name.
-        try:
-            data = self.read_bytes(path)
-        except FileNotFoundError:
-            return False
-        if not torn(data):
-            return False
+        return self.read_bytes(path), None
+
+    def _remove_seen(self, path: str, seen: Any) -> bool:
         self.rm(path)
         return True
 

@@ -24,17 +24,16 @@ import os
 import posixpath
 import secrets
 import time
-from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import fsspec
 
 from tf_export_pipeline.errors import PipelineError
-from tf_export_pipeline.storage.base import Entry, Store, mtime_of
+from tf_export_pipeline.storage.base import Entry, mtime_of
+from tf_export_pipeline.storage.bucket import BucketStore, listed_name, split
 from tf_export_pipeline.storage.transfers import CONCURRENCY, crc32c_of_file, gather
 
-log = logging.getLogger("tf_export_pipeline.storage")
 # gcsfs logs every exhausted retry with a traceback; with no logging set up,
 # Python would print those to stderr beside our one-line error. Where logging
 # is configured (Airflow, --verbose), they still reach its handlers.
@@ -54,25 +53,15 @@ def _is_google_endpoint(endpoint: str) -> bool:
     return any(host == h or host.endswith("." + h) for h in _GOOGLE_HOSTS)
 
 
-def split(path: str) -> tuple[str, str]:
-    """``bucket/key`` as (bucket, key); the key is empty for the bucket itself."""
-    bucket, _, key = path.strip("/").partition("/")
-    return bucket, key
-
-
 READ_VERSIONED_ATTEMPTS = 8  # a generation that changes between the reads of its metadata and its bytes
 
 
-class GcsStore(Store):
+class GcsStore(BucketStore):
     """A bucket (and a root prefix in it) on Google Cloud Storage or an emulator of it."""
 
     protocols = ("gs", "gcs")
     is_gcs = True
     conditional_overwrite = True
-
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
-        super().__init__(url, storage_options)
-        self._buckets_seen: set[str] = set()
 
     @classmethod
     def _open_fs(cls, url: str, options: dict[str, Any]) -> tuple[Any, str]:
@@ -89,12 +78,8 @@ class GcsStore(Store):
             return fs, fs._strip_protocol(url)
         return fsspec.core.url_to_fs(url, **options)
 
-    @property
-    def bucket(self) -> str:
-        return split(self.root)[0]
-
     # -- errors ----------------------------------------------------------------
-    def _not_found(self, path: str, write: bool) -> None:
+    def _not_found(self, path: str, write: bool, err: BaseException | None = None) -> None:
         # A write, or a look at the bucket itself, that finds nothing may mean no bucket at all.
         if write or not split(path)[1]:
             self._raise_if_bucket_missing(path)
@@ -106,34 +91,18 @@ class GcsStore(Store):
         try:
             self.fs.call("GET", "b/{}", bucket, json_out=True)
         except FileNotFoundError:
-            raise PipelineError(f"bucket '{bucket}' does not exist: {self.url(path)}") from None
+            raise self._bucket_missing(path) from None
         except Exception as err:  # noqa: BLE001 - classified; unknown errors propagate
             raise self._translate(err, "reading the bucket", bucket) or err from None
         self._buckets_seen.add(bucket)
 
     # -- JSON API primitives (through gcsfs's session, auth and retries) ---------
-    def _list(self, path: str, delimiter: str | None, max_results: int | None = None
-              ) -> tuple[list[dict], list[str]]:
-        """Objects and sub-prefixes under ``path/``: one request per page; a missing bucket raises."""
-        bucket, key = split(path)
-        prefix = key.rstrip("/") + "/" if key else ""
-        items: list[dict] = []
-        prefixes: list[str] = []
-        token = None
-        while True:
-            params: dict[str, Any] = {"prefix": prefix or None, "maxResults": max_results or LIST_PAGE_SIZE,
-                                      "delimiter": delimiter, "pageToken": token}
-            try:
-                with self._errors("listing", path):
-                    page = self.fs.call("GET", "b/{}/o", bucket, json_out=True, **params)
-            except FileNotFoundError:
-                raise PipelineError(f"bucket '{bucket}' does not exist: {self.url(path)}") from None
-            self._buckets_seen.add(bucket)
-            items.extend(page.get("items", []))
-            prefixes.extend(page.get("prefixes", []))
-            token = page.get("nextPageToken")
-            if not token or max_results:
-                return items, prefixes
+    def _list_page(self, bucket: str, prefix: str, delimiter: str | None, max_results: int | None,
+                   token: str | None) -> tuple[list[dict], list[str], str | None]:
+        params: dict[str, Any] = {"prefix": prefix or None, "maxResults": max_results or LIST_PAGE_SIZE,
+                                  "delimiter": delimiter, "pageToken": token}
+        page = self.fs.call("GET", "b/{}/o", bucket, json_out=True, **params)
+        return page.get("items", []), page.get("prefixes", []), page.get("nextPageToken")
 
     def object_info(self, path: str) -> dict[str, Any]:
         """The object's JSON API resource (``generation``, ``metadata``, ``crc32c``…); FileNotFoundError if absent."""
@@ -165,64 +134,18 @@ class GcsStore(Store):
 
     def _entry(self, bucket: str, obj: dict, base_key: str = "", relative: bool = False) -> Entry:
         name = obj["name"]
-        full = f"{bucket}/{name}"
-        if relative:
-            shown = name[len(base_key):].lstrip("/") if base_key else name
-        else:
-            shown = posixpath.basename(name.rstrip("/"))
-        return Entry(shown, full, False, int(obj.get("size") or 0), mtime_of(obj), obj.get("crc32c"),
+        return Entry(listed_name(name, base_key, relative), f"{bucket}/{name}", False, int(obj.get("size") or 0),
+                     mtime_of(obj), obj.get("crc32c"),
                      str(obj["generation"]) if obj.get("generation") is not None else None,
                      obj.get("metadata"))
 
-    # -- reading ---------------------------------------------------------------
-    def exists(self, path: str) -> bool:
-        return self.isfile(path) or self.isdir(path)
+    def _is_folder_marker(self, obj: dict) -> bool:
+        return obj["name"].endswith("/")
 
-    def isdir(self, path: str) -> bool:
-        # A "directory" is a prefix with something under it; the bucket itself always is one.
-        _, key = split(path)
-        items, prefixes = self._list(path, "/", max_results=1)
-        return bool(items or prefixes) or not key
-
-    def isfile(self, path: str) -> bool:
-        if not split(path)[1]:
-            return False
-        try:
-            self.object_info(path)
-        except FileNotFoundError:
-            return False
-        return True
-
-    def list_dir(self, path: str) -> list[Entry]:
-        bucket, key = split(path)
-        items, prefixes = self._list(path, "/")
-        out = [Entry(posixpath.basename(p.rstrip("/")), f"{bucket}/{p.rstrip('/')}", True, 0, None)
-               for p in prefixes]
-        base = key.rstrip("/") + "/" if key else ""
-        # Placeholder objects ("dir/") that some tools create are not files.
-        out += [self._entry(bucket, o) for o in items if o["name"] != base and not o["name"].endswith("/")]
-        return out
-
-    def walk(self, path: str) -> list[Entry]:
-        bucket, key = split(path)
-        items, _ = self._list(path, None)
-        base = key.rstrip("/") + "/" if key else ""
-        return sorted((self._entry(bucket, o, base, relative=True) for o in items
-                       if not o["name"].endswith("/")), key=lambda e: e.name)
-
-    def info(self, path: str) -> Entry:
-        bucket, _ = split(path)
-        try:
-            return self._entry(bucket, self.object_info(path))
-        except FileNotFoundError:
-            if self.isdir(path):
-                return Entry(posixpath.basename(path.rstrip("/")), path.rstrip("/"), True, 0, None)
-            raise
+    def _file_stat(self, path: str) -> dict[str, Any]:
+        return self.object_info(path)
 
     # -- writing ---------------------------------------------------------------
-    def makedirs(self, path: str) -> None:
-        """Nothing to do: object stores have no directories (and gcsfs's makedirs would create buckets)."""
-
     def create_only(self, path: str, data: bytes, metadata: dict[str, str] | None = None) -> bool:
         # A 412 does not prove that somebody else holds the object: when the answer
         # to our own upload is lost, gcsfs's retry finds our object and gets 412 too.
@@ -273,33 +196,17 @@ class GcsStore(Store):
             self.invalidate(path)
         return out
 
-    def remove_if_torn(self, path: str, torn: Callable[[bytes], bool]) -> bool:
-        try:
-            obj = self.object_info(path)
-            data = self.read_bytes(path)
-        except FileNotFoundError:
-            return False
-        if not torn(data):
-            return False
-        # The delete is matched to the generation read above: a rewrite since then stays.
-        entry = self._entry(split(path)[0], obj)
-        return not self.delete_objects([entry])
+    def _read_for_removal(self, path: str) -> tuple[bytes, Entry]:
+        obj = self.object_info(path)
+        return self.read_bytes(path), self._entry(split(path)[0], obj)
 
-    def rm(self, path: str, recursive: bool = False) -> None:
-        if recursive:
-            entries = self.walk(path)
-            if entries:
-                kept = self.delete_objects(entries)
-                if kept:
-                    log.warning("left %d objects rewritten since listing under %s", len(kept), self.url(path))
-                return
-        bucket, key = split(path)
-        if key:
-            try:
-                with self._errors("deleting", path):
-                    self.fs.call("DELETE", "b/{}/o/{}", bucket, key)
-            except FileNotFoundError:
-                pass
+    def _remove_seen(self, path: str, seen: Entry) -> bool:
+        # The delete is matched to the generation read: a rewrite since then stays.
+        return not self.delete_objects([seen])
+
+    def _delete_key(self, path: str) -> None:
+        with self._errors("deleting", path):
+            self.fs.call("DELETE", "b/{}/o/{}", *split(path))
 
     # -- whole directories -------------------------------------------------------
     def _upload_checksum(self, local_path: str) -> str | None:
@@ -327,51 +234,36 @@ class GcsStore(Store):
         return gather(fs.loop, [job(rp, lp) for rp, lp in pairs], limit=8)
 
     # -- server-side copies and deletes ---------------------------------------------
-    def copy_objects(self, pairs: list[tuple[Entry, str]], created: list[Entry] | None = None,
-                     limit: int = CONCURRENCY) -> int:
-        """Server-side rewrites, ``limit`` at a time, each destination ``ifGenerationMatch=0``.
+    async def _copy_one(self, src: Entry, dst: str, created: list[Entry]) -> int:
+        """A server-side rewrite, the destination ``ifGenerationMatch=0``, the source at its listed generation.
 
-        A destination that exists with the source's size and crc32c counts as
-        copied and is not appended to ``created``: not ours to undo.
+        A destination that exists with the source's size and crc32c counts as copied.
         """
-        created = created if created is not None else []
-        copied = 0
         fs = self.fs
+        sb, sk = split(src.path)
+        db, dk = split(dst)
+        params: dict[str, Any] = {"ifGenerationMatch": 0, "sourceGeneration": src.generation}
+        try:
+            out = await fs._call("POST", "b/{}/o/{}/rewriteTo/b/{}/o/{}", sb, sk, db, dk,
+                                 headers={"Content-Type": "application/json"}, json_out=True, **params)
+            while not out.get("done"):
+                out = await fs._call("POST", "b/{}/o/{}/rewriteTo/b/{}/o/{}", sb, sk, db, dk,
+                                     headers={"Content-Type": "application/json"}, json_out=True,
+                                     rewriteToken=out["rewriteToken"], **params)
+        except FileExistsError:
+            have = await fs._call("GET", "b/{}/o/{}", db, dk, json_out=True)
+            if int(have.get("size") or 0) == src.size and have.get("crc32c") == src.crc32c:
+                return 0  # already there, identical: not ours to undo
+            raise
+        resource = out.get("resource") or {}
+        created.append(self._entry(db, resource) if resource
+                       else Entry(posixpath.basename(dk), dst, False, src.size, None, src.crc32c))
+        return int(out.get("totalBytesRewritten") or src.size)
 
-        def job(src: Entry, dst: str):
-            async def run():
-                sb, sk = split(src.path)
-                db, dk = split(dst)
-                params: dict[str, Any] = {"ifGenerationMatch": 0, "sourceGeneration": src.generation}
-                try:
-                    out = await fs._call("POST", "b/{}/o/{}/rewriteTo/b/{}/o/{}", sb, sk, db, dk,
-                                         headers={"Content-Type": "application/json"}, json_out=True, **params)
-                    while not out.get("done"):
-                        out = await fs._call("POST", "b/{}/o/{}/rewriteTo/b/{}/o/{}", sb, sk, db, dk,
-                                             headers={"Content-Type": "application/json"}, json_out=True,
-                                             rewriteToken=out["rewriteToken"], **params)
-                except FileExistsError:
-                    have = await fs._call("GET", "b/{}/o/{}", db, dk, json_out=True)
-                    if int(have.get("size") or 0) == src.size and have.get("crc32c") == src.crc32c:
-                        return None, 0  # already there, identical: not ours to undo
-                    raise
-                resource = out.get("resource") or {}
-                entry = self._entry(db, resource) if resource else Entry(posixpath.basename(dk), dst, False,
-                                                                         src.size, None, src.crc32c)
-                created.append(entry)
-                return entry, int(out.get("totalBytesRewritten") or src.size)
-            return run
-
-        results = gather(fs.loop, [job(s, d) for s, d in pairs], limit=limit)
-        for (src, dst), res in zip(pairs, results):
-            if isinstance(res, BaseException):
-                if isinstance(res, FileExistsError):
-                    raise FileExistsError(f"destination exists with other content: {self.url(dst)}")
-                if isinstance(res, FileNotFoundError):
-                    raise FileNotFoundError(self.url(src.path))
-                raise self._translate(res, "copying", src.path) or res
-            copied += res[1]
-        return copied
+    def _copy_failed(self, err: BaseException, src: Entry) -> NoReturn:
+        if isinstance(err, FileNotFoundError):
+            raise FileNotFoundError(self.url(src.path))
+        raise self._translate(err, "copying", src.path) or err
 
     def delete_objects(self, entries: list[Entry], limit: int = CONCURRENCY) -> list[str]:
         kept: list[str] = []

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-from collections.abc import Callable
 from typing import Any
 
 from tf_export_pipeline.errors import PipelineError
@@ -129,16 +128,13 @@ class LocalStore(Store):
             except FileNotFoundError:
                 pass
 
-    def remove_if_torn(self, path: str, torn: Callable[[bytes], bool]) -> bool:
+    def _read_for_removal(self, path: str) -> tuple[bytes, Any]:
         # Matched by inode: a file linked to this name since it was read is not the torn one.
-        try:
-            with open(path, "rb") as fh:
-                seen = os.fstat(fh.fileno()).st_ino
-                data = fh.read()
-        except FileNotFoundError:
-            return False
-        if not torn(data):
-            return False
+        with open(path, "rb") as fh:
+            seen = os.fstat(fh.fileno()).st_ino
+            return fh.read(), seen
+
+    def _remove_seen(self, path: str, seen: Any) -> bool:
         try:
             if os.stat(path).st_ino == seen:
                 os.unlink(path)

@@ -42,21 +42,22 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import logging
 import os
 import posixpath
 import re
 import secrets
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import fsspec
 
 from tf_export_pipeline.errors import ConditionIgnored, PipelineError
-from tf_export_pipeline.storage.base import Entry, Store, mtime_of
+from tf_export_pipeline.storage.base import Entry, mtime_of
+from tf_export_pipeline.storage.bucket import BucketStore, listed_name, split
 from tf_export_pipeline.storage.errors import ChecksumMismatch
 from tf_export_pipeline.storage.transfers import CONCURRENCY, backoff, gather
 
@@ -111,12 +112,6 @@ _PROBED: set[tuple[str, str]] = set()
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
 
 
-def split(path: str) -> tuple[str, str]:
-    """``bucket/key`` as (bucket, key); the key is empty for the bucket itself."""
-    bucket, _, key = path.strip("/").partition("/")
-    return bucket, key
-
-
 def client_error(err: BaseException | None) -> tuple[str | None, int | None]:
     """S3's error code and HTTP status behind ``err`` (s3fs hides the botocore error as the cause)."""
     seen = 0
@@ -162,11 +157,13 @@ class _Conflict(Exception):
     """HTTP 409 on a conditional request: another conditional write of the same key is in flight."""
 
 
-class S3Store(Store):
+class S3Store(BucketStore):
     """A bucket (and a root prefix in it) on Amazon S3 or an S3-compatible server."""
 
     protocols = ("s3", "s3a")
     conditional_overwrite = True
+    # A 409 is retried by the write that got it, not reported.
+    _passed_through = (FileExistsError, PipelineError, _Conflict)
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
         options = dict(storage_options or {})
@@ -174,12 +171,7 @@ class S3Store(Store):
         client_kwargs = options.get("client_kwargs") or {}
         self.endpoint = (options.get("endpoint_url") or client_kwargs.get("endpoint_url")
                          or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "")
-        self._buckets_seen: set[str] = set()
         self._parameters_checked = False
-
-    @property
-    def bucket(self) -> str:
-        return split(self.root)[0]
 
     def _endpoint_shown(self) -> str:
         """The endpoint as scheme://host:port (no user, path or query): safe in a message."""
@@ -190,27 +182,9 @@ class S3Store(Store):
         return f"{parts.scheme}://{parts.hostname}{port}"
 
     # -- errors ----------------------------------------------------------------
-    @contextmanager
-    def _errors(self, action: str, path: str, write: bool = False) -> Iterator[None]:
-        try:
-            yield
-        except (FileExistsError, PipelineError, _Conflict):
-            raise
-        except FileNotFoundError as err:
-            if client_error(err)[0] == "NoSuchBucket":
-                raise self._bucket_missing(path) from None
-            self._not_found(path, write)
-            raise
-        except Exception as err:  # noqa: BLE001 - classified below, re-raised when unknown
-            mapped = self._translate(err, action, path)
-            if mapped is None:
-                raise
-            raise mapped from None
-
-    def _bucket_missing(self, path: str) -> PipelineError:
-        return PipelineError(f"bucket '{split(path)[0]}' does not exist: {self.url(path)}")
-
-    def _not_found(self, path: str, write: bool) -> None:
+    def _not_found(self, path: str, write: bool, err: BaseException | None = None) -> None:
+        if client_error(err)[0] == "NoSuchBucket":
+            raise self._bucket_missing(path) from None
         if write or not split(path)[1]:
             self._raise_if_bucket_missing(path)
 
@@ -337,85 +311,42 @@ class S3Store(Store):
                 self._call("list_objects_v2", Bucket=bucket, Prefix=key, MaxKeys=1)
                 raise
 
-    def _list(self, path: str, delimiter: str | None, max_keys: int | None = None
-              ) -> tuple[list[dict], list[str]]:
-        """Objects and sub-prefixes under ``path/``: one request per page; a missing bucket raises."""
-        bucket, key = split(path)
-        prefix = key.rstrip("/") + "/" if key else ""
-        items: list[dict] = []
-        prefixes: list[str] = []
-        token = None
-        while True:
-            kw: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": max_keys or LIST_PAGE_SIZE}
-            if delimiter:
-                kw["Delimiter"] = delimiter
-            if token:
-                kw["ContinuationToken"] = token
-            try:
-                with self._errors("listing", path):
-                    page = self._call("list_objects_v2", **kw)
-            except FileNotFoundError:
-                raise self._bucket_missing(path) from None
-            self._buckets_seen.add(bucket)
-            items.extend(page.get("Contents") or [])
-            prefixes.extend(p["Prefix"] for p in page.get("CommonPrefixes") or [])
-            token = page.get("NextContinuationToken")
-            if not page.get("IsTruncated") or not token or max_keys:
-                return items, prefixes
+    def _list_page(self, bucket: str, prefix: str, delimiter: str | None, max_results: int | None,
+                   token: str | None) -> tuple[list[dict], list[str], str | None]:
+        kw: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": max_results or LIST_PAGE_SIZE}
+        if delimiter:
+            kw["Delimiter"] = delimiter
+        if token:
+            kw["ContinuationToken"] = token
+        page = self._call("list_objects_v2", **kw)
+        following = page.get("NextContinuationToken") if page.get("IsTruncated") else None
+        return (page.get("Contents") or [], [p["Prefix"] for p in page.get("CommonPrefixes") or []],
+                following)
 
     def _entry(self, bucket: str, obj: dict, base_key: str = "", relative: bool = False) -> Entry:
         name = obj["Key"]
-        shown = (name[len(base_key):].lstrip("/") if base_key else name) if relative \
-            else posixpath.basename(name.rstrip("/"))
-        etag = etag_of(obj.get("ETag"))
-        return Entry(shown, f"{bucket}/{name}", False, int(obj.get("Size") or 0), mtime_of(obj), None, etag)
+        return Entry(listed_name(name, base_key, relative), f"{bucket}/{name}", False, int(obj.get("Size") or 0),
+                     mtime_of(obj), None, etag_of(obj.get("ETag")))
 
-    # -- reading ---------------------------------------------------------------
-    def exists(self, path: str) -> bool:
-        return self.isfile(path) or self.isdir(path)
+    def _is_folder_marker(self, obj: dict) -> bool:
+        # Consoles and some servers (for empty directories) leave such keys.
+        return obj["Key"].endswith("/")
 
-    def isdir(self, path: str) -> bool:
-        # A "directory" is a prefix with something under it; the bucket itself always is one.
-        if not split(path)[1]:
-            self._raise_if_bucket_missing(path)
-            return True
-        items, prefixes = self._list(path, "/", max_keys=1)
-        return bool(items or prefixes)
+    def _file_stat(self, path: str) -> dict[str, Any]:
+        return self._head(path)
 
-    def isfile(self, path: str) -> bool:
-        if not split(path)[1]:
-            return False
-        try:
-            self._head(path)
-        except FileNotFoundError:
-            return False
-        return True
-
-    def list_dir(self, path: str) -> list[Entry]:
-        bucket, key = split(path)
-        items, prefixes = self._list(path, "/")
-        out = [Entry(posixpath.basename(p.rstrip("/")), f"{bucket}/{p.rstrip('/')}", True, 0, None)
-               for p in prefixes]
-        # Keys ending in "/" are folder placeholders (consoles, some servers' empty directories), not files.
-        return out + [self._entry(bucket, o) for o in items if not o["Key"].endswith("/")]
-
-    def walk(self, path: str) -> list[Entry]:
-        bucket, key = split(path)
-        items, _ = self._list(path, None)
-        base = key.rstrip("/") + "/" if key else ""
-        return sorted((self._entry(bucket, o, base, relative=True) for o in items if not o["Key"].endswith("/")),
-                      key=lambda e: e.name)
-
-    def info(self, path: str) -> Entry:
-        try:
-            head = self._head(path)
-        except FileNotFoundError:
-            if self.isdir(path):
-                return Entry(posixpath.basename(path.rstrip("/")), path.rstrip("/"), True, 0, None)
-            raise
+    def _stat_entry(self, path: str, head: dict[str, Any]) -> Entry:
         return Entry(posixpath.basename(path.rstrip("/")), path.rstrip("/"), False,
                      int(head.get("ContentLength") or 0), mtime_of(head), head.get("ChecksumCRC32C"),
                      etag_of(head.get("ETag")), head.get("Metadata") or None)
+
+    # -- reading ---------------------------------------------------------------
+    def isdir(self, path: str) -> bool:
+        # The bucket itself costs one HeadBucket per process (remembered), not a listing per call.
+        if not split(path)[1]:
+            self._raise_if_bucket_missing(path)
+            return True
+        return super().isdir(path)
 
     def read_bytes(self, path: str) -> bytes:
         data, _ = self._get(path)
@@ -441,9 +372,6 @@ class S3Store(Store):
         raise ChecksumMismatch(f"downloaded object does not match its checksum after retries: {self.url(path)}")
 
     # -- writing ---------------------------------------------------------------
-    def makedirs(self, path: str) -> None:
-        """Nothing to do: S3 has no directories (and s3fs's makedirs would create buckets)."""
-
     def write_bytes(self, path: str, data: bytes) -> None:
         self._put(path, data, None, "writing")
 
@@ -526,32 +454,18 @@ class S3Store(Store):
                                 f"accepted), so version claims and the ledger would not be safe: {self.url(path)}")
         _PROBED.add((self.endpoint, bucket))
 
-    def remove_if_torn(self, path: str, torn: Callable[[bytes], bool]) -> bool:
-        try:
-            data, etag = self._get(path)
-        except FileNotFoundError:
-            return False
-        if not torn(data):
-            return False
-        # The delete is matched to the ETag read above: a rewrite since then stays.
-        entry = Entry(posixpath.basename(path), path, False, len(data), None, None, etag)
-        return not self._delete([entry])
+    def _read_for_removal(self, path: str) -> tuple[bytes, Entry]:
+        data, etag = self._get(path)
+        return data, Entry(posixpath.basename(path), path, False, len(data), None, None, etag)
 
-    def rm(self, path: str, recursive: bool = False) -> None:
-        if recursive:
-            entries = self.walk(path)
-            if entries:
-                kept = self.delete_objects(entries)
-                if kept:
-                    log.warning("left %d objects rewritten since listing under %s", len(kept), self.url(path))
-                return
+    def _remove_seen(self, path: str, seen: Entry) -> bool:
+        # The delete is matched to the ETag read: a rewrite since then stays.
+        return not self._delete([seen])
+
+    def _delete_key(self, path: str) -> None:
         bucket, key = split(path)
-        if key:
-            try:
-                with self._errors("deleting", path):
-                    self._call("delete_object", Bucket=bucket, Key=key)
-            except FileNotFoundError:
-                pass
+        with self._errors("deleting", path):
+            self._call("delete_object", Bucket=bucket, Key=key)
 
     # -- whole directories -------------------------------------------------------
     def _put_files(self, pairs: list[tuple[str, str]]) -> list[Any]:
@@ -568,12 +482,24 @@ class S3Store(Store):
 
         return gather(self.fs.loop, [job(lp, rp) for lp, rp in pairs], limit=8)
 
-    async def _put_parts(self, lpath: str, rpath: str) -> None:
-        """A multipart upload, each part's body checked by the server (Content-MD5), the result by its ETag."""
-        bucket, key = split(rpath)
+    @contextlib.asynccontextmanager
+    async def _multipart(self, bucket: str, key: str) -> AsyncIterator[str]:
+        """A new multipart upload's id; the upload is aborted when the block fails, so no part is left billed."""
         mpu = await self.fs._call_s3("create_multipart_upload", Bucket=bucket, Key=key)
         upload_id = mpu["UploadId"]
         try:
+            yield upload_id
+        except BaseException:
+            try:
+                await self.fs._call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+            except Exception:  # noqa: BLE001 - the block's own error is the one to report
+                pass
+            raise
+
+    async def _put_parts(self, lpath: str, rpath: str) -> None:
+        """A multipart upload, each part's body checked by the server (Content-MD5), the result by its ETag."""
+        bucket, key = split(rpath)
+        async with self._multipart(bucket, key) as upload_id:
             parts, digests = [], []
             with open(lpath, "rb") as fh:
                 number = 1
@@ -591,12 +517,6 @@ class S3Store(Store):
                         break
             out = await self.fs._call_s3("complete_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id,
                                          MultipartUpload={"Parts": parts})
-        except BaseException:
-            try:
-                await self.fs._call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
-            except Exception:  # noqa: BLE001 - the upload's own error is the one to report
-                pass
-            raise
         etag = str(out.get("ETag") or "").strip('"')
         if etag and etag != md5_etag(digests):
             raise ChecksumMismatch(f"upload does not match its md5: {self.url(rpath)}")
@@ -638,61 +558,48 @@ class S3Store(Store):
         appended to ``created``: not ours to undo.
         """
         self._check_parameters()
-        created = created if created is not None else []
+        return super().copy_objects(pairs, created, limit)
 
-        def job(src: Entry, dst: str):
-            async def run():
-                try:
-                    if src.size > COPY_LIMIT:
-                        etag = await self._copy_parts(src, dst)
-                    else:
-                        sb, sk = split(src.path)
-                        db, dk = split(dst)
-                        cond = {"CopySourceIfMatch": src.generation} if src.generation else {}
-                        out = await self.fs._call_s3("copy_object", Bucket=db, Key=dk,
-                                                     CopySource={"Bucket": sb, "Key": sk},
-                                                     IfNoneMatch="*", **cond)
-                        etag = (out.get("CopyObjectResult") or {}).get("ETag")
-                except Exception as err:  # noqa: BLE001 - a refused condition is examined, the rest re-raised
-                    if client_error(err)[1] != 412:
-                        raise
-                    db, dk = split(dst)
-                    try:
-                        have = await self.fs._call_s3("head_object", Bucket=db, Key=dk)
-                    except FileNotFoundError:
-                        # The destination is free, so the source failed its condition: it changed or went.
-                        raise FileNotFoundError(self.url(src.path)) from None
-                    same_etag = not src.generation or etag_of(have.get("ETag")) == src.generation
-                    if int(have.get("ContentLength") or 0) == src.size and same_etag:
-                        return None, 0  # already there, identical: not ours to undo
-                    raise FileExistsError(self.url(dst)) from None
-                entry = Entry(posixpath.basename(dst), dst, False, src.size, None, None, etag_of(etag))
-                created.append(entry)
-                return entry, src.size
-            return run
+    async def _copy_one(self, src: Entry, dst: str, created: list[Entry]) -> int:
+        try:
+            if src.size > COPY_LIMIT:
+                etag = await self._copy_parts(src, dst)
+            else:
+                sb, sk = split(src.path)
+                db, dk = split(dst)
+                cond = {"CopySourceIfMatch": src.generation} if src.generation else {}
+                out = await self.fs._call_s3("copy_object", Bucket=db, Key=dk, CopySource={"Bucket": sb, "Key": sk},
+                                             IfNoneMatch="*", **cond)
+                etag = (out.get("CopyObjectResult") or {}).get("ETag")
+        except Exception as err:  # noqa: BLE001 - a refused condition is examined, the rest re-raised
+            if client_error(err)[1] != 412:
+                raise
+            db, dk = split(dst)
+            try:
+                have = await self.fs._call_s3("head_object", Bucket=db, Key=dk)
+            except FileNotFoundError:
+                # The destination is free, so the source failed its condition: it changed or went.
+                raise FileNotFoundError(self.url(src.path)) from None
+            same_etag = not src.generation or etag_of(have.get("ETag")) == src.generation
+            if int(have.get("ContentLength") or 0) == src.size and same_etag:
+                return 0  # already there, identical: not ours to undo
+            raise FileExistsError(self.url(dst)) from None
+        created.append(Entry(posixpath.basename(dst), dst, False, src.size, None, None, etag_of(etag)))
+        return src.size
 
-        results = gather(self.fs.loop, [job(s, d) for s, d in pairs], limit=limit)
-        copied = 0
-        for (src, dst), res in zip(pairs, results):
-            if isinstance(res, BaseException):
-                if isinstance(res, FileExistsError):
-                    raise FileExistsError(f"destination exists with other content: {self.url(dst)}")
-                if isinstance(res, FileNotFoundError):
-                    if client_error(res)[0] == "NoSuchBucket":
-                        raise self._bucket_missing(src.path)
-                    raise FileNotFoundError(self.url(src.path))
-                raise self._translate(res, "copying", src.path) or res
-            copied += res[1]
-        return copied
+    def _copy_failed(self, err: BaseException, src: Entry) -> NoReturn:
+        if isinstance(err, FileNotFoundError):
+            if client_error(err)[0] == "NoSuchBucket":
+                raise self._bucket_missing(src.path)
+            raise FileNotFoundError(self.url(src.path))
+        raise self._translate(err, "copying", src.path) or err
 
     async def _copy_parts(self, src: Entry, dst: str) -> str | None:
         """An object above CopyObject's 5 GiB limit, copied server-side in parts; create-only on completion."""
         sb, sk = split(src.path)
         db, dk = split(dst)
-        mpu = await self.fs._call_s3("create_multipart_upload", Bucket=db, Key=dk)
-        upload_id = mpu["UploadId"]
         cond = {"CopySourceIfMatch": src.generation} if src.generation else {}
-        try:
+        async with self._multipart(db, dk) as upload_id:
             parts = []
             for number, start in enumerate(range(0, src.size, COPY_PART_SIZE), 1):
                 end = min(start + COPY_PART_SIZE, src.size) - 1
@@ -702,12 +609,6 @@ class S3Store(Store):
                 parts.append({"PartNumber": number, "ETag": out["CopyPartResult"]["ETag"]})
             out = await self.fs._call_s3("complete_multipart_upload", Bucket=db, Key=dk, UploadId=upload_id,
                                          MultipartUpload={"Parts": parts}, IfNoneMatch="*")
-        except BaseException:
-            try:
-                await self.fs._call_s3("abort_multipart_upload", Bucket=db, Key=dk, UploadId=upload_id)
-            except Exception:  # noqa: BLE001 - the copy's own error is the one to report
-                pass
-            raise
         return out.get("ETag")
 
     def delete_objects(self, entries: list[Entry], limit: int = CONCURRENCY) -> list[str]:
