@@ -20,7 +20,7 @@ file, or ``$TF_EXPORT_CONFIG_DIR``) yields:
     checkpoints are left to the backfill DAG.
 ``export_backfill__<model>``
     manual, with params ``from_step``, ``to_step``, ``versioning`` (default
-    ``checkpoint_time``), ``allow_outrank`` and ``include_removed``: lists
+    ``checkpoint_time``), ``allow_outrank``, ``allow_regression`` and ``include_removed``: lists
     the checkpoints (refusing a range whose versions the next run's retention
     would remove), exports and validates them with dynamic task mapping, at
     most ``airflow.max_active_tis_per_dagrun`` at a time, then one task
@@ -38,6 +38,11 @@ file, or ``$TF_EXPORT_CONFIG_DIR``) yields:
     an export base on cloud storage and not at all on local disk. Finishes a
     publish whose promotion was cut short (a process killed while it moved
     the version's objects), within TF Serving's load retries.
+
+The export DAGs (nightly, after training, backfill) take the param
+``allow_regression`` (default false): a manual run with it true publishes a
+model above ``validation.max_size_ratio`` times the reference version's size
+(never one above ``validation.max_graph_bytes``).
 
 Every publish emits an event for the Asset of the export base; every label
 change one for the Asset of the model config file (``serving.model_config_file``).
@@ -93,6 +98,15 @@ POKE_SECONDS = float(os.environ.get("TF_EXPORT_POKE_SECONDS", "30"))
 WAIT_SECONDS = float(os.environ.get("TF_EXPORT_WAIT_SECONDS", "3600"))
 MISSING_GRACE_SECONDS = float(os.environ.get("TF_EXPORT_MISSING_GRACE_SECONDS", "300"))
 POOL = os.environ.get("TF_EXPORT_POOL") or "default_pool"
+ALLOW_REGRESSION = "{{ params.allow_regression }}"
+
+
+def allow_regression_param() -> Param:
+    """The param that lets a model above validation.max_size_ratio be published (one per DAG)."""
+    return Param(False, type="boolean", description="publish even when the model is more than "
+                                                     "validation.max_size_ratio times the reference version's size")
+
+
 DEFAULT_ARGS = {
     "owner": "tf-export",
     "retries": int(os.environ.get("TF_EXPORT_RETRIES", "2")),
@@ -148,12 +162,14 @@ def nightly(model: str, path: str, cfg) -> DAG:
         model,
         description=f"Export the newest new checkpoint of {model}, validate, publish, prune",
         schedule=cfg.airflow.schedule or None,
+        params={"allow_regression": allow_regression_param()},
         doc_md=f"Config: `{path}`. Exports the newest complete checkpoint of `{cfg.training_dir}` unless it "
                f"has a version already (then every task is skipped), into `{cfg.export_base}`.",
     ) as dag:
         found = DiscoverCheckpointsOperator(task_id="discover", config_path=path)
         staged = ExportCheckpointOperator(task_id="export", config_path=path, checkpoint=found.output, pool=POOL)
-        validated = ValidateExportOperator(task_id="validate", config_path=path, staged=staged.output, pool=POOL)
+        validated = ValidateExportOperator(task_id="validate", config_path=path, staged=staged.output,
+                                           allow_regression=ALLOW_REGRESSION, pool=POOL)
         published = PublishVersionOperator(task_id="publish", config_path=path, validated=validated.output,
                                            outlets=[export_asset(cfg)])
         PruneVersionsOperator(task_id="prune", config_path=path, published=published.output)
@@ -168,7 +184,8 @@ def after_training(model: str, path: str, cfg) -> DAG:
         description=f"Export {model}'s new checkpoints as soon as training announces one",
         schedule=[training_asset(cfg)],
         params={"checkpoint": Param(None, type=["null", "string"],
-                                    description="prefix, name or step of the checkpoint to wait for")},
+                                    description="prefix, name or step of the checkpoint to wait for"),
+                "allow_regression": allow_regression_param()},
         user_defined_macros={"requested_checkpoint": requested_checkpoint},
         doc_md=f"Config: `{path}`. Runs on each event of the Asset `{training_asset(cfg).uri}`, or by hand "
                f"with conf `{{\"checkpoint\": PREFIX}}`.",
@@ -189,7 +206,8 @@ def after_training(model: str, path: str, cfg) -> DAG:
             staged = ExportCheckpointOperator(task_id="export", config_path=path, checkpoint=checkpoint,
                                               max_active_tis_per_dagrun=limit, pool=POOL)
             return ValidateExportOperator(task_id="validate", config_path=path, staged=staged.output,
-                                          max_active_tis_per_dagrun=limit, pool=POOL)
+                                          allow_regression=ALLOW_REGRESSION, max_active_tis_per_dagrun=limit,
+                                          pool=POOL)
 
         validated = export_each.expand(checkpoint=pending.output)
         # One task publishes them all, in list order: the newest checkpoint is published last, so it is
@@ -221,6 +239,7 @@ def backfill(model: str, path: str, cfg) -> DAG:
                                 description="checkpoint_time keeps history below the live version"),
             "allow_outrank": Param(False, type="boolean",
                                    description="allow an older checkpoint above the live version"),
+            "allow_regression": allow_regression_param(),
             "include_removed": Param(False, type="boolean",
                                      description="also export checkpoints whose versions retention removed"),
         },
@@ -239,7 +258,8 @@ def backfill(model: str, path: str, cfg) -> DAG:
             staged = ExportCheckpointOperator(task_id="export", config_path=path, checkpoint=checkpoint,
                                               force=True, max_active_tis_per_dagrun=limit, pool=POOL)
             return ValidateExportOperator(task_id="validate", config_path=path, staged=staged.output,
-                                          max_active_tis_per_dagrun=limit, pool=POOL)
+                                          allow_regression=ALLOW_REGRESSION, max_active_tis_per_dagrun=limit,
+                                          pool=POOL)
 
         validated = export_each.expand(checkpoint=listed.output)
         # As after training: one task publishes them all in checkpoint order, whatever order the

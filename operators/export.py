@@ -121,23 +121,31 @@ class ValidateExportOperator(PipelineOperator):
     """Validates the staged SavedModel in a fresh process.
 
     A model that fails is removed from staging and fails the task without
-    retries (the report says why). Returns the ``validated`` record.
+    retries (the report says why). ``allow_regression`` lets a model above
+    ``validation.max_size_ratio`` through (never one above
+    ``validation.max_graph_bytes``). Returns the ``validated`` record, with
+    ``size_ratio`` against the reference version (None on a first publish).
     """
 
-    template_fields = ("config_path", "staged")
+    template_fields = ("config_path", "staged", "allow_regression")
     ui_color = "#e6f4ea"
 
-    def __init__(self, *, config_path: str, staged: dict, conn_id: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, *, config_path: str, staged: dict, allow_regression: bool | str = False,
+                 conn_id: str | None = None, **kwargs: Any) -> None:
         super().__init__(config_path=config_path, conn_id=conn_id, **kwargs)
         self.staged = staged
+        self.allow_regression = allow_regression
 
     def execute(self, context: Context) -> dict:
         self.pass_through(context, self.staged)
         with stage_errors():
-            record = self.hook.validate(self.staged)
-        checks = (record.get("validation") or {}).get("checks") or []
-        self.log.info("%s %s (%d checks)", record["status"], record.get("staging") or record.get("path"), len(checks))
-        return xcom(record)
+            record = self.hook.validate(self.staged, allow_regression=as_bool(self.allow_regression))
+        report = record.get("validation") or {}
+        checks = report.get("checks") or []
+        ratio = (report.get("performance") or {}).get("size_ratio")
+        self.log.info("%s %s (%d checks, size ratio %s)", record["status"], record.get("staging") or record.get("path"),
+                      len(checks), ratio)
+        return xcom({**record, "size_ratio": ratio})
 
 
 class PublishVersionOperator(PipelineOperator):

@@ -99,8 +99,8 @@ class ExportHook(BaseHook):
     def export(self, checkpoint: str | None, force: bool = False) -> dict:
         return self._stages.stage_export(self.config, checkpoint, force=force)
 
-    def validate(self, staged: dict) -> dict:
-        return self._stages.stage_validate(self.config, staged)
+    def validate(self, staged: dict, allow_regression: bool = False) -> dict:
+        return self._stages.stage_validate(self.config, staged, allow_regression=allow_regression)
 
     def publish(self, validated: dict, versioning: str | None = None, allow_outrank: bool = False) -> dict:
         return self._stages.publish_validated(self.config, validated, versioning, allow_outrank)

@@ -22,6 +22,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from tf_export_pipeline.config import Config
 from tf_export_pipeline.errors import ConfigError, PipelineError
@@ -31,12 +32,14 @@ from tf_export_pipeline.records import Status
 from tf_export_pipeline.stages import (
     discover,
     list_pending,
+    performance_baseline,
     publish_timed,
     stage_export,
     stage_validate,
 )
 from tf_export_pipeline.storage import open_storage
 from tf_export_pipeline.validate import ValidationSession
+from tf_export_pipeline.validate.performance import Baseline
 
 
 def pending_for_backfill(cfg: Config, from_step: int | None = None, to_step: int | None = None,
@@ -77,7 +80,7 @@ def check_retention_keeps(cfg: Config, discovered: list[dict], pending: list[dic
 def backfill(cfg: Config, from_step: int | None = None, to_step: int | None = None,
              versioning: str = "checkpoint_time", allow_outrank: bool = False,
              progress: Callable[[dict], None] | None = None, jobs: int = 1,
-             include_removed: bool = False) -> list[dict]:
+             include_removed: bool = False, allow_regression: bool = False) -> list[dict]:
     """Export every pending checkpoint in the step range, oldest first.
 
     The model is built and traced once per worker process; each checkpoint then
@@ -92,7 +95,9 @@ def backfill(cfg: Config, from_step: int | None = None, to_step: int | None = No
     up front (:func:`check_retention_keeps`). Checkpoints whose versions
     retention removed before are left out unless ``include_removed``. The
     metric gate does not hold back a backfill: historic checkpoints land below
-    the live version, and the gate guards what is served.
+    the live version, and the gate guards what is served. The performance gate
+    measures the reference version once, for every checkpoint; ``allow_regression``
+    lets versions above ``validation.max_size_ratio`` through.
 
     Ctrl-C (SIGINT, in the main thread) raises :class:`BackfillInterrupted`
     with the records of the checkpoints finished before it: a publish under
@@ -102,6 +107,7 @@ def backfill(cfg: Config, from_step: int | None = None, to_step: int | None = No
     """
     pending = pending_for_backfill(cfg, from_step, to_step, include_removed, allow_outrank)
     records: list[dict] = []
+    checks = _Checks(allow_regression, performance_baseline(cfg) if pending else None)
 
     def finish(item: dict, validated: dict | BaseException) -> None:
         if isinstance(validated, PipelineError):
@@ -121,12 +127,24 @@ def backfill(cfg: Config, from_step: int | None = None, to_step: int | None = No
 
     try:
         if jobs <= 1 or len(pending) <= 1:
-            _in_this_process(cfg, pending, finish)
+            _in_this_process(cfg, pending, finish, checks)
         else:
-            _in_workers(cfg, pending, jobs, finish, records)
+            _in_workers(cfg, pending, jobs, finish, records, checks)
     except KeyboardInterrupt:
         raise BackfillInterrupted(records) from None
     return records
+
+
+@dataclass(frozen=True)
+class _Checks:
+    """What every validation of one backfill shares: the override and the reference version's figures."""
+
+    allow_regression: bool
+    baseline: Baseline | None
+
+    def validate(self, cfg: Config, staged: dict, session) -> dict:
+        return stage_validate(cfg, staged, session=session, allow_regression=self.allow_regression,
+                              baseline=self.baseline)
 
 
 class BackfillInterrupted(KeyboardInterrupt):
@@ -194,7 +212,7 @@ def _sigint_ignored() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _in_this_process(cfg: Config, pending: list[dict], finish: Callable) -> None:
+def _in_this_process(cfg: Config, pending: list[dict], finish: Callable, checks: _Checks) -> None:
     from collections import deque
     from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -223,7 +241,7 @@ def _in_this_process(cfg: Config, pending: list[dict], finish: Callable) -> None
                     staged = err
                 with interrupts.held():
                     if isinstance(staged, dict) and staged.get("status") == Status.STAGED:
-                        ticket = validator.submit(_validate_timed, cfg, staged, session)
+                        ticket = validator.submit(_validate_timed, cfg, staged, session, checks)
                     else:
                         ticket = Future()
                         ticket.set_result(staged)
@@ -243,7 +261,8 @@ def _in_this_process(cfg: Config, pending: list[dict], finish: Callable) -> None
             raise
 
 
-def _in_workers(cfg: Config, pending: list[dict], jobs: int, finish: Callable, records: list[dict]) -> None:
+def _in_workers(cfg: Config, pending: list[dict], jobs: int, finish: Callable, records: list[dict],
+                checks: _Checks) -> None:
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
@@ -251,7 +270,7 @@ def _in_workers(cfg: Config, pending: list[dict], jobs: int, finish: Callable, r
     with _sigint_ignored():  # a Ctrl-C while a worker starts up is then not a traceback of its own
         pool = ctx.Pool(processes=min(jobs, len(pending)), initializer=_worker_init, initargs=(cancel,))
     with pool, _Interrupts() as interrupts:
-        results = pool.imap(_worker_export, [(cfg, item) for item in pending], chunksize=1)
+        results = pool.imap(_worker_export, [(cfg, item, checks) for item in pending], chunksize=1)
         taken = 0
         try:
             # Interrupts are only taken between results: one taken from the pool is always published
@@ -327,10 +346,10 @@ def _discard_unpublished(cfg: Config, result) -> None:
     drop_lease(store, staging_name(store.strip(result["staging"])))
 
 
-def _validate_timed(cfg: Config, staged: dict, session) -> dict | PipelineError:
+def _validate_timed(cfg: Config, staged: dict, session, checks: _Checks) -> dict | PipelineError:
     t0 = time.monotonic()
     try:
-        validated = stage_validate(cfg, staged, session=session)
+        validated = checks.validate(cfg, staged, session)
     except BaseException as err:
         _discard_unpublished(cfg, staged)  # nothing validates this staging again
         if isinstance(err, PipelineError):
@@ -380,7 +399,7 @@ def _worker_init(cancel=None) -> None:
 
 def _worker_export(task: tuple) -> dict | BaseException | str:
     global _BUSY
-    cfg, item = task
+    cfg, item, checks = task
     if _CANCELLED or (_WORKER_CANCEL is not None and _WORKER_CANCEL.is_set()):
         return CANCELLED
     staged = None
@@ -392,7 +411,7 @@ def _worker_export(task: tuple) -> dict | BaseException | str:
             t1 = time.monotonic()
             if staged["status"] != Status.STAGED:
                 return staged
-            validated = stage_validate(cfg, staged, session=_WORKER_SESSION)
+            validated = checks.validate(cfg, staged, _WORKER_SESSION)
             validated["timings"] = {"export": round(t1 - t0, 4), "validate": round(time.monotonic() - t1, 4)}
             return validated
         finally:

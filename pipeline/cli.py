@@ -21,7 +21,7 @@ from typing import Any
 
 from tf_export_pipeline import __version__, redaction
 from tf_export_pipeline.backfill import BackfillInterrupted, backfill, pending_for_backfill
-from tf_export_pipeline.config import load_config
+from tf_export_pipeline.config import ValidationConfig, load_config
 from tf_export_pipeline.demo import SERVING, train, write_config
 from tf_export_pipeline.errors import ConfigError, ExportError, PipelineError
 from tf_export_pipeline.layout import SAVED_MODEL_PB, VERSIONINGS
@@ -32,6 +32,7 @@ from tf_export_pipeline.serving import ServingControl, newest_advice
 from tf_export_pipeline.stages import discover, finish_cut_short, public, run_once, stage_prune, status
 from tf_export_pipeline.storage import open_storage
 from tf_export_pipeline.validate import check_signatures, format_report, signatures_of, validate_saved_model
+from tf_export_pipeline.validate.performance import apply_size_gate, local_sizes
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -56,6 +57,12 @@ def _common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
                    help="YAML config (paths in it are relative to the file)")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     p.add_argument("--verbose", "-v", action="store_true", help="show tracebacks and TensorFlow's logs")
+
+
+def _allow_regression(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-regression", action="store_true",
+                   help="publish even when the model is more than validation.max_size_ratio times the reference "
+                        "version's size (stable, else the highest); validation.max_graph_bytes still holds")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-outrank", action="store_true",
                    help="publish even when the version would break training order (an older checkpoint above "
                         "a newer one, or a newer one below an older one); refused by default")
+    _allow_regression(p)
 
     p = sub.add_parser("backfill", help="export every unexported checkpoint in a step range",
                        description="Export every complete checkpoint in the range that has no version for this "
@@ -102,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "newer one); refused by default")
     p.add_argument("--include-removed", action="store_true",
                    help="also export checkpoints whose versions retention removed (discover marks them 'removed')")
+    _allow_regression(p)
     p.add_argument("--jobs", "-j", type=int, default=1, metavar="K",
                    help="export and validate in K worker processes, each with its own model (default: 1); "
                         "versions are published in checkpoint order")
@@ -131,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", metavar="PATH", help="SavedModel directory (local)")
     p.add_argument("--against", metavar="VERSION_DIR",
                    help="also diff the signatures against this SavedModel (breaking changes fail "
-                        "unless the config's validation.allow_breaking is true)")
+                        "unless the config's validation.allow_breaking is true) and compare the sizes "
+                        "(validation.max_size_ratio)")
+    _allow_regression(p)
 
     p = sub.add_parser("gc", help="apply retention and remove abandoned staging",
                        description="Keep the newest retention.keep versions, every pinned one, the live one and "
@@ -277,7 +288,7 @@ def cmd_discover(args, cfg) -> int:
 def cmd_run(args, cfg) -> int:
 
     record = run_once(cfg, checkpoint=args.checkpoint, versioning=args.versioning, force=args.force,
-                      allow_outrank=args.allow_outrank)
+                      allow_outrank=args.allow_outrank, allow_regression=args.allow_regression)
     advice = record.get("serving_advice")
     _emit(args, public(record), _run_line(record) + (f"\nrecommended: {advice}" if advice else ""))
     if record.get("gate_warning"):
@@ -314,7 +325,7 @@ def cmd_backfill(args, cfg) -> int:
     try:
         records = backfill(cfg, args.from_step, args.to_step, versioning=args.versioning,
                            allow_outrank=args.allow_outrank, progress=progress, jobs=args.jobs,
-                           include_removed=args.include_removed)
+                           include_removed=args.include_removed, allow_regression=args.allow_regression)
     except BackfillInterrupted as stop:
         if bar is not None:
             bar.close()  # its last state goes out before what follows, never after it
@@ -374,6 +385,9 @@ def _status(args, cfg, finished: list[int]) -> int:
              "<- serving" if v["version"] == st["serving"] else ""] for v in st["versions"]]
     human = (_table(rows, ["VERSION", "STEP", "CHECKPOINT", "LABELS", ""]) if rows else "no published versions") + \
         f"\nexport base: {st['export_base']}"
+    served = next((v for v in st["versions"] if v["version"] == st["serving"]), None)
+    if served is not None and served.get("size_ratio") is not None:
+        human += f"\nsize ratio of version {served['version']} against its reference: {served['size_ratio']:.2f}"
     if st["removed"]:
         human += (f"\nremoved by retention: {len(st['removed'])} version(s), steps "
                   f"{', '.join(str(r['step']) for r in st['removed'])} (backfill --include-removed exports them again)")
@@ -415,11 +429,16 @@ def cmd_validate(args, cfg) -> int:
     against = os.path.abspath(args.against) if args.against else None
     if against and not os.path.isfile(os.path.join(against, SAVED_MODEL_PB)):
         raise ConfigError(f"--against is not a SavedModel directory: {against}")
+    name = os.path.basename(against.rstrip("/")) if against else None
+    against_version = int(name) if name and name.isdigit() else name
     if report.get("ok") and (against or (cfg and cfg.validation.contract)):
 
-        name = os.path.basename(against.rstrip("/")) if against else None
         check_signatures(report, cfg.validation if cfg else None, signatures_of(against) if against else None,
-                         int(name) if name and name.isdigit() else name)
+                         against_version)
+    if report.get("ok"):
+        reference = {"version": against_version, **local_sizes(against)} if against else None
+        apply_size_gate(report, local_sizes(path), reference, cfg.validation if cfg else ValidationConfig(),
+                        args.allow_regression)
     _emit(args, report, format_report(report))
     if not report.get("ok"):
         _error(f"validation failed: {report.get('reason')}: {path}")

@@ -85,6 +85,10 @@ class RetentionConfig(_Strict):
                                                           "it, and a publish refuses it")
 
 
+#: TF Serving refuses to load a saved_model.pb above 1 GiB.
+MAX_GRAPH_BYTES = 1 << 30
+
+
 class ValidationConfig(_Strict):
     timeout_seconds: int = Field(300, ge=10, description="limit for the fresh-process load and smoke run")
     contract: str | None = Field(None, description="YAML file of the signatures the model must have, exactly")
@@ -93,6 +97,11 @@ class ValidationConfig(_Strict):
     atol: float = Field(1e-6, ge=0, description="absolute tolerance of the parity check")
     allow_breaking: bool = Field(False, description="publish even when signatures break against the live version")
     warmup: bool = Field(False, description="write assets.extra/tf_serving_warmup_requests from the samples")
+    max_size_ratio: float | None = Field(2.0, gt=0, description="refuse a model more than this many times the "
+                                                                "reference version's bytes; none: no limit")
+    max_graph_bytes: int = Field(MAX_GRAPH_BYTES, gt=0, description="refuse a saved_model.pb larger than this "
+                                                                    "(TF Serving's limit), whatever the override")
+    allow_regression: bool = Field(False, description="publish even when the size ratio is above max_size_ratio")
 
 
 class GateConfig(_Strict):

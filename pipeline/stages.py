@@ -50,6 +50,13 @@ from tf_export_pipeline.serving import ServingControl, newest_advice, served_ver
 from tf_export_pipeline.storage import ChecksumMismatch, Storage, open_storage
 from tf_export_pipeline.validate import ValidationSession, check_signatures, require_ok, validate_saved_model
 from tf_export_pipeline.validate.contract import load_contract
+from tf_export_pipeline.validate.performance import (
+    Baseline,
+    apply_size_gate,
+    reference_figures,
+    size_ratio_of,
+    sizes_of,
+)
 from tf_export_pipeline.validate.signatures import signatures_from_bytes
 from tf_export_pipeline.validate.warmup import write_warmup
 
@@ -411,11 +418,24 @@ def _strip(store: Storage, url: str) -> str:
     return store.strip(url)
 
 
-def stage_validate(cfg: Config, staged: dict, session=None) -> dict:
+def performance_baseline(cfg: Config, ctx: Context | None = None) -> Baseline:
+    """The reference version's figures for the performance gate (see :meth:`Context.reference_version`)."""
+    ctx = ctx or Context(cfg)
+    version = ctx.reference_version()
+    if version is None:
+        return Baseline(None)
+    return Baseline(reference_figures(ctx.base, ctx.publisher.version_path(version), version,
+                                      ctx.publisher.manifest(version)))
+
+
+def stage_validate(cfg: Config, staged: dict, session=None, allow_regression: bool = False,
+                   baseline: Baseline | None = None) -> dict:
     """Validate the staged SavedModel in a fresh process; on failure remove staging and raise.
 
     ``session`` (a :class:`tf_export_pipeline.validate.ValidationSession`) lets a backfill
-    use one validation process for many versions.
+    use one validation process for many versions, and ``baseline`` (:func:`performance_baseline`)
+    one measurement of the reference version. ``allow_regression`` lets a model above
+    ``validation.max_size_ratio`` through, never one above ``validation.max_graph_bytes``.
     """
     if staged.get("status") != Status.STAGED:
         return staged
@@ -446,6 +466,8 @@ def stage_validate(cfg: Config, staged: dict, session=None) -> dict:
         report["saved_model"] = staged["staging"]
         if report.get("ok"):
             _check_signatures(ctx, report)
+        if report.get("ok"):
+            _check_performance(ctx, report, local_work, allow_regression, baseline)
     except FileNotFoundError as err:
         raise StagingGone(f"staging is gone (removed by gc or by hand?); the next run exports the checkpoint "
                           f"again: {staged['staging']}") from err
@@ -473,6 +495,17 @@ def _check_signatures(ctx: Context, report: dict) -> None:
         except FileNotFoundError:
             live_signatures = None  # removed by retention meanwhile; nothing to compare with
     check_signatures(report, ctx.cfg.validation, live_signatures, live)
+
+
+def _check_performance(ctx: Context, report: dict, local_work: str, allow_regression: bool,
+                       baseline: Baseline | None) -> None:
+    """The size gate against the reference version, added to ``report``."""
+    import json
+
+    with open(os.path.join(local_work, FILES_NAME), encoding="utf-8") as fh:
+        candidate = sizes_of(json.load(fh))
+    reference = (baseline or performance_baseline(ctx.cfg, ctx)).reference
+    apply_size_gate(report, candidate, reference, ctx.cfg.validation, allow_regression)
 
 
 def stage_publish(cfg: Config, validated: dict, versioning: str | None = None, allow_outrank: bool = False) -> dict:
@@ -638,7 +671,7 @@ def publish_in_order(cfg: Config, items: list[dict], versioning: str | None = No
 
 
 def export_and_validate(cfg: Config, checkpoint: str | dict | None = None, force: bool = False,
-                        session=None) -> dict:
+                        session=None, allow_regression: bool = False) -> dict:
     """Export and validate one checkpoint; the record carries ``timings`` in seconds."""
     t0 = time.monotonic()
     staged = stage_export(cfg, checkpoint, force=force, session=session)
@@ -646,7 +679,7 @@ def export_and_validate(cfg: Config, checkpoint: str | dict | None = None, force
     if staged["status"] != Status.STAGED:
         return staged
     try:
-        validated = stage_validate(cfg, staged, session=session)
+        validated = stage_validate(cfg, staged, session=session, allow_regression=allow_regression)
     except BaseException:
         # Nothing validates this staging again (the next run exports anew): it would only wait for gc.
         base = open_storage(cfg.export_base, cfg.storage_options)
@@ -657,13 +690,16 @@ def export_and_validate(cfg: Config, checkpoint: str | dict | None = None, force
 
 
 def export_one(cfg: Config, checkpoint: str | dict | None = None, versioning: str | None = None,
-               allow_outrank: bool = False, force: bool = False, session=None) -> dict:
+               allow_outrank: bool = False, force: bool = False, session=None,
+               allow_regression: bool = False) -> dict:
     """Export, validate and publish one checkpoint. Without a ``session``, one validation process is
     started as the export begins, so that Python and TensorFlow start up in it while the export runs."""
     if session is None:
         with ValidationSession() as own:
-            return export_one(cfg, checkpoint, versioning, allow_outrank, force, session=own)
-    validated = export_and_validate(cfg, checkpoint, force=force, session=session)
+            return export_one(cfg, checkpoint, versioning, allow_outrank, force, session=own,
+                              allow_regression=allow_regression)
+    validated = export_and_validate(cfg, checkpoint, force=force, session=session,
+                                    allow_regression=allow_regression)
     if validated["status"] != Status.VALIDATED:
         return validated
     return publish_timed(cfg, validated, versioning, allow_outrank)
@@ -678,17 +714,19 @@ def publish_timed(cfg: Config, validated: dict, versioning: str | None, allow_ou
 
 
 def run_once(cfg: Config, checkpoint: str | None = None, versioning: str | None = None, force: bool = False,
-             allow_outrank: bool = False) -> dict:
+             allow_outrank: bool = False, allow_regression: bool = False) -> dict:
     """Export the newest unexported complete checkpoint (or the one named), then prune.
 
     ``force`` publishes a checkpoint the metric gate would hold back;
-    ``allow_outrank`` one whose version would break training order. The
+    ``allow_outrank`` one whose version would break training order;
+    ``allow_regression`` one above ``validation.max_size_ratio``. The
     version this run publishes is kept by its own prune, whatever its rank
     (the next prune applies retention to it as to any other).
     A prune that fails after a publish does not undo it: the record says
     ``published`` and carries the prune's error.
     """
-    record = export_one(cfg, checkpoint, versioning, allow_outrank=allow_outrank, force=force)
+    record = export_one(cfg, checkpoint, versioning, allow_outrank=allow_outrank, force=force,
+                        allow_regression=allow_regression)
     if record["status"] == Status.PUBLISHED:
         try:
             record["pruned"] = stage_prune(cfg, keep_versions=(record["version"],))["removed_versions"]
@@ -713,7 +751,9 @@ def finish_cut_short(cfg: Config) -> list[int]:
 def status(cfg: Config) -> dict:
     """Published versions with their provenance, the one TF Serving serves (the highest, or with a
     ``serving:`` section what the model config file says: see :func:`served_version`), and the
-    versions retention removed (``removed``: version, checkpoint, step, removed_at)."""
+    versions retention removed (``removed``: version, checkpoint, step, removed_at). Each version's
+    ``size_ratio`` is the one its validation measured against its reference version (None before the
+    performance gate, or on a first publish)."""
     ctx = Context(cfg)
     versions = []
     whole = set(ctx.publisher.whole_versions())
@@ -724,7 +764,7 @@ def status(cfg: Config) -> dict:
         # TF Serving cannot load it; the next run that meets its checkpoint finishes it.
         versions.append({"version": v, "checkpoint": ck.get("path"), "step": ck.get("step"),
                          "path": ctx.base.url(ctx.publisher.version_path(v)),
-                         "manifest": bool(manifest), "whole": v in whole})
+                         "manifest": bool(manifest), "whole": v in whole, "size_ratio": size_ratio_of(manifest)})
     labels: dict[str, int] = {}
     served = served_version(whole)
     control = ctx.serving()
@@ -745,5 +785,6 @@ def status(cfg: Config) -> dict:
 
 
 __all__ = ["publish_validated", "publish_in_order", "discover", "list_pending", "stage_export", "stage_validate",
+           "performance_baseline",
            "stage_publish", "stage_prune",
            "export_one", "run_once", "status", "finish_cut_short", "public"]

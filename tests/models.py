@@ -95,3 +95,24 @@ def lookup_model():
     index = keras.layers.StringLookup(vocabulary=["a", "b", "c"])(word)
     embedded = keras.layers.Flatten()(keras.layers.Embedding(5, 2)(index))
     return keras.Model(word, keras.layers.Dense(1, name="score")(embedded))
+
+
+#: The extra weight of :func:`padded`: 1 Mi float32, 4 MiB, many times the demo model's size.
+PADDING_FLOATS = 1 << 20
+
+
+def padded():
+    """The demo model with a large extra weight that its output depends on (times zero): a model grown in size."""
+    import keras
+
+    class Padding(keras.layers.Layer):
+        def build(self, input_shape):
+            self.pad = self.add_weight(shape=(PADDING_FLOATS,), initializer="zeros", trainable=False, name="pad")
+
+        def call(self, x):
+            return x + 0.0 * keras.ops.sum(self.pad)
+
+    inputs = keras.Input(shape=(4,), name="features", dtype="float32")
+    hidden = keras.layers.Dense(8, activation="relu", name="hidden")(inputs)
+    out = keras.layers.Dense(1, name="score")(Padding(name="padding")(hidden))
+    return keras.Model(inputs, out, name="demo_regressor")

@@ -80,7 +80,9 @@ def test_dag_file_parses_without_tensorflow_and_yields_three_dags_per_config(tmp
     assert after["tasks"]["export_each.export"]["mapped"] and not after["tasks"]["publish"]["mapped"]
     backfill = demo["dags"]["export_backfill__demo"]
     assert backfill["schedule"] is None
-    assert backfill["params"] == ["allow_outrank", "from_step", "include_removed", "to_step", "versioning"]
+    assert backfill["params"] == ["allow_outrank", "allow_regression", "from_step", "include_removed", "to_step",
+                                  "versioning"]
+    assert nightly["params"] == ["allow_regression"] and "allow_regression" in after["params"]
     for task in ("export_each.export", "export_each.validate"):
         assert backfill["tasks"][task]["max_active_tis_per_dagrun"] == 2  # dags/configs/demo.yaml
         assert backfill["tasks"][task]["mapped"] is True
@@ -123,6 +125,7 @@ def test_nightly_publishes_newest_checkpoint_then_skips(tmp_path, trained_dir):
     assert staged["status"] == "staged" and Path(staged["staging"]).name.startswith("temp-")
     validated = xcom(dr, "validate")
     assert validated["status"] == "validated" and validated["validation"]["ok"] is True
+    assert validated["size_ratio"] is None  # the first publish has no reference version
     published = xcom(dr, "publish")
     version = published["version"]
     assert published["status"] == "published" and published["step"] == 30
