@@ -38,7 +38,7 @@ sys.path.insert(0, REPO)
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bench.publish_common import build_inputs, mib, run_ours, snapshot, write_section  # noqa: E402 - importable once REPO is on sys.path
+from bench.publish_common import build_inputs, mib, run_ours, snapshot, upload_as_seed, write_section  # noqa: E402 - importable once REPO is on sys.path
 
 HEADING = "## Cloud storage publish"
 
@@ -46,13 +46,7 @@ HEADING = "## Cloud storage publish"
 def run_seed(fs, proxy, bucket: str, model_dir: str, version: int) -> dict:
     temp = f"{bucket}/seed/temp-{int(time.time())}{version}"
     final = f"{bucket}/seed/{version}"
-    proxy.reset_counters()
-    started = time.monotonic()
-    for d, _, files in os.walk(model_dir):
-        for f in sorted(files):
-            local = os.path.join(d, f)
-            fs.put_file(local, f"{temp}/{os.path.relpath(local, model_dir)}")
-    upload = {**snapshot(proxy), "seconds": time.monotonic() - started}
+    upload = upload_as_seed(fs, proxy, model_dir, temp)
 
     proxy.reset_counters()
     started = time.monotonic()

@@ -62,6 +62,17 @@ def snapshot(proxy) -> dict:
     return {"requests": c.requests, "bytes_in": c.bytes_in, "bytes_out": c.bytes_out}
 
 
+def upload_as_seed(fs, proxy, model_dir: str, temp: str) -> dict:
+    """The seed's upload: each file of ``model_dir`` put once under ``temp``; requests, bytes and seconds."""
+    proxy.reset_counters()
+    started = time.monotonic()
+    for d, _, files in os.walk(model_dir):
+        for f in sorted(files):
+            local = os.path.join(d, f)
+            fs.put_file(local, f"{temp}/{os.path.relpath(local, model_dir)}")
+    return {**snapshot(proxy), "seconds": time.monotonic() - started}
+
+
 def run_ours(store, proxy, model_dir: str, work_dir: str, version: int, *,
              checkpoint_prefix: str = "gs://bench/train/ckpt-1",
              watch: AbstractContextManager | None = None,

@@ -68,7 +68,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bench.publish_common import build_inputs, mib, run_ours, snapshot, write_section  # noqa: E402 - importable once REPO is on sys.path
+from bench.publish_common import build_inputs, mib, run_ours, snapshot, upload_as_seed, write_section  # noqa: E402 - importable once REPO is on sys.path
 
 HEADING = "## S3 and Azure publish"
 POLL_PAUSE = 0.002  # between two listings of the watcher: it shares the CPUs with the server and the client
@@ -223,13 +223,7 @@ def run_seed(fs, proxy, base: str, model_dir: str, version: int, watcher: Watche
              server_bytes: Callable[[], int]) -> dict:
     temp = f"{base}/temp-{int(time.time())}{version}"
     final = f"{base}/{version}"
-    proxy.reset_counters()
-    started = time.monotonic()
-    for d, _, files in os.walk(model_dir):
-        for f in sorted(files):
-            local = os.path.join(d, f)
-            fs.put_file(local, f"{temp}/{os.path.relpath(local, model_dir)}")
-    upload = {**snapshot(proxy), "seconds": time.monotonic() - started}
+    upload = upload_as_seed(fs, proxy, model_dir, temp)
 
     proxy.reset_counters()
     with watcher:
