@@ -15,6 +15,7 @@ storage.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -334,8 +335,6 @@ def _check_before_export(ctx: Context) -> None:
 def _export_into(ctx: Context, cfg: Config, ckpt: Checkpoint, exporter, staging: str, work: str,
                  scratch: str) -> None:
     """Restore, write the SavedModel and its file list, the samples and the reference outputs."""
-    import json
-
     import numpy as np
 
     local_prefix = _local_checkpoint(ctx.train, ckpt, scratch)
@@ -500,8 +499,6 @@ def _check_signatures(ctx: Context, report: dict) -> None:
 def _check_performance(ctx: Context, report: dict, local_work: str, allow_regression: bool,
                        baseline: Baseline | None) -> None:
     """The size gate against the reference version, added to ``report``."""
-    import json
-
     with open(os.path.join(local_work, FILES_NAME), encoding="utf-8") as fh:
         candidate = sizes_of(json.load(fh))
     reference = (baseline or performance_baseline(ctx.cfg, ctx)).reference
@@ -580,8 +577,6 @@ def _after_commit(err: Exception) -> str:
 
 def _file_list_of(ctx: Context, staging: str, work: str) -> dict:
     """The file list written at export time, from the work directory."""
-    import json
-
     try:
         return json.loads(ctx.base.read_text(ctx.base.join(work, FILES_NAME)))
     except (FileNotFoundError, ValueError):
