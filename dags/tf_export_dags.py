@@ -20,11 +20,15 @@ file, or ``$TF_EXPORT_CONFIG_DIR``) yields:
     checkpoints are left to the backfill DAG.
 ``export_backfill__<model>``
     manual, with params ``from_step``, ``to_step``, ``versioning`` (default
-    ``checkpoint_time``), ``allow_outrank``, ``allow_regression`` and ``include_removed``: lists
+    the config's, ``checkpoint_time`` where that is ``timestamp``), ``chunk_size``,
+    ``allow_outrank``, ``allow_regression`` and ``include_removed``: lists
     the checkpoints (refusing a range whose versions the next run's retention
-    would remove), exports and validates them with dynamic task mapping, at
-    most ``airflow.max_active_tis_per_dagrun`` at a time, then one task
-    publishes them all in checkpoint order.
+    would remove, and a versioning whose numbers would mix units with the live
+    version's), cuts them into chunks of at most ``chunk_size``, exports and
+    validates each chunk in one mapped task (one TensorFlow import and one
+    trace per chunk, as ``tf-export backfill``), at most
+    ``airflow.max_active_tis_per_dagrun`` at a time, then one task publishes
+    them all in checkpoint order.
 ``export_promote__<model>``
     only for a config with ``serving.policy: labels``. By hand, with params
     ``version``, ``label`` (``stable``) and ``rollback``: points the label at
@@ -42,7 +46,8 @@ file, or ``$TF_EXPORT_CONFIG_DIR``) yields:
 The export DAGs (nightly, after training, backfill) take the param
 ``allow_regression`` (default false): a manual run with it true publishes a
 model above ``validation.max_size_ratio`` times the reference version's size
-(never one above ``validation.max_graph_bytes``).
+or ``validation.max_latency_ratio`` times its median latency (never one above
+``validation.max_graph_bytes``).
 
 Every publish emits an event for the Asset of the export base; every label
 change one for the Asset of the model config file (``serving.model_config_file``).
@@ -77,16 +82,18 @@ from pathlib import Path
 import pendulum
 from airflow.sdk import DAG, AssetAlias, Param, task, task_group
 
-from tf_export_pipeline.layout import VERSIONINGS
+from tf_export_pipeline.layout import BACKFILL_VERSIONING, VERSIONINGS
 from tf_export_pipeline.operators.assets import export_asset, requested_checkpoint, serving_asset, training_asset
 from tf_export_pipeline.operators.export import (
     DiscoverCheckpointsOperator,
     ExportCheckpointOperator,
+    ExportChunkOperator,
     FinishPublishesOperator,
     PruneVersionsOperator,
     PublishVersionOperator,
     ValidateExportOperator,
 )
+from tf_export_pipeline.operators.selection import CHUNK_SIZE
 from tf_export_pipeline.operators.sensors import NewCheckpointSensor
 from tf_export_pipeline.operators.serving import CheckCanaryOperator, PromoteVersionOperator
 
@@ -102,9 +109,10 @@ ALLOW_REGRESSION = "{{ params.allow_regression }}"
 
 
 def allow_regression_param() -> Param:
-    """The param that lets a model above validation.max_size_ratio be published (one per DAG)."""
+    """The param that lets a model above validation.max_size_ratio or max_latency_ratio be published."""
     return Param(False, type="boolean", description="publish even when the model is more than "
-                                                     "validation.max_size_ratio times the reference version's size")
+                                                     "validation.max_size_ratio times the reference version's size "
+                                                     "or validation.max_latency_ratio times its median latency")
 
 
 DEFAULT_ARGS = {
@@ -226,6 +234,7 @@ def after_training(model: str, path: str, cfg) -> DAG:
 
 def backfill(model: str, path: str, cfg) -> DAG:
     limit = cfg.airflow.max_active_tis_per_dagrun
+    versioning = BACKFILL_VERSIONING[cfg.versioning]
     with model_dag(
         f"export_backfill__{model}",
         model,
@@ -235,8 +244,14 @@ def backfill(model: str, path: str, cfg) -> DAG:
         params={
             "from_step": Param(None, type=["null", "integer"], description="first step (inclusive)"),
             "to_step": Param(None, type=["null", "integer"], description="last step (inclusive)"),
-            "versioning": Param("checkpoint_time", enum=list(VERSIONINGS),
-                                description="checkpoint_time keeps history below the live version"),
+            "versioning": Param(versioning, enum=list(VERSIONINGS),
+                                description=f"the config's ({cfg.versioning})"
+                                            + (", as checkpoint_time: timestamp would number history above the "
+                                               "live version" if versioning != cfg.versioning else "")
+                                            + "; another unit than the live version's is refused"),
+            "chunk_size": Param(CHUNK_SIZE, type="integer", minimum=1,
+                                description="checkpoints per export task: each task imports TensorFlow and "
+                                            "traces the model once for its whole chunk"),
             "allow_outrank": Param(False, type="boolean",
                                    description="allow an older checkpoint above the live version"),
             "allow_regression": allow_regression_param(),
@@ -244,26 +259,24 @@ def backfill(model: str, path: str, cfg) -> DAG:
                                      description="also export checkpoints whose versions retention removed"),
         },
         doc_md=f"Config: `{path}`. Exports every complete checkpoint with no version in the step range, "
-               f"at most {limit} at a time, then publishes them in checkpoint order. Retention is not "
-               f"applied; a backfill that the next run's retention would undo is refused up front.",
+               f"in chunks of `chunk_size` (one task each, at most {limit} at a time), then publishes them in "
+               f"checkpoint order. Retention is not applied; a backfill that the next run's retention would "
+               f"undo is refused up front.",
     ) as dag:
         listed = DiscoverCheckpointsOperator(task_id="list_checkpoints", config_path=path, select="pending",
                                              from_step="{{ params.from_step }}", to_step="{{ params.to_step }}",
                                              include_removed="{{ params.include_removed }}",
-                                             allow_outrank="{{ params.allow_outrank }}")
-
-        @task_group(group_id="export_each")
-        def export_each(checkpoint):
-            # Historic checkpoints: the metric gate records their metric but does not hold them back.
-            staged = ExportCheckpointOperator(task_id="export", config_path=path, checkpoint=checkpoint,
-                                              force=True, max_active_tis_per_dagrun=limit, pool=POOL)
-            return ValidateExportOperator(task_id="validate", config_path=path, staged=staged.output,
-                                          allow_regression=ALLOW_REGRESSION, max_active_tis_per_dagrun=limit,
-                                          pool=POOL)
-
-        validated = export_each.expand(checkpoint=listed.output)
+                                             allow_outrank="{{ params.allow_outrank }}",
+                                             versioning="{{ params.versioning }}",
+                                             chunk_size="{{ params.chunk_size }}")
+        # A task per chunk, not per checkpoint: a task's process start, TensorFlow import, trace and
+        # validation process cost more than exporting a checkpoint. Historic checkpoints: the metric gate
+        # records their metric but does not hold them back.
+        validated = ExportChunkOperator.partial(
+            task_id="export_chunk", config_path=path, allow_regression=ALLOW_REGRESSION,
+            max_active_tis_per_dagrun=limit, pool=POOL).expand(checkpoints=listed.output)
         # As after training: one task publishes them all in checkpoint order, whatever order the
-        # exports finished in, so history is numbered as it was trained.
+        # chunks finished in, so history is numbered as it was trained.
         publish = PublishVersionOperator(task_id="publish", config_path=path, validated=validated.output,
                                          versioning="{{ params.versioning }}",
                                          allow_outrank="{{ params.allow_outrank }}",
@@ -273,7 +286,13 @@ def backfill(model: str, path: str, cfg) -> DAG:
         @task(task_id="done", trigger_rule="none_failed")
         def done(published=None) -> int:
             """The run's verdict: a checkpoint that failed fails the run, though the others were published."""
+            from airflow.sdk.exceptions import AirflowFailException
+
             records = published if isinstance(published, list) else [published] if published else []
+            failed = [r for r in records if isinstance(r, dict) and r.get("status") == "failed"]
+            if failed:
+                raise AirflowFailException(f"{len(failed)} of {len(records)} checkpoints failed; first: "
+                                           f"{failed[0].get('checkpoint')}: {failed[0].get('error')}")
             return sum(1 for r in records if isinstance(r, dict) and r.get("status") == "published")
 
         finished = done(publish.output)

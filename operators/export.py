@@ -31,7 +31,8 @@ from airflow.sdk.exceptions import AirflowException
 from tf_export_pipeline.errors import ConfigError
 from tf_export_pipeline.operators.assets import export_asset
 from tf_export_pipeline.operators.base import PipelineOperator, as_bool, as_int, checkpoint_ref, stage_errors, xcom
-from tf_export_pipeline.operators.selection import small
+from tf_export_pipeline.operators.lineage import OpenLineageMethods
+from tf_export_pipeline.operators.selection import chunked, small
 from tf_export_pipeline.records import Status
 
 SELECT = ("newest", "new", "pending")
@@ -52,17 +53,24 @@ class DiscoverCheckpointsOperator(PipelineOperator):
     version in ``[from_step, to_step]`` (a backfill: those whose versions
     retention removed only with ``include_removed``, and refused when the next
     run's retention would remove what it publishes, unless ``allow_outrank``).
+    With ``select="pending"``, ``versioning`` is the backfill's (refused when
+    its numbers would mix units with the live version's, unless
+    ``allow_outrank``), and ``chunk_size`` returns the list cut into chunks
+    (lists, in order) for :class:`ExportChunkOperator`.
     """
 
-    template_fields = ("config_path", "select", "from_step", "to_step", "include_removed", "allow_outrank")
+    template_fields = ("config_path", "select", "from_step", "to_step", "include_removed", "allow_outrank",
+                       "versioning", "chunk_size")
     ui_color = "#fef7e0"
 
     def __init__(self, *, config_path: str, select: str = "newest", from_step: int | str | None = None,
                  to_step: int | str | None = None, include_removed: bool | str = False,
-                 allow_outrank: bool | str = False, conn_id: str | None = None, **kwargs: Any) -> None:
+                 allow_outrank: bool | str = False, versioning: str | None = None,
+                 chunk_size: int | str | None = None, conn_id: str | None = None, **kwargs: Any) -> None:
         super().__init__(config_path=config_path, conn_id=conn_id, **kwargs)
         self.select, self.from_step, self.to_step = select, from_step, to_step
         self.include_removed, self.allow_outrank = include_removed, allow_outrank
+        self.versioning, self.chunk_size = versioning, chunk_size
 
     def execute(self, context: Context) -> Any:
 
@@ -70,12 +78,23 @@ class DiscoverCheckpointsOperator(PipelineOperator):
         with stage_errors():
             if self.select not in SELECT:
                 raise ConfigError(f"select must be one of {', '.join(SELECT)}, got {self.select!r}")
+            if self.select == "pending" and self.versioning not in (None, "", "None"):
+                versioning, note = hook.backfill_versioning(self.versioning, as_bool(self.allow_outrank))
+                self.log.info("versioning %s%s", versioning, f": {note}" if note else "")
+            size = as_int(self.chunk_size)
+            if size is not None and size < 1:
+                raise ConfigError(f"chunk_size must be at least 1, got {size}: {self.config_path}")
             if self.select != "newest":
                 found = hook.new() if self.select == "new" else hook.pending(
                     as_int(self.from_step), as_int(self.to_step), as_bool(self.include_removed),
                     as_bool(self.allow_outrank))
                 self.log.info("%d checkpoint(s) to export: %s", len(found), [c["name"] for c in found])
-                return xcom([small(c) for c in found])
+                listed = [small(c) for c in found]
+                if size is None:
+                    return xcom(listed)
+                parts = chunked(listed, size)
+                self.log.info("in %d chunk(s) of %s", len(parts), sorted({len(p) for p in parts}))
+                return xcom(parts)
             chosen = hook.newest()
         if chosen is None:
             self.skip_with(context, {"status": Status.NO_NEW_CHECKPOINT.value, "checkpoint": None, "step": None},
@@ -89,7 +108,7 @@ class DiscoverCheckpointsOperator(PipelineOperator):
         return xcom({"status": Status.NEW.value, "checkpoint": chosen["prefix"], **small(chosen)})
 
 
-class ExportCheckpointOperator(PipelineOperator):
+class ExportCheckpointOperator(OpenLineageMethods, PipelineOperator):
     """Restores a checkpoint and writes its SavedModel into staging in the export base.
 
     ``checkpoint`` is a prefix, a name or a step, or a record from discovery
@@ -117,14 +136,55 @@ class ExportCheckpointOperator(PipelineOperator):
         return xcom(record)
 
 
-class ValidateExportOperator(PipelineOperator):
+class ExportChunkOperator(PipelineOperator):
+    """Exports and validates a chunk of a backfill's checkpoints in one process, publishing nothing.
+
+    ``checkpoints`` is a list of discovery records (a chunk of
+    :class:`DiscoverCheckpointsOperator`'s ``chunk_size`` output). One
+    TensorFlow import, one trace and one validation process serve the whole
+    chunk, as in ``tf-export backfill``. A retry (on any worker) takes what an
+    earlier try of the same run already exported and validated, and exports
+    only the rest. A checkpoint that fails for good is recorded ``failed`` and
+    the others go on; the publish passes it on and the run's last task fails.
+    ``allow_regression`` is :class:`ValidateExportOperator`'s. Returns the list
+    of records, in order, each with its ``size_ratio`` and ``latency_ratio``.
+    """
+
+    template_fields = ("config_path", "checkpoints", "allow_regression")
+    ui_color = "#e6f4ea"
+
+    def __init__(self, *, config_path: str, checkpoints: list, allow_regression: bool | str = False,
+                 conn_id: str | None = None, **kwargs: Any) -> None:
+        super().__init__(config_path=config_path, conn_id=conn_id, **kwargs)
+        self.checkpoints = checkpoints
+        self.allow_regression = allow_regression
+
+    def execute(self, context: Context) -> list:
+        ti = context["ti"]
+        with stage_errors():
+            # Keyed by the run, not the try: a retry finds what the tries before it exported.
+            records = self.hook.export_chunk(list(self.checkpoints or []), f"{ti.dag_id}/{ti.run_id}",
+                                             resume=ti.try_number > 1,
+                                             allow_regression=as_bool(self.allow_regression))
+        out = []
+        for record in records:
+            performance = (record.get("validation") or {}).get("performance") or {}
+            self.log.info("%s %s%s%s", record["status"], record.get("checkpoint"),
+                          " (from an earlier try)" if record.get("resumed") else "",
+                          f": {record['error']}" if record.get("error") else "")
+            out.append({**record, **{key: performance.get(key) for key in ("size_ratio", "latency_ratio")}})
+        return xcom(out)
+
+
+class ValidateExportOperator(OpenLineageMethods, PipelineOperator):
     """Validates the staged SavedModel in a fresh process.
 
     A model that fails is removed from staging and fails the task without
     retries (the report says why). ``allow_regression`` lets a model above
-    ``validation.max_size_ratio`` through (never one above
-    ``validation.max_graph_bytes``). Returns the ``validated`` record, with
-    ``size_ratio`` against the reference version (None on a first publish).
+    ``validation.max_size_ratio`` or ``validation.max_latency_ratio`` through
+    (never one above ``validation.max_graph_bytes``). Returns the ``validated``
+    record, with ``size_ratio`` and ``latency_ratio`` against the reference
+    version (None on a first publish).
     """
 
     template_fields = ("config_path", "staged", "allow_regression")
@@ -142,13 +202,15 @@ class ValidateExportOperator(PipelineOperator):
             record = self.hook.validate(self.staged, allow_regression=as_bool(self.allow_regression))
         report = record.get("validation") or {}
         checks = report.get("checks") or []
-        ratio = (report.get("performance") or {}).get("size_ratio")
-        self.log.info("%s %s (%d checks, size ratio %s)", record["status"], record.get("staging") or record.get("path"),
-                      len(checks), ratio)
-        return xcom({**record, "size_ratio": ratio})
+        performance = report.get("performance") or {}
+        ratios = {key: performance.get(key) for key in ("size_ratio", "latency_ratio")}
+        self.log.info("%s %s (%d checks, size ratio %s, latency ratio %s)", record["status"],
+                      record.get("staging") or record.get("path"), len(checks), ratios["size_ratio"],
+                      ratios["latency_ratio"])
+        return xcom({**record, **ratios})
 
 
-class PublishVersionOperator(PipelineOperator):
+class PublishVersionOperator(OpenLineageMethods, PipelineOperator):
     """Claims a version number, records the ledger entry and promotes staging into place.
 
     ``validated`` is one record (the result is then one record), or a list
@@ -190,7 +252,9 @@ class PublishVersionOperator(PipelineOperator):
                                                 f"{record.get('version')}")
             self._announce(context, [record])
             return xcom(record)
-        items = [dict(item) for item in self.validated or []]  # map-index order: oldest first, newest last
+        # Map-index order, oldest first and newest last; a mapped chunk task hands on a list per chunk.
+        items = [dict(item) for group in self.validated or []
+                 for item in (group if isinstance(group, list) else [group])]
         if not items:  # e.g. a mapped validate task with no instance that succeeded
             self.skip_with(context, [], "nothing to publish")
         with stage_errors():

@@ -21,14 +21,18 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from functools import cached_property
 from typing import Any
 
 from airflow.sdk import BaseHook
 
 from tf_export_pipeline.config import load_config
+from tf_export_pipeline.observe import StageOutcome
 from tf_export_pipeline.operators.connections import config_with_connection, protect, storage_options
 from tf_export_pipeline.operators.selection import new_since_exported, newest
+from tf_export_pipeline.operators.telemetry import task_scope
 from tf_export_pipeline.operators.triggers import look
 
 
@@ -48,6 +52,17 @@ class ExportHook(BaseHook):
         super().__init__(**kwargs)
         self.config_path = config_path
         self.conn_id = conn_id
+        # What the stages called through this hook in a task did, for the operator's OpenLineage facets.
+        self.outcomes: list[StageOutcome] = []
+
+    @contextlib.contextmanager
+    def _in_task(self) -> Iterator[None]:
+        """A stage call as this task's (its run in the records, Airflow's stats as the metrics' sink)."""
+        with task_scope() as seen:
+            try:
+                yield
+            finally:
+                self.outcomes.extend(seen)
 
     # The stages are imported when called: they load fsspec backends, which DAG parsing must not.
     @property
@@ -72,12 +87,14 @@ class ExportHook(BaseHook):
     def newest(self) -> dict | None:
         """The newest checkpoint not being written, with its version (None: no checkpoint)."""
 
-        return newest(self._stages.discover(self.config))
+        with self._in_task():
+            return newest(self._stages.discover(self.config))
 
     def new(self) -> list[dict]:
         """Complete checkpoints with no version, newer than every one with a version, oldest first."""
 
-        return new_since_exported(self._stages.discover(self.config))
+        with self._in_task():
+            return new_since_exported(self._stages.discover(self.config))
 
     def pending(self, from_step: int | None = None, to_step: int | None = None, include_removed: bool = False,
                 allow_outrank: bool = False) -> list[dict]:
@@ -85,6 +102,21 @@ class ExportHook(BaseHook):
         from tf_export_pipeline.backfill import pending_for_backfill  # as the stages: not at DAG parsing
 
         return pending_for_backfill(self.config, from_step, to_step, include_removed, allow_outrank)
+
+    def backfill_versioning(self, requested: str | None, allow_outrank: bool = False) -> tuple[str, str | None]:
+        """The versioning a backfill publishes under, and a note when it is not the config's (see
+        :func:`tf_export_pipeline.backfill.backfill_versioning`: a mix of units is refused)."""
+        from tf_export_pipeline.backfill import backfill_versioning
+
+        return backfill_versioning(self.config, requested, allow_outrank)
+
+    def export_chunk(self, checkpoints: list, run_key: str, resume: bool = False,
+                     allow_regression: bool = False) -> list[dict]:
+        """Export and validate a chunk of a backfill in this process
+        (see :func:`tf_export_pipeline.backfill.export_chunk`)."""
+        from tf_export_pipeline.backfill import export_chunk
+
+        return export_chunk(self.config, checkpoints, run_key, resume=resume, allow_regression=allow_regression)
 
     def require_complete(self, record: dict) -> None:
         """Raise the one-line error of a checkpoint whose index or data are missing."""
@@ -97,17 +129,21 @@ class ExportHook(BaseHook):
 
     # -- stages ------------------------------------------------------------------
     def export(self, checkpoint: str | None, force: bool = False) -> dict:
-        return self._stages.stage_export(self.config, checkpoint, force=force)
+        with self._in_task():
+            return self._stages.stage_export(self.config, checkpoint, force=force)
 
     def validate(self, staged: dict, allow_regression: bool = False) -> dict:
-        return self._stages.stage_validate(self.config, staged, allow_regression=allow_regression)
+        with self._in_task():
+            return self._stages.stage_validate(self.config, staged, allow_regression=allow_regression)
 
     def publish(self, validated: dict, versioning: str | None = None, allow_outrank: bool = False) -> dict:
-        return self._stages.publish_validated(self.config, validated, versioning, allow_outrank)
+        with self._in_task():
+            return self._stages.publish_validated(self.config, validated, versioning, allow_outrank)
 
     def publish_in_order(self, items: list[dict], versioning: str | None = None,
                          allow_outrank: bool = False) -> tuple[list[dict], list[str]]:
-        return self._stages.publish_in_order(self.config, items, versioning, allow_outrank)
+        with self._in_task():
+            return self._stages.publish_in_order(self.config, items, versioning, allow_outrank)
 
     def prune(self, dry_run: bool = False, keep_versions: tuple[int, ...] = ()) -> dict:
         return self._stages.stage_prune(self.config, dry_run=dry_run, keep_versions=keep_versions)

@@ -12,6 +12,20 @@ from tf_export_pipeline.checkpoints.checkpoint import being_written, names_check
 
 RECORD_KEYS = ("prefix", "name", "step", "written_at", "version")
 
+#: Checkpoints per backfill task unless the run says otherwise (bench/RESULTS.md, "Backfill in Airflow"): each
+#: task pays a process, a TensorFlow import, a trace and a validation process once, then a fraction of a
+#: second per checkpoint.
+CHUNK_SIZE = 12
+
+
+def chunked(records: list[Any], size: int) -> list[list[Any]]:
+    """``records`` in order, cut into ceil(n / size) runs whose lengths differ by one at most (no task is left
+    with a remainder of one checkpoint to pay its start-up for)."""
+    if size < 1:
+        raise ValueError(f"chunk size must be at least 1, got {size}")
+    count = -(-len(records) // size)
+    return [records[i * len(records) // count:(i + 1) * len(records) // count] for i in range(count)]
+
 
 def small(record: dict[str, Any]) -> dict[str, Any]:
     """What a task hands on about a checkpoint (XCom stays small)."""

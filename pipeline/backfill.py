@@ -17,6 +17,7 @@ whose versions the next run's retention would remove.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import threading
@@ -24,8 +25,10 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from tf_export_pipeline import faults
 from tf_export_pipeline.config import Config
-from tf_export_pipeline.errors import ConfigError, PipelineError
+from tf_export_pipeline.errors import CheckpointError, ConfigError, PipelineError
+from tf_export_pipeline.layout import BACKFILL_VERSIONING, EXPORTS_DIR, RESUME_NAME, WORK_DIR
 from tf_export_pipeline.publish.staging import drop_lease, staging_name
 from tf_export_pipeline.quiet_tf import import_tensorflow_quietly
 from tf_export_pipeline.records import Status
@@ -57,6 +60,57 @@ def pending_for_backfill(cfg: Config, from_step: int | None = None, to_step: int
     return pending
 
 
+#: What each versioning numbers by; numbers of one unit order with each other, of two units never do.
+_UNITS = {"timestamp": "seconds since the epoch", "checkpoint_time": "seconds since the epoch", "step": "steps"}
+
+
+def default_versioning(cfg: Config) -> str:
+    """The versioning a backfill numbers by unless told: the config's, but ``checkpoint_time`` for ``timestamp``,
+    which would number every historic checkpoint by today's time, above the live version."""
+    return BACKFILL_VERSIONING.get(cfg.versioning, cfg.versioning)
+
+
+def backfill_versioning(cfg: Config, requested: str | None = None,
+                        allow_outrank: bool = False) -> tuple[str, str | None]:
+    """The versioning a backfill publishes under, and a line to show when it is not the config's.
+
+    ``requested`` None (or the default itself) is :func:`default_versioning`. A
+    requested versioning whose numbers are of another unit than those of the
+    live version (steps beside seconds since the epoch) is refused unless
+    ``allow_outrank``: TF Serving serves the highest number, so one kind would
+    outrank the other for good, whatever the training order.
+    """
+    default = default_versioning(cfg)
+    if requested in (None, "", "None", default):
+        note = None if default == cfg.versioning else (
+            f"versioning checkpoint_time for this backfill (the config's '{cfg.versioning}' would number each "
+            f"historic checkpoint by the export time, above the live version): {cfg.source or 'the config'}")
+        return default, note
+    if requested not in _UNITS:
+        raise ConfigError(f"unknown versioning '{requested}' (one of {', '.join(_UNITS)}): "
+                          f"{cfg.source or 'the config'}")
+    if not allow_outrank:
+        held = held_versioning(cfg)
+        if held is not None and _UNITS.get(held[1], _UNITS[requested]) != _UNITS[requested]:
+            version, policy = held
+            raise ConfigError(
+                f"versioning '{requested}' numbers versions in {_UNITS[requested]}, but the export base's live "
+                f"version {version} is numbered by '{policy}' in {_UNITS[policy]}; mixed, one kind would outrank "
+                f"the other for good: leave versioning out (this config's backfill default is '{default}'), or "
+                f"--allow-outrank (DAG param allow_outrank) to publish anyway: {cfg.export_base}")
+    return requested, None
+
+
+def held_versioning(cfg: Config) -> tuple[int, str] | None:
+    """(live version, the versioning its manifest names), or None: no version, or a manifest without one."""
+    from tf_export_pipeline.stages import Context
+
+    publisher = Context(cfg).publisher
+    live = publisher.live_version()
+    policy = (publisher.manifest(live) or {}).get("versioning") if live is not None else None
+    return (live, policy) if policy in _UNITS else None
+
+
 def check_retention_keeps(cfg: Config, discovered: list[dict], pending: list[dict]) -> None:
     """Refuse a backfill whose versions the next run's retention would remove at once.
 
@@ -78,7 +132,7 @@ def check_retention_keeps(cfg: Config, discovered: list[dict], pending: list[dic
 
 
 def backfill(cfg: Config, from_step: int | None = None, to_step: int | None = None,
-             versioning: str = "checkpoint_time", allow_outrank: bool = False,
+             versioning: str | None = None, allow_outrank: bool = False,
              progress: Callable[[dict], None] | None = None, jobs: int = 1,
              include_removed: bool = False, allow_regression: bool = False) -> list[dict]:
     """Export every pending checkpoint in the step range, oldest first.
@@ -99,12 +153,17 @@ def backfill(cfg: Config, from_step: int | None = None, to_step: int | None = No
     measures the reference version once, for every checkpoint; ``allow_regression``
     lets versions above ``validation.max_size_ratio`` through.
 
+    ``versioning`` None is the config's, with ``timestamp`` taken as
+    ``checkpoint_time`` (see :func:`backfill_versioning`, which refuses a
+    versioning that would mix units in the export base).
+
     Ctrl-C (SIGINT, in the main thread) raises :class:`BackfillInterrupted`
     with the records of the checkpoints finished before it: a publish under
     way is finished first, workers stop (they leave SIGINT to this process,
     which passes it on), and every export started and not published is removed
     with its lease.
     """
+    versioning, _note = backfill_versioning(cfg, versioning, allow_outrank)
     pending = pending_for_backfill(cfg, from_step, to_step, include_removed, allow_outrank)
     records: list[dict] = []
     checks = _Checks(allow_regression, performance_baseline(cfg) if pending else None)
@@ -133,6 +192,91 @@ def backfill(cfg: Config, from_step: int | None = None, to_step: int | None = No
     except KeyboardInterrupt:
         raise BackfillInterrupted(records) from None
     return records
+
+
+def export_chunk(cfg: Config, checkpoints: list[dict | str], run_key: str, resume: bool = False,
+                 allow_regression: bool = False) -> list[dict]:
+    """Export and validate a chunk of a backfill's checkpoints, as :func:`backfill` does in one process, without
+    publishing; one record per checkpoint, in the order given (``validated``, ``failed``, or ``skipped`` /
+    ``published`` for a checkpoint that has a version meanwhile).
+
+    This is a backfill task's work: one TensorFlow import, one trace of the
+    model, one validation process, checkpoint i+1 exported while version i is
+    validated. Each export's work folder records, under ``run_key``, how far it
+    got (staged, then validated), so that with ``resume`` (a retry of the task,
+    on any host) a checkpoint already validated is taken as it is and one
+    already staged is only validated: nothing is exported twice. A checkpoint
+    that fails for good (a permanent error: the wrong model, a failed
+    validation) is recorded and the chunk goes on; any other error is raised,
+    for a retry.
+    """
+    found = {item["prefix"]: item for item in discover(cfg)}
+    wanted: list[tuple[str, dict | None]] = []
+    for ref in checkpoints:
+        prefix = ref.get("prefix") or ref.get("checkpoint") if isinstance(ref, dict) else ref
+        wanted.append((str(prefix), found.get(prefix)))
+    earlier = _resumable(cfg, run_key) if resume else {}
+    results: dict[str, dict] = {}
+    todo: list[dict] = []
+    prestaged: dict[str, dict] = {}
+    for prefix, item in wanted:
+        if item is None:
+            results[prefix] = _failed_record({"prefix": prefix, "step": None},
+                                              CheckpointError(f"checkpoint not found: {prefix}"))
+            continue
+        before = earlier.get(item["ledger_key"])
+        if before is not None and before.get("status") == Status.VALIDATED:
+            results[prefix] = {**before, "resumed": True}
+            continue
+        if before is not None:  # staged by the try before: validated here, not exported again
+            prestaged[item["ledger_key"]] = {**before, "resumed": True}
+        todo.append(item)
+    checks = _Checks(allow_regression, performance_baseline(cfg) if todo else None)
+
+    def finish(item: dict, validated: dict | BaseException) -> None:
+        if isinstance(validated, PipelineError) and validated.permanent:
+            record = _failed_record(item, validated)
+        elif isinstance(validated, BaseException):
+            raise validated  # storage, a race: the task's retry resumes from the records kept
+        else:
+            record = validated
+        results[item["prefix"]] = record
+
+    if todo:
+        _in_this_process(cfg, todo, finish, checks, keep=lambda record: _remember(cfg, run_key, record),
+                         prestaged=prestaged)
+    return [results[prefix] for prefix, _item in wanted]
+
+
+def _remember(cfg: Config, run_key: str, record: dict) -> None:
+    """Keep ``record`` in its export's work folder, for a retry of the task under ``run_key``."""
+    store = open_storage(cfg.export_base, cfg.storage_options)
+    data = {"run_key": run_key, "record": {k: v for k, v in record.items() if k != "resumed"}}
+    store.write_bytes(store.join(store.strip(record["work"]), RESUME_NAME), json.dumps(data).encode())
+
+
+def _resumable(cfg: Config, run_key: str) -> dict[str, dict]:
+    """What earlier tries under ``run_key`` exported, by ledger key: staged or validated records whose
+    staging is still there. One listing of the work folders, one read for each (exports not yet published)."""
+    store = open_storage(cfg.export_base, cfg.storage_options)
+    root = store.join(store.root, EXPORTS_DIR, WORK_DIR)
+    out: dict[str, dict] = {}
+    for entry in store.list_dir(root):
+        if not entry.is_dir:
+            continue
+        try:
+            data = json.loads(store.read_bytes(store.join(root, entry.name, RESUME_NAME)))
+        except (FileNotFoundError, ValueError, OSError, PipelineError):
+            continue  # not a backfill task's, cut short, or removed meanwhile
+        record = data.get("record") if isinstance(data, dict) and data.get("run_key") == run_key else None
+        if not isinstance(record, dict) or not record.get("ledger_key") or not record.get("staging"):
+            continue
+        if not store.exists(store.strip(record["staging"])):
+            continue  # removed by gc: exported again
+        kept = out.get(record["ledger_key"])
+        if kept is None or record.get("status") == Status.VALIDATED:
+            out[record["ledger_key"]] = record
+    return out
 
 
 @dataclass(frozen=True)
@@ -212,7 +356,15 @@ def _sigint_ignored() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _in_this_process(cfg: Config, pending: list[dict], finish: Callable, checks: _Checks) -> None:
+def _in_this_process(cfg: Config, pending: list[dict], finish: Callable, checks: _Checks,
+                     keep: Callable[[dict], None] | None = None,
+                     prestaged: dict[str, dict] | None = None) -> None:
+    """Export and validate ``pending`` in this process, handing each result to ``finish`` in order.
+
+    ``keep`` is given each record as soon as it is staged and again once it is
+    validated (in the validating thread, not when ``finish`` gets to it);
+    ``prestaged`` (by ledger key) are staged records to validate without
+    exporting them again."""
     from collections import deque
     from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -234,14 +386,19 @@ def _in_this_process(cfg: Config, pending: list[dict], finish: Callable, checks:
             for item in pending:
                 t0 = time.monotonic()
                 try:
-                    # An interrupt during the export removes its staging (see stage_export).
-                    staged = stage_export(cfg, item, force=True)
-                    staged["timings"] = {"export": round(time.monotonic() - t0, 4)}
+                    staged = (prestaged or {}).get(item.get("ledger_key"))
+                    if staged is None:
+                        # An interrupt during the export removes its staging (see stage_export).
+                        staged = stage_export(cfg, item, force=True)
+                        staged["timings"] = {"export": round(time.monotonic() - t0, 4)}
+                        if keep is not None and staged.get("status") == Status.STAGED:
+                            keep(staged)
+                            faults.hold("staged")
                 except PipelineError as err:
                     staged = err
                 with interrupts.held():
                     if isinstance(staged, dict) and staged.get("status") == Status.STAGED:
-                        ticket = validator.submit(_validate_timed, cfg, staged, session, checks)
+                        ticket = validator.submit(_validate_timed, cfg, staged, session, checks, keep)
                     else:
                         ticket = Future()
                         ticket.set_result(staged)
@@ -346,7 +503,8 @@ def _discard_unpublished(cfg: Config, result) -> None:
     drop_lease(store, staging_name(store.strip(result["staging"])))
 
 
-def _validate_timed(cfg: Config, staged: dict, session, checks: _Checks) -> dict | PipelineError:
+def _validate_timed(cfg: Config, staged: dict, session, checks: _Checks,
+                    keep: Callable[[dict], None] | None = None) -> dict | PipelineError:
     t0 = time.monotonic()
     try:
         validated = checks.validate(cfg, staged, session)
@@ -356,6 +514,8 @@ def _validate_timed(cfg: Config, staged: dict, session, checks: _Checks) -> dict
             return err
         raise
     validated["timings"] = {**staged.get("timings", {}), "validate": round(time.monotonic() - t0, 4)}
+    if keep is not None:
+        keep(validated)
     return validated
 
 

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from tf_export_pipeline import __version__, redaction
-from tf_export_pipeline.backfill import BackfillInterrupted, backfill, pending_for_backfill
+from tf_export_pipeline.backfill import BackfillInterrupted, backfill, backfill_versioning, pending_for_backfill
 from tf_export_pipeline.config import ValidationConfig, load_config
 from tf_export_pipeline.demo import SERVING, train, write_config
 from tf_export_pipeline.errors import ConfigError, ExportError, PipelineError
@@ -32,7 +32,7 @@ from tf_export_pipeline.serving import ServingControl, newest_advice
 from tf_export_pipeline.stages import discover, finish_cut_short, public, run_once, stage_prune, status
 from tf_export_pipeline.storage import open_storage
 from tf_export_pipeline.validate import check_signatures, format_report, signatures_of, validate_saved_model
-from tf_export_pipeline.validate.performance import apply_size_gate, local_sizes
+from tf_export_pipeline.validate.performance import apply_performance_gate, local_sizes, timing_request
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -62,7 +62,8 @@ def _common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
 def _allow_regression(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-regression", action="store_true",
                    help="publish even when the model is more than validation.max_size_ratio times the reference "
-                        "version's size (stable, else the highest); validation.max_graph_bytes still holds")
+                        "version's size or validation.max_latency_ratio times its median latency (the reference: "
+                        "stable, else the highest version); validation.max_graph_bytes still holds")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,19 +96,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("backfill", help="export every unexported checkpoint in a step range",
                        description="Export every complete checkpoint in the range that has no version for this "
                                    "config yet, oldest first, with a progress bar on stderr. Versions are numbered "
-                                   "by checkpoint write time by default, so a backfill never serves an old model "
-                                   "above the live one. Retention is not applied, and a backfill whose versions "
+                                   "by the config's versioning, except that 'timestamp' becomes checkpoint_time "
+                                   "(checkpoint write time), so a backfill never serves an old model above the "
+                                   "live one. Retention is not applied, and a backfill whose versions "
                                    "the next run's retention would remove is refused up front, naming the "
                                    "retention.keep it needs. Checkpoints whose versions retention removed are "
                                    "left out unless --include-removed.")
     _common(p)
     p.add_argument("--from-step", type=int, metavar="N", help="first step (inclusive)")
     p.add_argument("--to-step", type=int, metavar="M", help="last step (inclusive)")
-    p.add_argument("--versioning", choices=VERSIONINGS, default="checkpoint_time",
-                   help="version numbering (default: checkpoint_time)")
+    p.add_argument("--versioning", choices=VERSIONINGS,
+                   help="version numbering (default: the config's; checkpoint_time where it is timestamp); one "
+                        "whose numbers are of another unit than the live version's (steps beside seconds) is "
+                        "refused unless --allow-outrank")
     p.add_argument("--allow-outrank", action="store_true",
                    help="publish even when a version would break training order (an older checkpoint above a "
-                        "newer one); refused by default")
+                        "newer one), or mix units of numbering; refused by default")
     p.add_argument("--include-removed", action="store_true",
                    help="also export checkpoints whose versions retention removed (discover marks them 'removed')")
     _allow_regression(p)
@@ -140,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", metavar="PATH", help="SavedModel directory (local)")
     p.add_argument("--against", metavar="VERSION_DIR",
                    help="also diff the signatures against this SavedModel (breaking changes fail "
-                        "unless the config's validation.allow_breaking is true) and compare the sizes "
-                        "(validation.max_size_ratio)")
+                        "unless the config's validation.allow_breaking is true), compare the sizes "
+                        "(validation.max_size_ratio) and time both (validation.max_latency_ratio)")
     _allow_regression(p)
 
     p = sub.add_parser("gc", help="apply retention and remove abandoned staging",
@@ -180,6 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Every write of this model's entry in the model config file: when, by "
                                    "which command, which versions were listed and labelled before and after.")
     _common(p)
+
+    p = sub.add_parser("lineage", help="where a version came from: checkpoint, config, validation, run",
+                       description="Everything behind a version: the checkpoint (path, step, identity, when it "
+                                   "was written), the config (hash, file), the validation report in brief, the "
+                                   "run that made it (Airflow DAG, run, task and try, or host, user and command; "
+                                   "with its OpenLineage run id) and its serving history. For a version retention "
+                                   "removed, what its removal record keeps.")
+    _common(p)
+    p.add_argument("version", type=int, metavar="VERSION", help="a version number, published or removed")
 
     p = sub.add_parser("predict", help="run a signature of a SavedModel on inputs from a file",
                        description="Run a signature of a SavedModel (a directory, or a published version number "
@@ -279,9 +292,10 @@ def cmd_discover(args, cfg) -> int:
     items = discover(cfg)
     rows = [[i["name"], i["step"], _when(i["written_at"]),
              "yes" if i["complete"] else "NO: missing " + ", ".join(i["missing"]),
-             _version_cell(i)] for i in items]
+             _version_cell(i), i.get("run") or "-"] for i in items]
     _emit(args, items,
-          _table(rows, ["CHECKPOINT", "STEP", "WRITTEN", "COMPLETE", "VERSION"]) if rows else "no checkpoints")
+          _table(rows, ["CHECKPOINT", "STEP", "WRITTEN", "COMPLETE", "VERSION", "MADE BY"]) if rows
+          else "no checkpoints")
     return EXIT_OK
 
 
@@ -310,7 +324,10 @@ def cmd_backfill(args, cfg) -> int:
 
     if args.jobs < 1:  # before any bar is drawn: a usage error is one line
         raise ConfigError(f"--jobs must be at least 1, got {args.jobs}: {cfg.source}")
+    versioning, note = backfill_versioning(cfg, args.versioning, args.allow_outrank)
     pending = pending_for_backfill(cfg, args.from_step, args.to_step, args.include_removed, args.allow_outrank)
+    if note and pending:
+        print(f"tf-export: {redact(note)}", file=sys.stderr)
     bar = None
     if pending:
         from tqdm import tqdm
@@ -323,7 +340,7 @@ def cmd_backfill(args, cfg) -> int:
             bar.set_postfix_str(f"step {rec['step']} {rec['status']}", refresh=False)
 
     try:
-        records = backfill(cfg, args.from_step, args.to_step, versioning=args.versioning,
+        records = backfill(cfg, args.from_step, args.to_step, versioning=versioning,
                            allow_outrank=args.allow_outrank, progress=progress, jobs=args.jobs,
                            include_removed=args.include_removed, allow_regression=args.allow_regression)
     except BackfillInterrupted as stop:
@@ -382,12 +399,16 @@ def _status(args, cfg, finished: list[int]) -> int:
     if finished:
         st["finished"] = finished
     rows = [[v["version"], v["step"], v["checkpoint"] or "(no manifest)", ",".join(v.get("labels") or []) or "-",
-             "<- serving" if v["version"] == st["serving"] else ""] for v in st["versions"]]
-    human = (_table(rows, ["VERSION", "STEP", "CHECKPOINT", "LABELS", ""]) if rows else "no published versions") + \
+             v.get("run") or "-", "<- serving" if v["version"] == st["serving"] else ""] for v in st["versions"]]
+    human = (_table(rows, ["VERSION", "STEP", "CHECKPOINT", "LABELS", "MADE BY", ""]) if rows
+             else "no published versions") + \
         f"\nexport base: {st['export_base']}"
     served = next((v for v in st["versions"] if v["version"] == st["serving"]), None)
     if served is not None and served.get("size_ratio") is not None:
         human += f"\nsize ratio of version {served['version']} against its reference: {served['size_ratio']:.2f}"
+    if served is not None and served.get("latency_ratio") is not None:
+        human += (f"\nlatency ratio of version {served['version']} against its reference: "
+                  f"{served['latency_ratio']:.2f}")
     if st["removed"]:
         human += (f"\nremoved by retention: {len(st['removed'])} version(s), steps "
                   f"{', '.join(str(r['step']) for r in st['removed'])} (backfill --include-removed exports them again)")
@@ -424,11 +445,11 @@ def cmd_validate(args, cfg) -> int:
     path = os.path.abspath(args.path)
     if not os.path.isdir(path):
         raise ConfigError(f"not a SavedModel directory: {path}")
-    timeout = cfg.validation.timeout_seconds if cfg else 300
-    report = validate_saved_model(path, timeout=timeout)
+    gate = cfg.validation if cfg else ValidationConfig()
     against = os.path.abspath(args.against) if args.against else None
     if against and not os.path.isfile(os.path.join(against, SAVED_MODEL_PB)):
         raise ConfigError(f"--against is not a SavedModel directory: {against}")
+    report = validate_saved_model(path, timeout=gate.timeout_seconds, timing=timing_request(gate, against))
     name = os.path.basename(against.rstrip("/")) if against else None
     against_version = int(name) if name and name.isdigit() else name
     if report.get("ok") and (against or (cfg and cfg.validation.contract)):
@@ -437,8 +458,7 @@ def cmd_validate(args, cfg) -> int:
                          against_version)
     if report.get("ok"):
         reference = {"version": against_version, **local_sizes(against)} if against else None
-        apply_size_gate(report, local_sizes(path), reference, cfg.validation if cfg else ValidationConfig(),
-                        args.allow_regression)
+        apply_performance_gate(report, local_sizes(path), reference, gate, args.allow_regression)
     _emit(args, report, format_report(report))
     if not report.get("ok"):
         _error(f"validation failed: {report.get('reason')}: {path}")
@@ -614,7 +634,49 @@ def cmd_history(args, cfg) -> int:
     return EXIT_OK
 
 
+def cmd_lineage(args, cfg) -> int:
+    from tf_export_pipeline.trace import format_trace, trace
+
+    with _finishing_cut_short(cfg):
+        found = trace(cfg, args.version)
+        _emit(args, found, format_trace(found))
+    return EXIT_OK
+
+
+def _warn(message: str) -> None:
+    print(f"tf-export: warning: {redact(_one_line(message))}", file=sys.stderr)
+
+
+def _observed(args, cfg, argv: list[str] | None) -> int:
+    """Run the command as this run (:mod:`tf_export_pipeline.run_info`); an export sends its OpenLineage
+    events when OpenLineage is configured, and never waits long for them."""
+    from tf_export_pipeline import lineage, observe
+    from tf_export_pipeline.run_info import bound, cli_run
+
+    run = cli_run(sys.argv[1:] if argv is None else argv).with_config(cfg.source if cfg is not None else None)
+    with bound(run):
+        if args.command not in LINEAGE_COMMANDS or cfg is None or not lineage.configured():
+            return COMMANDS[args.command](args, cfg)
+        events = lineage.CommandEvents(cfg, args.command, run, warn=_warn)
+        events.start()
+        rc, error = EXIT_FAILED, None
+        with observe.watching() as outcomes:
+            try:
+                rc = COMMANDS[args.command](args, cfg)
+            except BaseException as err:
+                error = redact(_one_line(str(err))) or type(err).__name__
+                raise
+            finally:
+                if error is None and rc != EXIT_OK:
+                    error = next((o.error for o in outcomes if o.error), None) or f"exit status {rc}"
+                events.finish(outcomes, error)
+                events.close()
+        return rc
+
+
+LINEAGE_COMMANDS = ("run", "backfill")
 COMMANDS = {"labels": cmd_labels, "promote": cmd_promote, "rollback": cmd_rollback, "history": cmd_history,
+            "lineage": cmd_lineage,
             "discover": cmd_discover, "run": cmd_run, "backfill": cmd_backfill, "status": cmd_status,
             "check-storage": cmd_check_storage,
             "validate": cmd_validate, "gc": cmd_gc, "predict": cmd_predict, "demo": cmd_demo}
@@ -644,7 +706,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = None
     try:
         cfg = load_config(args.config) if getattr(args, "config", None) else None
-        return COMMANDS[args.command](args, cfg)
+        return _observed(args, cfg, argv)
     except ExportError as err:
         if args.verbose:
             sys.stderr.write(redaction.format_exception(err))

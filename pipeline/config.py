@@ -101,7 +101,27 @@ class ValidationConfig(_Strict):
                                                                 "reference version's bytes; none: no limit")
     max_graph_bytes: int = Field(MAX_GRAPH_BYTES, gt=0, description="refuse a saved_model.pb larger than this "
                                                                     "(TF Serving's limit), whatever the override")
-    allow_regression: bool = Field(False, description="publish even when the size ratio is above max_size_ratio")
+    max_latency_ratio: float | None = Field(1.5, gt=0, description="refuse a model whose median latency (sample "
+                                                                   "batch or batch of 1) is more than this many "
+                                                                   "times the reference version's; none: not timed")
+    latency_rounds: int = Field(30, ge=5, description="interleaved rounds of the latency measurement (each runs "
+                                                      "both models on both batch sizes)")
+    allow_regression: bool = Field(False, description="publish even when the size or latency ratio is above its "
+                                                      "limit")
+
+
+class MetricsConfig(_Strict):
+    statsd: str | None = Field(None, description="host:port of a StatsD server the command line sends metrics to "
+                                                 "($TF_EXPORT_STATSD wins; Airflow tasks use Airflow's own metrics)")
+
+    @field_validator("statsd")
+    @classmethod
+    def _address_form(cls, value: str | None) -> str | None:
+        if value is not None:
+            from tf_export_pipeline.metrics import parse_address
+
+            parse_address(value)  # a ValueError names the value
+        return value
 
 
 class GateConfig(_Strict):
@@ -230,6 +250,7 @@ class Config(_Strict):
     promotion: Literal["auto", "rename", "object_move"] = "auto"
     airflow: AirflowConfig = Field(default_factory=AirflowConfig)
     serving: ServingConfig | None = None
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
     _config_dir: str = PrivateAttr(default_factory=os.getcwd)
     _source: str | None = PrivateAttr(default=None)

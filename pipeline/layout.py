@@ -12,6 +12,7 @@ An export base, as TF Serving and this package see it::
         removed/<checkpoint key>         a version retention removed
         leases/<staging name>            renewed while staging is in use
         work/<staging name>/files.json   the file list staging is verified against
+        work/<staging name>/resume.json  a backfill task's record of it, for that task's retry
         serving/history/                 label changes (serving control)
         storage-check.json               what the store guarantees (tf-export check-storage)
 
@@ -33,6 +34,7 @@ WORK_DIR = "work"
 SERVING_DIR = "serving"
 HISTORY_DIR = (EXPORTS_DIR, SERVING_DIR, "history")
 FILES_NAME = "files.json"
+RESUME_NAME = "resume.json"  # beside FILES_NAME: which backfill task made this staging, and how far it got
 STORAGE_CHECK_NAME = "storage-check.json"  # the last verdict of `tf-export check-storage`
 STAGING_PREFIX = "temp-"
 DELETING_PREFIX = "temp-deleting-"  # a version renamed out of TF Serving's sight before it is removed
@@ -53,3 +55,6 @@ PREDICT_METHOD = "tensorflow/serving/predict"
 # -- version numbering -----------------------------------------------------------
 Versioning = Literal["timestamp", "checkpoint_time", "step"]
 VERSIONINGS: tuple[str, ...] = get_args(Versioning)
+#: What a backfill numbers by under each config versioning: under `timestamp` every historic checkpoint
+#: would be numbered by the export time, above the live version.
+BACKFILL_VERSIONING = {"timestamp": "checkpoint_time", "checkpoint_time": "checkpoint_time", "step": "step"}

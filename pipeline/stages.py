@@ -41,22 +41,34 @@ from tf_export_pipeline.export.keras_exporter import KerasFileExporter
 from tf_export_pipeline.export.samples import fit_samples, load_samples
 from tf_export_pipeline.gate import GateError, compare, metric_path, read_metric, require_finite
 from tf_export_pipeline.layout import ASSETS_EXTRA, EXPORTS_DIR, FILES_NAME, SAVED_MODEL_PB, STAGING_PREFIX, WORK_DIR
+from tf_export_pipeline.observe import stage as observed
 from tf_export_pipeline.publish import UNKNOWN, Publisher
-from tf_export_pipeline.publish.staging import LeaseHeartbeat, StagingGone, drop_lease, file_list, staging_name
+from tf_export_pipeline.publish.staging import (
+    LeaseHeartbeat,
+    StagingGone,
+    drop_lease,
+    file_list,
+    model_size,
+    staging_name,
+)
 from tf_export_pipeline.quiet_tf import import_tensorflow_quietly
 from tf_export_pipeline.records import PUBLIC_KEYS, StageRecord, Status, nothing_to_do
 from tf_export_pipeline.redaction import redact
 from tf_export_pipeline.retention import prune
+from tf_export_pipeline.run_info import RUN_KEY, summary_of
+from tf_export_pipeline.run_info import current as current_run
+from tf_export_pipeline.run_info import section as run_section
 from tf_export_pipeline.serving import ServingControl, newest_advice, served_version
 from tf_export_pipeline.storage import ChecksumMismatch, Storage, open_storage
 from tf_export_pipeline.validate import ValidationSession, check_signatures, require_ok, validate_saved_model
 from tf_export_pipeline.validate.contract import load_contract
 from tf_export_pipeline.validate.performance import (
     Baseline,
-    apply_size_gate,
+    apply_performance_gate,
+    ratios_of,
     reference_figures,
-    size_ratio_of,
     sizes_of,
+    timing_request,
 )
 from tf_export_pipeline.validate.signatures import signatures_from_bytes
 from tf_export_pipeline.validate.warmup import write_warmup
@@ -134,6 +146,7 @@ def _require_complete(ckpt: Checkpoint) -> None:
 
 
 # -- discovery -------------------------------------------------------------------
+@observed("discover")
 def discover(cfg: Config) -> list[dict]:
     """Every checkpoint with the version it was exported to under this config (or None).
 
@@ -142,8 +155,9 @@ def discover(cfg: Config) -> list[dict]:
     true``: it is pending, and exporting it finishes or redoes the publish.
     A checkpoint whose version retention removed has no version and
     ``"removed": {"version", "removed_at"}``; a backfill leaves it out unless
-    asked to export removed checkpoints again. Three listings, whatever the
-    history's length.
+    asked to export removed checkpoints again. ``run`` names, in one line, the
+    run that published it (see :mod:`tf_export_pipeline.run_info`). Three
+    listings, whatever the history's length.
     """
     ctx = Context(cfg)
     out = []
@@ -156,6 +170,7 @@ def discover(cfg: Config) -> list[dict]:
         version = entry.get("version") if entry else None
         gone = removed.get(key) if key and entry is None else None
         out.append({**ckpt.to_dict(), "ledger_key": key, "version": version if version in listed else None,
+                    "run": summary_of((entry or gone or {}).get(RUN_KEY)),
                     "committed": entry is not None and version not in listed,
                     "removed": ({"version": gone.get("version"), "removed_at": gone.get("removed_at")}
                                 if gone else None)})
@@ -257,6 +272,7 @@ def _plain_arrays(arrays: dict) -> dict:
     return {k: (np.asarray(v).astype(bytes) if np.asarray(v).dtype == object else v) for k, v in arrays.items()}
 
 
+@observed("export")
 def stage_export(cfg: Config, checkpoint: str | dict | None = None, force: bool = False,
                  session=None) -> dict:
     """Restore a checkpoint and write its SavedModel into a staging directory of the export base.
@@ -316,7 +332,7 @@ def stage_export(cfg: Config, checkpoint: str | dict | None = None, force: bool 
     faults.hold("exported")
     return _record(Status.STAGED, ckpt, staging=ctx.base.url(staging), work=ctx.base.url(work), ledger_key=key,
                    checkpoint_info=ckpt.to_dict(), exported_at=started, export_seconds=round(time.time() - started, 3),
-                   gate=gate)
+                   gate=gate, exported_by=current_run().to_json())
 
 
 def _check_before_export(ctx: Context) -> None:
@@ -432,9 +448,10 @@ def stage_validate(cfg: Config, staged: dict, session=None, allow_regression: bo
     """Validate the staged SavedModel in a fresh process; on failure remove staging and raise.
 
     ``session`` (a :class:`tf_export_pipeline.validate.ValidationSession`) lets a backfill
-    use one validation process for many versions, and ``baseline`` (:func:`performance_baseline`)
-    one measurement of the reference version. ``allow_regression`` lets a model above
-    ``validation.max_size_ratio`` through, never one above ``validation.max_graph_bytes``.
+    use one validation process for many versions (which keeps the reference version loaded), and
+    ``baseline`` (:func:`performance_baseline`) one measurement of the reference version's size.
+    ``allow_regression`` lets a model above ``validation.max_size_ratio`` or
+    ``validation.max_latency_ratio`` through, never one above ``validation.max_graph_bytes``.
     """
     if staged.get("status") != Status.STAGED:
         return staged
@@ -453,6 +470,7 @@ def stage_validate(cfg: Config, staged: dict, session=None, allow_regression: bo
             ctx.base.download_dir(staging, local_model)
             ctx.base.download_dir(work, local_work)
         faults.hold("validating")
+        baseline = baseline or performance_baseline(cfg, ctx)
         report = validate_saved_model(
             local_model,
             samples=os.path.join(local_work, "samples.npz"),
@@ -461,12 +479,13 @@ def stage_validate(cfg: Config, staged: dict, session=None, allow_regression: bo
             atol=cfg.validation.atol,
             timeout=cfg.validation.timeout_seconds,
             session=session,
+            timing=timing_request(cfg.validation, _local_reference(ctx, baseline, scratch, session)),
         )
         report["saved_model"] = staged["staging"]
         if report.get("ok"):
             _check_signatures(ctx, report)
         if report.get("ok"):
-            _check_performance(ctx, report, local_work, allow_regression, baseline)
+            _check_performance(report, local_work, allow_regression, baseline, cfg.validation)
     except FileNotFoundError as err:
         raise StagingGone(f"staging is gone (removed by gc or by hand?); the next run exports the checkpoint "
                           f"again: {staged['staging']}") from err
@@ -496,15 +515,39 @@ def _check_signatures(ctx: Context, report: dict) -> None:
     check_signatures(report, ctx.cfg.validation, live_signatures, live)
 
 
-def _check_performance(ctx: Context, report: dict, local_work: str, allow_regression: bool,
-                       baseline: Baseline | None) -> None:
-    """The size gate against the reference version, added to ``report``."""
+def _local_reference(ctx: Context, baseline: Baseline, scratch: str, session) -> str | None:
+    """A local directory of the reference version for the latency gate (None: nothing to time against).
+
+    On local disk, the version itself (a published version never changes). On cloud storage a copy: in
+    ``scratch``, or once per ``session`` (a backfill's), which then keeps it loaded between checkpoints.
+    """
+    if baseline.reference is None or ctx.cfg.validation.max_latency_ratio is None:
+        return None
+    remote = ctx.publisher.version_path(baseline.reference["version"])
+    if ctx.base.is_local:
+        return remote
+
+    def fetch(local: str) -> None:
+        ctx.base.download_dir(remote, local)
+
+    try:
+        if session is not None:
+            return session.local_reference(ctx.base.url(remote), fetch)
+        fetch(os.path.join(scratch, "reference"))
+        return os.path.join(scratch, "reference")
+    except FileNotFoundError:
+        return None  # removed by retention meanwhile: the worker records that nothing was compared
+
+
+def _check_performance(report: dict, local_work: str, allow_regression: bool, baseline: Baseline,
+                       validation) -> None:
+    """The size and latency gate against the reference version, added to ``report``."""
     with open(os.path.join(local_work, FILES_NAME), encoding="utf-8") as fh:
         candidate = sizes_of(json.load(fh))
-    reference = (baseline or performance_baseline(ctx.cfg, ctx)).reference
-    apply_size_gate(report, candidate, reference, ctx.cfg.validation, allow_regression)
+    apply_performance_gate(report, candidate, baseline.reference, validation, allow_regression)
 
 
+@observed("publish")
 def stage_publish(cfg: Config, validated: dict, versioning: str | None = None, allow_outrank: bool = False) -> dict:
     """Check staging, claim a version, write the manifest, record the ledger entry, promote.
 
@@ -520,9 +563,10 @@ def stage_publish(cfg: Config, validated: dict, versioning: str | None = None, a
     staging = _strip(ctx.base, validated["staging"])
     work = _strip(ctx.base, validated["work"])
     try:
+        files = _file_list_of(ctx, staging, work)
         result = ctx.publisher.publish(
             staging=staging,
-            files=_file_list_of(ctx, staging, work),
+            files=files,
             checkpoint=ckpt,
             ledger_key=validated["ledger_key"],
             config_hash=cfg.config_hash,
@@ -531,6 +575,7 @@ def stage_publish(cfg: Config, validated: dict, versioning: str | None = None, a
             validation=validated.get("validation"),
             allow_outrank=allow_outrank,
             lease_seconds=cfg.retention.lease_seconds,
+            run=run_section(validated.get("exported_by"), cfg.source),
             extra={"times": {"exported_at": validated.get("exported_at"),
                              "validated_at": time.time()},
                    "model": {"factory": cfg.model.factory, "checkpoint_key": cfg.model.checkpoint_key},
@@ -548,6 +593,8 @@ def stage_publish(cfg: Config, validated: dict, versioning: str | None = None, a
         pass
     record = _record(result["status"], ckpt, result["version"], result["path"],
                      claim_attempts=result.get("claim_attempts", 0))
+    if result["status"] == Status.PUBLISHED:
+        record["model_size"] = model_size(files)
     if result["status"] == Status.PUBLISHED and (validated.get("gate") or {}).get("warning"):
         record["gate_warning"] = validated["gate"]["warning"]  # e.g. the live metric was not finite
     if result["status"] == Status.PUBLISHED and cfg.serving is not None:
@@ -642,7 +689,8 @@ def publish_in_order(cfg: Config, items: list[dict], versioning: str | None = No
     """Publish validated records one after the other in list order (oldest checkpoint first), so the
     last gets the highest version whatever order their exports finished in.
 
-    Records with nothing to do are passed on. A publish that fails is recorded
+    Records with nothing to do are passed on, and so are those of checkpoints that failed before
+    (a backfill task's ``failed`` records, with their error). A publish that fails is recorded
     (``status: failed``) and the later ones still go ahead; an error no retry
     can mend (``permanent``) stops the list at once. Returns the records and
     one line per failure.
@@ -652,6 +700,9 @@ def publish_in_order(cfg: Config, items: list[dict], versioning: str | None = No
     for item in items:
         if nothing_to_do(item):
             records.append(public(item))
+            continue
+        if item.get("status") == Status.FAILED:
+            records.append({**public(item), "error": item.get("error")})
             continue
         try:
             records.append(publish_validated(cfg, item, versioning, allow_outrank))
@@ -746,9 +797,10 @@ def finish_cut_short(cfg: Config) -> list[int]:
 def status(cfg: Config) -> dict:
     """Published versions with their provenance, the one TF Serving serves (the highest, or with a
     ``serving:`` section what the model config file says: see :func:`served_version`), and the
-    versions retention removed (``removed``: version, checkpoint, step, removed_at). Each version's
-    ``size_ratio`` is the one its validation measured against its reference version (None before the
-    performance gate, or on a first publish)."""
+    versions retention removed (``removed``: version, checkpoint, step, removed_at). Each version's ``run``
+    names, in one line, the run that published it. Each version's
+    ``size_ratio`` and ``latency_ratio`` are those its validation measured against its reference version
+    (None before the performance gate, or on a first publish)."""
     ctx = Context(cfg)
     versions = []
     whole = set(ctx.publisher.whole_versions())
@@ -758,8 +810,9 @@ def status(cfg: Config) -> dict:
         # On an object store a version whose promotion was cut short is listed without saved_model.pb:
         # TF Serving cannot load it; the next run that meets its checkpoint finishes it.
         versions.append({"version": v, "checkpoint": ck.get("path"), "step": ck.get("step"),
+                         "run": summary_of(manifest.get(RUN_KEY)),
                          "path": ctx.base.url(ctx.publisher.version_path(v)),
-                         "manifest": bool(manifest), "whole": v in whole, "size_ratio": size_ratio_of(manifest)})
+                         "manifest": bool(manifest), "whole": v in whole, **ratios_of(manifest)})
     labels: dict[str, int] = {}
     served = served_version(whole)
     control = ctx.serving()
@@ -777,6 +830,11 @@ def status(cfg: Config) -> dict:
                       if r.get("version") not in present), key=lambda r: r["version"] or 0)
     return {"export_base": cfg.export_base, "versions": versions, "serving": served, "labels": labels,
             "removed": removed}
+
+
+# Validation is timed and told like the other stages (tf_export_pipeline.observe); wrapped here rather
+# than decorated so that its definition above stays about validating.
+stage_validate = observed("validate")(stage_validate)
 
 
 __all__ = ["publish_validated", "publish_in_order", "discover", "list_pending", "stage_export", "stage_validate",

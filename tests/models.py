@@ -116,3 +116,42 @@ def padded():
     hidden = keras.layers.Dense(8, activation="relu", name="hidden")(inputs)
     out = keras.layers.Dense(1, name="score")(Padding(name="padding")(hidden))
     return keras.Model(inputs, out, name="demo_regressor")
+
+
+#: The width and depth of :func:`heavy`'s extra work: a few milliseconds a batch on one core, so that the
+#: model's own compute, not the Session's fixed cost per call, sets its latency.
+BURN_WIDTH = 512
+BURN_STEPS = 40
+
+
+def _burning(repeat: int):
+    import keras
+
+    class Burn(keras.layers.Layer):
+        """Matrix products whose result is added times zero: work that changes latency, not outputs."""
+
+        def build(self, input_shape):
+            self.mix = self.add_weight(shape=(BURN_WIDTH, BURN_WIDTH), initializer="orthogonal", trainable=False,
+                                       name="mix")
+
+        def call(self, x):
+            t = keras.ops.tile(x[:, :1], (1, BURN_WIDTH))
+            for _ in range(BURN_STEPS * repeat):
+                t = keras.ops.tanh(keras.ops.matmul(t, self.mix))
+            return x + 0.0 * keras.ops.sum(t, axis=1, keepdims=True)
+
+    inputs = keras.Input(shape=(4,), name="features", dtype="float32")
+    hidden = keras.layers.Dense(8, activation="relu", name="hidden")(inputs)
+    out = keras.layers.Dense(1, name="score")(Burn(name="burn")(hidden))
+    return keras.Model(inputs, out, name="demo_regressor")
+
+
+def heavy():
+    """The demo model with extra compute (same outputs, same variables as :func:`heavy_slowed`)."""
+    return _burning(1)
+
+
+def heavy_slowed():
+    """:func:`heavy` doing three times the extra compute: the same outputs from the same checkpoint,
+    about three times slower to answer."""
+    return _burning(3)

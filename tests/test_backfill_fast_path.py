@@ -141,3 +141,66 @@ def test_each_variable_is_stored_once(tmp_path, trained_dir):
         names = [n for n, _ in tf.train.list_variables(str(tmp_path / str(step) / "variables" / "variables"))
                  if n != "_CHECKPOINTABLE_OBJECT_GRAPH"]
         assert len(names) == len(exporter.model.variables), names  # no variable twice (Keras wrapper + value)
+
+
+CHUNK = r"""
+import json, sys
+from tf_export_pipeline.backfill import export_chunk
+from tf_export_pipeline.config import load_config
+print(json.dumps(export_chunk(load_config(sys.argv[1]), sys.argv[3:], sys.argv[2])))
+"""
+
+
+def test_a_chunk_killed_midway_is_finished_by_its_retry_without_exporting_anything_twice(tmp_path, trained_dir):
+    import os
+    import signal
+    import time
+
+    from tf_export_pipeline.backfill import export_chunk
+    from tf_export_pipeline.config import load_config
+    from tf_export_pipeline.stages import discover, publish_in_order
+
+    ws = make_workspace(tmp_path, trained_dir, versioning="step")
+    cfg = load_config(str(ws.config))
+    prefixes = [item["prefix"] for item in discover(cfg)]
+    # The first try holds once its second export is recorded (the first is validated meanwhile) and is
+    # killed there.
+    env = cli_env({"TF_EXPORT_TEST_HOLD": f"staged#2@{tmp_path / 'never'}"})
+    proc = subprocess.Popen([sys.executable, "-c", CHUNK, str(ws.config), "dag/run-1", *prefixes], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        for line in proc.stderr:
+            if "holding at staged" in line:
+                break
+        else:
+            raise AssertionError(f"the first try ended without holding: {proc.wait()}")
+        work = ws.base / "_exports" / "work"
+        deadline = time.monotonic() + 60
+        while sum('"validated"' in p.read_text() for p in work.glob("*/resume.json")) < 1:
+            assert time.monotonic() < deadline, "the first checkpoint was not validated"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    first_try = {p.name for p in ws.base.iterdir() if p.name.startswith("temp-")}
+    assert len(first_try) == 2
+
+    # Another run's retry takes nothing of this one's.
+    other = export_chunk(cfg, prefixes[:1], "dag/run-2", resume=True)
+    assert other[0]["status"] == "validated" and not other[0].get("resumed")
+    publish_in_order(cfg, other)  # ckpt-10 published by that run: this run's retry finds it done
+
+    records = export_chunk(cfg, prefixes, "dag/run-1", resume=True)
+    assert [r["status"] for r in records] == ["validated"] * 3, records
+    assert [bool(r.get("resumed")) for r in records] == [True, True, False]
+    # ckpt-10 validated and ckpt-20 staged by the first try: neither exported again, only ckpt-30 is.
+    assert {os.path.basename(r["staging"]) for r in records[:2]} == first_try
+    staged = {p.name for p in ws.base.iterdir() if p.name.startswith("temp-")}
+    assert len(staged - first_try) == 1
+    published, failures = publish_in_order(cfg, records)
+    # ckpt-10 was published by the other run meanwhile: its staging here is dropped, not published twice.
+    assert failures == [] and [r["status"] for r in published] == ["skipped", "published", "published"]
+    assert ws.versions() == [10, 20, 30]
+    assert [p.name for p in ws.base.iterdir() if p.name.startswith("temp-")] == []
+    ledger = list((ws.base / "_exports" / "ledger").iterdir())
+    assert len(ledger) == 3

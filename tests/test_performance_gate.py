@@ -62,7 +62,9 @@ def test_grown_model_is_refused_then_published_with_allow_regression(tmp_path, t
     version = allowed.json["version"]
     assert ws.versions() == [live, version]
     perf = _performance(ws, version)
-    assert perf["reference"] == {"version": live, **reference}
+    sizes = ("bytes", "graph_bytes")
+    expected = {"version": live, **{k: reference[k] for k in sizes}}
+    assert {k: perf["reference"][k] for k in ("version", *sizes)} == expected
     assert perf["overridden"] is True and perf["size_ratio"] > 2.0
     assert perf["candidate"]["bytes"] - reference["bytes"] >= 4 * 2**20  # the extra weight
     assert perf["size_ratio"] == pytest.approx(perf["candidate"]["bytes"] / reference["bytes"], abs=1e-4)
@@ -125,24 +127,55 @@ def test_graph_limit_holds_even_with_allow_regression(tmp_path, trained_dir):
     assert not [e for e in ws.entries() if e.startswith("temp-")]
 
 
-def test_size_gate_figures_and_keys():
+def test_gate_figures_and_keys():
     from tf_export_pipeline.config import ValidationConfig, config_from_dict
     from tf_export_pipeline.errors import ConfigError
-    from tf_export_pipeline.validate.performance import apply_size_gate, human_bytes, sizes_of
+    from tf_export_pipeline.validate.performance import apply_performance_gate, human_bytes, sizes_of
 
     assert [human_bytes(n) for n in (512, 4 * 2**20, int(1.2 * 2**30))] == ["512 B", "4.0 MiB", "1.2 GiB"]
     candidate = sizes_of({"saved_model.pb": {"size": 100}, "variables/variables.data-00000-of-00001": {"size": 300},
                           "assets.extra/export_manifest.json": {"size": 10_000}})
     assert candidate == {"bytes": 400, "graph_bytes": 100}
     reference = {"version": 7, "bytes": 100, "graph_bytes": 50}
-    report = apply_size_gate({"ok": True, "checks": []}, candidate, reference, ValidationConfig(max_size_ratio=None))
+    report = apply_performance_gate({"ok": True, "checks": []}, candidate, reference,
+                                    ValidationConfig(max_size_ratio=None))
     assert report["ok"] and report["performance"]["size_ratio"] == 4.0 and not report["performance"]["overridden"]
-    report = apply_size_gate({"ok": True, "checks": []}, candidate, reference, ValidationConfig(allow_regression=True))
+    report = apply_performance_gate({"ok": True, "checks": []}, candidate, reference,
+                                    ValidationConfig(allow_regression=True))
     assert report["ok"] and report["performance"]["overridden"]
-    report = apply_size_gate({"ok": True, "checks": []}, candidate, reference, ValidationConfig())
+    report = apply_performance_gate({"ok": True, "checks": []}, candidate, reference, ValidationConfig())
     assert report["reason"] == ("size ratio 4.00 (candidate 400 B, reference version 7 100 B) is above "
                                 "validation.max_size_ratio 2.0 (--allow-regression to publish anyway)")
-    for bad in ({"max_size_ratio": 0}, {"max_graph_bytes": 0}, {"max_size_ratios": 2}):
+    # The latency figures the worker measured: the worse batch size's ratio is the one gated.
+    latency = {"rounds": 30,
+               "candidate": {"batch_8": {"median": 6.0, "p99": 7.0}, "batch_1": {"median": 1.0, "p99": 2}},
+               "reference": {"batch_8": {"median": 2.0, "p99": 2.5}, "batch_1": {"median": 0.8, "p99": 1}},
+               "ratios": {"batch_8": 3.0, "batch_1": 1.25}, "latency_ratio": 3.0, "confirmed": True}
+    small = {"version": 7, "bytes": 400, "graph_bytes": 100}
+    report = apply_performance_gate({"ok": True, "checks": [], "loader": "session", "latency": dict(latency)},
+                                    candidate, small, ValidationConfig())
+    assert report["reason"] == ("latency ratio 3.00 (batch of 8: candidate median 6 ms, reference version 7 2 ms, "
+                                "over 30 interleaved rounds) is above validation.max_latency_ratio 1.5 "
+                                "(--allow-regression to publish anyway)")
+    perf = report["performance"]
+    assert "latency" not in report and perf["loader"] == "session" and perf["rounds"] == 30
+    assert perf["candidate"]["latency_ms"] == latency["candidate"]
+    assert perf["reference"] == {**small, "latency_ms": latency["reference"]}
+    assert perf["latency_ratio"] == 3.0 and perf["latency_confirmed"] and not perf["overridden"]
+    report = apply_performance_gate({"ok": True, "checks": [], "latency": dict(latency)}, candidate, small,
+                                    ValidationConfig(max_latency_ratio=4))
+    assert report["ok"]
+    report = apply_performance_gate({"ok": True, "checks": [], "latency": dict(latency)}, candidate, small,
+                                    ValidationConfig(), allow_regression=True)
+    assert report["ok"] and report["performance"]["overridden"]
+    assert report["checks"][-1]["detail"].startswith("allowed by --allow-regression: latency ratio 3.00")
+    # The first publish: the candidate's figures are recorded, nothing is compared.
+    alone = {**latency, "reference": None, "ratios": None, "latency_ratio": None, "confirmed": False}
+    report = apply_performance_gate({"ok": True, "checks": [], "latency": alone}, candidate, None, ValidationConfig())
+    assert report["ok"] and report["performance"]["candidate"]["latency_ms"] == latency["candidate"]
+    assert report["performance"]["reference"] is None and report["performance"]["latency_ratio"] is None
+    for bad in ({"max_size_ratio": 0}, {"max_graph_bytes": 0}, {"max_size_ratios": 2}, {"max_latency_ratio": 0},
+                {"latency_rounds": 4}):
         with pytest.raises(ConfigError):
             config_from_dict({"training_dir": "t", "export_base": "b", "model": {"factory": "m:f"},
                               "validation": bad}, ".")

@@ -56,6 +56,7 @@ from tf_export_pipeline.publish.staging import (
 )
 from tf_export_pipeline.publish.storage_check import require_checked_store
 from tf_export_pipeline.publish.versioning import MAX_VERSION, first_candidate, training_order
+from tf_export_pipeline.run_info import RUN_KEY, summary_of
 from tf_export_pipeline.storage import Storage
 
 # A claim with neither a ledger entry nor a version directory this long after
@@ -392,14 +393,15 @@ class Publisher:
     def publish(self, *, staging: str, files: dict[str, dict], checkpoint: Checkpoint, ledger_key: str,
                 config_hash: str, versioning: str, max_claim_attempts: int, validation: dict | None,
                 allow_outrank: bool = False, lease_seconds: float = 86400, extra: dict | None = None,
-                now: float | None = None) -> dict:
+                now: float | None = None, run: dict | None = None) -> dict:
         """Check staging, claim, manifest, check again, ledger, promote. Returns the run record.
 
         ``files`` is the file list made when staging was written
         (:func:`tf_export_pipeline.publish.staging.file_list`); nothing that does not match it
-        is committed. Raises :class:`tf_export_pipeline.publish.staging.StagingGone` when
-        staging is gone, incomplete or past its lease: nothing was published,
-        and the next run exports the checkpoint again.
+        is committed. ``run`` (:func:`tf_export_pipeline.run_info.section`) names the run that made
+        the version, in the manifest and the ledger entry. Raises
+        :class:`tf_export_pipeline.publish.staging.StagingGone` when staging is gone, incomplete or
+        past its lease: nothing was published, and the next run exports the checkpoint again.
         """
         faults.hold("publishing")
         done = self.resolve(ledger_key)
@@ -436,6 +438,7 @@ class Publisher:
                 "files": files,
                 "tool": {"name": "tf-export-pipeline", "version": __version__},
                 "times": {"claimed_at": note["claimed_at"], **((extra or {}).get("times") or {})},
+                **({"run": run} if run else {}),
             }
             for key, value in (extra or {}).items():
                 if key != "times":
@@ -451,11 +454,14 @@ class Publisher:
             raise
 
         entry = {"version": version, "staging": staging, "checkpoint": checkpoint.prefix, "step": checkpoint.step,
-                 "written_at": checkpoint.written_at, "config_hash": config_hash, "created_at": time.time()}
+                 "written_at": checkpoint.written_at, "config_hash": config_hash, "created_at": time.time(),
+                 **({"run": run} if run else {})}
         try:
+            # A listing returns the metadata (GCS): the run rides there as its one-line summary.
             committed = self.store.create_only(
                 self.ledger_path(ledger_key), json.dumps(entry).encode(),
-                metadata=to_metadata({"version": version, "staging": staging, "step": checkpoint.step}))
+                metadata=to_metadata({"version": version, "staging": staging, "step": checkpoint.step,
+                                      RUN_KEY: summary_of(run)}))
         except BaseException:
             # The entry may have landed before the error (an fsync, a lost answer): then it
             # stands and the version is finished by the next run. The claim is freed only
@@ -511,7 +517,7 @@ class Publisher:
         for key, entry in self.ledger().items():
             if entry.get("version") == version:
                 record = {"version": version, "checkpoint": entry.get("checkpoint"), "step": entry.get("step"),
-                          "removed_at": time.time()}
+                          "removed_at": time.time(), RUN_KEY: summary_of(entry.get(RUN_KEY))}
                 path = self.path(EXPORTS_DIR, REMOVED_DIR, key)
                 self.store.rm(path)  # a checkpoint exported again and removed again: the newer record
                 self.store.create_only(path, json.dumps(record).encode(), metadata=to_metadata(record))

@@ -60,6 +60,11 @@ def file_list(local_dir: str) -> dict[str, dict[str, Any]]:
     return dict(sorted(out.items()))
 
 
+def model_size(files: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """A file list's bytes and number of files (what metrics and lineage report of a version)."""
+    return {"bytes": sum(int((meta or {}).get("size") or 0) for meta in files.values()), "files": len(files)}
+
+
 def verify_staging(store: Storage, staging: str, files: dict[str, dict[str, Any]], deep: bool = True) -> None:
     """Raise :class:`StagingGone` unless ``staging`` holds every listed file, unchanged.
 

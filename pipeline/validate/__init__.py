@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -55,6 +56,20 @@ class ValidationSession:
         self._proc: subprocess.Popen | None = None
         self._loads = 0
         self._ready = False
+        self._references: dict[str, str] = {}
+        self._reference_dir: str | None = None
+
+    def local_reference(self, key: str, fetch) -> str:
+        """A local copy of the reference version ``key`` (its URL), made by ``fetch(directory)`` the first
+        time it is asked for and kept until :meth:`close`: a backfill on cloud storage downloads it once,
+        and the worker, seeing the same path, keeps it loaded."""
+        if key not in self._references:
+            if self._reference_dir is None:
+                self._reference_dir = tempfile.mkdtemp(prefix="tf-export-reference-")
+            local = os.path.join(self._reference_dir, str(len(self._references)))
+            fetch(local)
+            self._references[key] = local
+        return self._references[key]
 
     def start(self) -> ValidationSession:
         """Start the process without waiting for it, so its start-up overlaps other work."""
@@ -84,7 +99,8 @@ class ValidationSession:
                 self.close()
         return self._ready
 
-    def validate(self, path: str, *, samples=None, expected=None, rtol=1e-5, atol=1e-6, timeout=300) -> dict:
+    def validate(self, path: str, *, samples=None, expected=None, rtol=1e-5, atol=1e-6, timeout=300,
+                 timing: dict | None = None) -> dict:
         import threading
 
         started = time.monotonic()
@@ -93,7 +109,8 @@ class ValidationSession:
             if time.monotonic() - started >= timeout:
                 return _failed(path, f"validation did not finish within {timeout:.0f} s")
             return _failed(path, "validation process died while starting (the TensorFlow import failed)")
-        request = {"saved_model": path, "samples": samples, "expected": expected, "rtol": rtol, "atol": atol}
+        request = {"saved_model": path, "samples": samples, "expected": expected, "rtol": rtol, "atol": atol,
+                   "timing": timing}
         proc = self._proc
         timer = threading.Timer(max(timeout - (time.monotonic() - started), 0.1), proc.kill)
         timer.start()
@@ -116,6 +133,10 @@ class ValidationSession:
         return report
 
     def close(self) -> None:
+        if self._reference_dir is not None:
+            shutil.rmtree(self._reference_dir, ignore_errors=True)
+            self._reference_dir = None
+            self._references.clear()
         if self._proc is not None:
             try:
                 if not self._ready:
@@ -136,14 +157,18 @@ class ValidationSession:
 
 def validate_saved_model(path: str, *, samples: str | None = None, expected: str | None = None,
                          rtol: float = 1e-5, atol: float = 1e-6, timeout: float = 300,
-                         session: ValidationSession | None = None) -> dict:
+                         session: ValidationSession | None = None, timing: dict | None = None) -> dict:
     """Run the fresh-process checks on the SavedModel at ``path`` (a local directory).
 
     Returns the report; it has ``ok`` False and a ``reason`` when a check failed.
-    With a ``session``, its long-lived validation process does the loading.
+    With a ``session``, its long-lived validation process does the loading. With ``timing``
+    (``{"reference": DIR or None, "rounds": N, "max_ratio": R or None}``), the report's ``latency``
+    holds the model's latency, against the reference SavedModel at DIR when one is given
+    (:mod:`tf_export_pipeline.validate.latency`).
     """
     if session is not None:
-        return session.validate(path, samples=samples, expected=expected, rtol=rtol, atol=atol, timeout=timeout)
+        return session.validate(path, samples=samples, expected=expected, rtol=rtol, atol=atol, timeout=timeout,
+                                timing=timing)
     with tempfile.TemporaryDirectory(prefix="tf-export-validate-") as tmp:
         report_path = os.path.join(tmp, "report.json")
         cmd = [sys.executable, "-m", "tf_export_pipeline.validate.worker", path, "--report", report_path,
@@ -152,6 +177,8 @@ def validate_saved_model(path: str, *, samples: str | None = None, expected: str
             cmd += ["--samples", samples]
         if expected:
             cmd += ["--expected", expected]
+        if timing is not None:
+            cmd += ["--timing", json.dumps(timing)]
         env = _worker_env()
         started = time.monotonic()
         try:
@@ -248,6 +275,25 @@ def format_report(report: dict) -> str:
             lines.append("  no signature change")
     if "parity_max_abs_diff" in report:
         lines.append(f"\nParity with the checkpoint: max |diff| = {report['parity_max_abs_diff']:.3g}")
+    lines += _latency_lines(report.get("performance") or {})
     if "seconds" in report:
         lines.append(f"\nValidated in {report['seconds']:.2f} s (fresh process)")
     return "\n".join(lines)
+
+
+def _latency_lines(performance: dict) -> list[str]:
+    """Median and p99 per batch size of the candidate and the reference, as measured by the gate."""
+    candidate = (performance.get("candidate") or {}).get("latency_ms")
+    if not candidate:
+        return []
+    reference = (performance.get("reference") or {}).get("latency_ms") or {}
+    version = (performance.get("reference") or {}).get("version")
+    lines = [f"\nLatency over {performance.get('rounds')} interleaved rounds (median / p99 ms):"]
+    for label, figures in candidate.items():
+        line = f"  {label.replace('_', ' of ')}: candidate {figures['median']:.3g} / {figures['p99']:.3g}"
+        if label in reference:
+            ratio = (performance.get("latency_ratios") or {}).get(label)
+            line += (f", version {version} {reference[label]['median']:.3g} / {reference[label]['p99']:.3g}"
+                     + (f", ratio {ratio:.2f}" if ratio is not None else ""))
+        lines.append(line)
+    return lines

@@ -3,17 +3,23 @@
 Example::
 
     from tf_export_pipeline.config import ValidationConfig
-    from tf_export_pipeline.validate.performance import apply_size_gate, local_sizes
-    reference = {"version": 1732147200, **local_sizes("/srv/models/m/1732147200")}
-    report = apply_size_gate({"ok": True}, local_sizes("/tmp/candidate"), reference, ValidationConfig())
-    print(report["performance"]["size_ratio"], report["ok"], report.get("reason"))
+    from tf_export_pipeline.validate import validate_saved_model
+    from tf_export_pipeline.validate.performance import apply_performance_gate, local_sizes, timing_request
+    gate = ValidationConfig()
+    reference_dir = "/srv/models/m/1732147200"
+    report = validate_saved_model("/tmp/candidate", timing=timing_request(gate, reference_dir))
+    reference = {"version": 1732147200, **local_sizes(reference_dir)}
+    apply_performance_gate(report, local_sizes("/tmp/candidate"), reference, gate)
+    print(report["performance"]["latency_ratio"], report["performance"]["size_ratio"], report["ok"])
 
 The reference version is the one labelled ``stable`` under serving labels,
 else the highest published one (none on the first publish). Size is measured
 from file lists (no byte is read): the candidate's from the list made when
 staging was written, the reference's from its manifest or, without one, a
-listing of its directory. The report's ``performance`` section holds both
-figures, so a latency part can sit beside them later.
+listing of its directory. Latency is measured by the validation worker, which
+loads both SavedModels as TF Serving does and times them in interleaved rounds
+(:mod:`tf_export_pipeline.validate.latency`); this module turns the figures
+into checks.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from tf_export_pipeline.layout import MANIFEST, SAVED_MODEL_PB
 
 SIZE_CHECK = "size_ratio"
 GRAPH_CHECK = "graph_size"
+LATENCY_CHECK = "latency_ratio"
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 
 
@@ -90,44 +97,97 @@ def local_sizes(directory: str) -> dict[str, int]:
     return sizes_of(files)
 
 
-def apply_size_gate(report: dict, candidate: dict[str, int], reference: dict | None, validation,
-                    allow_regression: bool = False) -> dict:
-    """Add the ``performance`` section and the two size checks to ``report``; a failing one sets its reason.
+def _override(allow_regression: bool, validation) -> tuple[bool, str]:
+    """Whether the ratios yield, and to which setting (named in the check's detail)."""
+    if allow_regression:
+        return True, "--allow-regression"
+    return bool(validation.allow_regression), "validation.allow_regression"
 
+
+def _ratio_detail(detail: str, above: bool, setting: str, limit, overridden: bool, by: str) -> str:
+    if not above:
+        return detail
+    detail += f" is above {setting} {float(limit)!r}"
+    return f"allowed by {by}: {detail}" if overridden else f"{detail} (--allow-regression to publish anyway)"
+
+
+def _latency_detail(latency: dict, ratio: float, reference_version) -> str:
+    """The worse batch size's figures: ``latency ratio 3.02 (batch of 8: candidate median 6.1 ms, reference
+    version 17 2.0 ms)``."""
+    label = max(latency["ratios"], key=latency["ratios"].get)
+    cand, ref = latency["candidate"][label]["median"], latency["reference"][label]["median"]
+    return (f"latency ratio {ratio:.2f} ({label.replace('_', ' of ')}: candidate median {cand:.3g} ms, reference "
+            f"version {reference_version} {ref:.3g} ms, over {latency['rounds']} interleaved rounds)")
+
+
+def apply_performance_gate(report: dict, candidate: dict[str, int], reference: dict | None, validation,
+                           allow_regression: bool = False) -> dict:
+    """Add the ``performance`` section and the graph, size and latency checks to ``report``; a failing one
+    sets its reason.
+
+    ``candidate`` and ``reference`` are sizes (:func:`sizes_of`; the reference's with its ``version``);
+    the latency figures are those the worker measured (``report["latency"]``, taken out of the report).
     ``validation.max_graph_bytes`` holds whatever the override: TF Serving cannot load a larger graph.
-    ``validation.max_size_ratio`` (None: off) yields to ``allow_regression`` or ``validation.allow_regression``.
+    ``validation.max_size_ratio`` and ``validation.max_latency_ratio`` (None: off) yield to
+    ``allow_regression`` or ``validation.allow_regression``.
     """
-    max_ratio = validation.max_size_ratio
-    max_graph = validation.max_graph_bytes
-    overridden = bool(allow_regression or validation.allow_regression)
-    ratio = None
-    if reference is not None and reference.get("bytes"):
-        ratio = candidate["bytes"] / reference["bytes"]
+    overridden, by = _override(allow_regression, validation)
     checks = report.setdefault("checks", [])
     graph = candidate["graph_bytes"]
+    max_graph = validation.max_graph_bytes
     graph_ok = graph <= max_graph
     checks.append({"name": GRAPH_CHECK, "ok": graph_ok,
                    "detail": f"{SAVED_MODEL_PB} is {human_bytes(graph)}" + (
                        "" if graph_ok else f", above validation.max_graph_bytes {human_bytes(max_graph)} "
                                            f"(TF Serving refuses a larger one)")})
-    above = ratio is not None and max_ratio is not None and ratio > max_ratio
-    if ratio is None:
+
+    max_size = validation.max_size_ratio
+    size_ratio = candidate["bytes"] / reference["bytes"] if reference is not None and reference.get("bytes") else None
+    size_above = size_ratio is not None and max_size is not None and size_ratio > max_size
+    if size_ratio is None:
         detail = "no reference version to compare with" if reference is None else "reference version is empty"
     else:
-        detail = (f"size ratio {ratio:.2f} (candidate {human_bytes(candidate['bytes'])}, reference version "
-                  f"{reference['version']} {human_bytes(reference['bytes'])})")
-        if above:
-            detail += f" is above validation.max_size_ratio {float(max_ratio)!r}"
-            by = "--allow-regression" if allow_regression else "validation.allow_regression"
-            detail = f"allowed by {by}: {detail}" if overridden else f"{detail} (--allow-regression to publish anyway)"
-    checks.append({"name": SIZE_CHECK, "ok": not above or overridden, "detail": detail})
+        detail = _ratio_detail(f"size ratio {size_ratio:.2f} (candidate {human_bytes(candidate['bytes'])}, reference "
+                               f"version {reference['version']} {human_bytes(reference['bytes'])})",
+                               size_above, "validation.max_size_ratio", max_size, overridden, by)
+    checks.append({"name": SIZE_CHECK, "ok": not size_above or overridden, "detail": detail})
+
+    latency = report.pop("latency", None) or {}
+    max_latency = validation.max_latency_ratio
+    latency_ratio = latency.get("latency_ratio") if reference is not None else None
+    latency_above = latency_ratio is not None and max_latency is not None and latency_ratio > max_latency
+    if latency_ratio is not None:
+        detail = _ratio_detail(_latency_detail(latency, latency_ratio, reference["version"]), latency_above,
+                               "validation.max_latency_ratio", max_latency, overridden, by)
+    elif max_latency is None:
+        detail = "off (validation.max_latency_ratio is null)"
+    else:
+        detail = latency.get("note") or ("no reference version to compare with" if reference is None
+                                         else "not measured")
+    checks.append({"name": LATENCY_CHECK, "ok": not latency_above or overridden, "detail": detail})
+
+    reference_section = None
+    if reference is not None:
+        reference_section = {**reference, "latency_ms": latency.get("reference") if latency_ratio is not None
+                             else None}
     report["performance"] = {
-        "reference": reference,
-        "candidate": dict(candidate),
-        "size_ratio": None if ratio is None else round(ratio, 4),
-        "max_size_ratio": max_ratio,
-        "overridden": bool(above and overridden),
+        "loader": report.get("loader"),
+        "rounds": latency.get("rounds"),
+        "candidate": {**candidate, "latency_ms": latency.get("candidate")},
+        "reference": reference_section,
+        "latency_ratio": latency_ratio,
+        "latency_ratios": latency.get("ratios") if latency_ratio is not None else None,
+        "latency_confirmed": bool(latency.get("confirmed")),
+        "reference_load_seconds": latency.get("reference_load_seconds"),
+        "max_latency_ratio": max_latency,
+        "size_ratio": None if size_ratio is None else round(size_ratio, 4),
+        "max_size_ratio": max_size,
+        "overridden": bool((size_above or latency_above) and overridden),
     }
+    if latency.get("note"):
+        report["performance"]["note"] = latency["note"]
+    if latency.get("skipped"):
+        report["performance"]["skipped"] = latency["skipped"]
     reason = next((c["detail"] or c["name"] for c in checks if not c["ok"]), None)
     report["ok"] = reason is None
     if reason:
@@ -135,8 +195,20 @@ def apply_size_gate(report: dict, candidate: dict[str, int], reference: dict | N
     return report
 
 
-def size_ratio_of(manifest: dict | None) -> float | None:
-    """The size ratio a version's manifest recorded when it was validated (None before this gate)."""
+def timing_request(validation, reference_dir: str | None) -> dict:
+    """What the validation worker needs to time the candidate (see :func:`validate_saved_model`): the
+    reference's local directory only while the latency gate is on."""
+    on = validation.max_latency_ratio is not None
+    return {"reference": reference_dir if on else None, "rounds": validation.latency_rounds,
+            "max_ratio": validation.max_latency_ratio}
+
+
+def ratios_of(manifest: dict | None) -> dict[str, float | None]:
+    """The size and latency ratios a version's manifest recorded when it was validated (None when not
+    measured: before this gate, or on a first publish)."""
     performance = ((manifest or {}).get("validation") or {}).get("performance") or {}
-    ratio = performance.get("size_ratio")
-    return ratio if isinstance(ratio, (int, float)) and not isinstance(ratio, bool) else None
+    out = {}
+    for key in ("size_ratio", "latency_ratio"):
+        value = performance.get(key)
+        out[key] = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    return out

@@ -4,7 +4,9 @@ It loads the SavedModel from disk the way TF Serving does, with nothing of the
 exporting process in memory: the meta graph tagged ``serve`` imported into a
 Session of its own, its restore op and its init op (tables, assets) run, each
 signature run by the tensor names of its SignatureDef. It checks the serving
-signature, runs every signature on the samples and writes a JSON report. Exit
+signature, runs every signature on the samples, times the model against the
+reference version (loaded the same way, in the same process; see
+:mod:`tf_export_pipeline.validate.latency`) and writes a JSON report. Exit
 status 0 whether or not the model passed; the report says which.
 """
 
@@ -15,6 +17,7 @@ import functools
 import json
 import os
 import sys
+import time
 import traceback
 
 import numpy as np
@@ -24,6 +27,7 @@ from tf_export_pipeline.export.examples import check_example_signature
 from tf_export_pipeline.layout import ASSETS_EXTRA, PREDICT_METHOD, SAVED_MODEL_PB, SERVE_TAG, SERVING_KEY, WARMUP_FILE
 from tf_export_pipeline.quiet_tf import import_tensorflow_quietly
 from tf_export_pipeline.validate import LOADER
+from tf_export_pipeline.validate.latency import DEFAULT_ROUNDS, measure_latency
 from tf_export_pipeline.validate.parity import compare_outputs
 from tf_export_pipeline.validate.signatures import signatures_from_bytes, tag_sets_from_bytes
 from tf_export_pipeline.validate.warmup import read_warmup
@@ -147,7 +151,10 @@ def _batch(inputs: dict) -> int:
     return len(next(iter(inputs.values())))
 
 
-def run(path: str, samples: str | None, expected: str | None, rtol: float, atol: float) -> dict:
+def run(path: str, samples: str | None, expected: str | None, rtol: float, atol: float,
+        timing: dict | None = None) -> dict:
+    """Check the SavedModel at ``path``; with ``timing`` ({"reference": path or None, "rounds",
+    "max_ratio"}), time it (against the reference version when one is given) once every check passed."""
     checks = _Checks()
     report: dict = {"saved_model": path, "loader": LOADER, "checks": checks.items}
 
@@ -194,12 +201,57 @@ def run(path: str, samples: str | None, expected: str | None, rtol: float, atol:
         return done()
     with model:
         checks.add("load_as_tf_serving", True, f"tag {SERVE_TAG}, {len(model.signature_defs)} signatures")
-        _run_signatures(tf, model, path, samples, expected, rtol, atol, checks, report)
+        inputs = _run_signatures(tf, model, path, samples, expected, rtol, atol, checks, report)
+        if timing is not None and inputs is not None and checks.first_failure() is None:
+            report["latency"] = _time_against_reference(tf, model, inputs, timing)
     return done()
 
 
+# The reference version stays loaded between requests of a long-lived worker (a backfill compares every
+# checkpoint with the same version): one path, one Session.
+_REFERENCE: dict[str, _ServeGraph] = {}
+
+
+def _reference_graph(tf, path: str) -> _ServeGraph:
+    if path not in _REFERENCE:
+        for old in _REFERENCE.values():
+            old.close()
+        _REFERENCE.clear()
+        _REFERENCE[path] = _ServeGraph(tf, path)
+    return _REFERENCE[path]
+
+
+def _time_against_reference(tf, model: _ServeGraph, inputs: dict, timing: dict) -> dict:
+    """Latency figures of ``model`` (see :func:`measure_latency`), against the reference when it loads and
+    takes the samples; otherwise the candidate's alone, with a ``note`` saying why nothing was compared."""
+    note = None
+    reference_run = None
+    path = timing.get("reference")
+    load_seconds = None
+    if path:
+        started = time.monotonic()
+        try:
+            reference = _reference_graph(tf, path)
+            load_seconds = round(time.monotonic() - started, 3)
+            if SERVING_KEY not in reference.signature_defs:
+                raise ValueError(f"it has no '{SERVING_KEY}' signature")
+            reference_run = functools.partial(reference.run, SERVING_KEY)
+            reference_run(inputs)
+        except Exception as err:  # removed by retention meanwhile, or inputs changed (an allowed breaking change)
+            note = f"reference version not timed: {err if isinstance(err, _LoadFailed) else _text(err)}"
+            reference_run = None
+    figures = measure_latency(functools.partial(model.run, SERVING_KEY), reference_run, inputs,
+                              rounds=int(timing.get("rounds") or DEFAULT_ROUNDS), max_ratio=timing.get("max_ratio"))
+    if note:
+        figures["note"] = note
+    # 0 when a long-lived worker still held the reference from an earlier request
+    figures["reference_load_seconds"] = load_seconds
+    return figures
+
+
 def _run_signatures(tf, model: _ServeGraph, path: str, samples: str | None, expected: str | None,
-                    rtol: float, atol: float, checks: _Checks, report: dict) -> None:
+                    rtol: float, atol: float, checks: _Checks, report: dict) -> dict | None:
+    """The signature checks; the sample inputs, or None when serving_default could not run them."""
     serving = model.signature_defs[SERVING_KEY]
     specs = _tensor_specs(tf, serving)
     if samples:
@@ -209,16 +261,16 @@ def _run_signatures(tf, model: _ServeGraph, path: str, samples: str | None, expe
         inputs = sample_inputs([specs[k] for k in sorted(specs)])
     missing = sorted(set(specs) - set(inputs))
     if not checks.add("sample_inputs", not missing, f"samples lack inputs {missing}" if missing else ""):
-        return
+        return None
     try:
         outputs = model.run(SERVING_KEY, inputs)
     except Exception as err:
         checks.add("smoke_inference", False, f"signature '{SERVING_KEY}' failed to run ({_text(err)})")
-        return
+        return None
     problems = _nonconforming(tf, serving, outputs)
     if not checks.add("smoke_inference", not problems,
                       f"signature '{SERVING_KEY}' {'; '.join(problems)}" if problems else f"batch of {_batch(inputs)}"):
-        return
+        return None
     bad = _non_finite(outputs)
     checks.add("finite_outputs", not bad, f"non-finite values in output(s) {bad}" if bad else "")
     warmup = os.path.join(path, ASSETS_EXTRA, WARMUP_FILE)
@@ -265,11 +317,12 @@ def _run_signatures(tf, model: _ServeGraph, path: str, samples: str | None, expe
             problems.append(f"non-finite values in output(s) {bad}")
         checks.add(f"run_signature_{key}", not problems,
                    f"signature '{key}' {'; '.join(problems)}" if problems else f"batch of {_batch(inputs)}")
+    return inputs
 
 
-def _run_safely(path, samples, expected, rtol, atol) -> dict:
+def _run_safely(path, samples, expected, rtol, atol, timing=None) -> dict:
     try:
-        return run(path, samples, expected, rtol, atol)
+        return run(path, samples, expected, rtol, atol, timing)
     except Exception as err:
         traceback.print_exc()
         return {"ok": False, "saved_model": path, "loader": LOADER,
@@ -293,7 +346,7 @@ def serve() -> int:
             continue
         req = json.loads(line)
         report = _run_safely(req["saved_model"], req.get("samples"), req.get("expected"),
-                             req.get("rtol", 1e-5), req.get("atol", 1e-6))
+                             req.get("rtol", 1e-5), req.get("atol", 1e-6), req.get("timing"))
         print(json.dumps(report), file=out, flush=True)
     return 0
 
@@ -308,10 +361,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--expected")
     parser.add_argument("--rtol", type=float, default=1e-5)
     parser.add_argument("--atol", type=float, default=1e-6)
+    parser.add_argument("--timing", help="JSON: {\"reference\": DIR or null, \"rounds\": N, \"max_ratio\": R}")
     args = parser.parse_args(argv)
 
     import_tensorflow_quietly()
-    report = _run_safely(args.saved_model, args.samples, args.expected, args.rtol, args.atol)
+    report = _run_safely(args.saved_model, args.samples, args.expected, args.rtol, args.atol,
+                         json.loads(args.timing) if args.timing else None)
     with open(args.report, "w", encoding="utf-8") as fh:
         json.dump(report, fh, indent=1)
     return 0

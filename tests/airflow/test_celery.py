@@ -5,16 +5,19 @@ scheduler, dag-processor, triggerer, and Celery workers ``worker-a`` and
 ``worker-b`` (concurrency 2 each; different hostnames through ``unshare -u``
 when root), all on 127.0.0.1, PostgreSQL and Redis started here too.
 
-1. A backfill over 12 checkpoints spreads its mapped export tasks over both
-   workers, publishes each checkpoint once, versions in step order.
+1. A backfill over 12 checkpoints in chunks of 3 spreads its mapped chunk
+   tasks over both workers, publishes each checkpoint once, versions in step
+   order.
 2. The nightly and after-training DAGs of one model run at the same time on
    the two workers: each checkpoint is published at most once and versions
    still increase with the step (the newest checkpoint is served).
-3. ``worker-a`` is killed (SIGKILL, every process of its session) while it
-   holds an export task (held after its export, before anything is
-   published): the scheduler notices the missing heartbeats, the task is
-   retried on ``worker-b``, and the backfill ends with each checkpoint
-   published once and nothing partial visible.
+3. ``worker-a`` is killed (SIGKILL, every process of its session) in the
+   middle of a chunk task (held once the chunk's second checkpoint is
+   exported, the first validated, nothing published): the scheduler notices
+   the missing heartbeats, the task is retried on ``worker-b``, which takes
+   the two checkpoints the killed try exported as they are and exports only
+   the rest, and the backfill ends with each checkpoint exported and
+   published once, in order, and nothing partial visible.
 
 Each model has its own config, training directory and export base. Each
 checkpoint's publish is read back from the export base (manifests, ledger),
@@ -127,9 +130,9 @@ def cluster(tmp_path_factory, trained_dir):
         "TF_EXPORT_RETRY_DELAY_SECONDS": "1",
     }
     airflow = CeleryAirflow(root / "home", env, workers=WORKERS, concurrency=2)
-    # worker-a's export tasks hold after their export (staging written, nothing published) while
-    # the release file is missing; worker-b's never hold.
-    airflow.worker_env = {"worker-a": {"TF_EXPORT_TEST_HOLD": f"exported@{release}"}}
+    # worker-a's backfill tasks hold once their second checkpoint is exported (the first validated,
+    # nothing published) while the release file is missing; worker-b's never hold.
+    airflow.worker_env = {"worker-a": {"TF_EXPORT_TEST_HOLD": f"staged#2@{release}"}}
     t0 = time.monotonic()
     try:
         airflow.start()
@@ -187,13 +190,13 @@ def test_backfill_spreads_mapped_exports_over_both_workers_and_publishes_in_orde
     train, base = cluster.models["spread"]
     dag = "export_backfill__spread"
     t0 = time.monotonic()
-    run_id = _trigger(cluster, dag)
+    run_id = _trigger(cluster, dag, {"chunk_size": 3})
     done = cluster.wait_run_done(dag, run_id, 420)
     print(f"backfill of {len(STEPS)} checkpoints on two workers: {time.monotonic() - t0:.1f} s")
     assert done["state"] == "success", _why(cluster, dag, run_id)
 
     exports = export_tis(cluster.task_instances(dag, run_id))
-    assert len(exports) == len(STEPS), [t["task_id"] for t in exports]
+    assert len(exports) == len(STEPS) // 3, [t["task_id"] for t in exports]
     hosts = Counter(t["hostname"] for t in exports)
     assert set(hosts) == set(WORKERS), f"mapped exports ran on {dict(hosts)}"
     # and the database agrees with the REST API on who ran them
@@ -226,10 +229,11 @@ def test_nightly_and_after_training_at_once_on_two_workers_keep_serving_order(cl
     assert_no_partial_versions(base)
 
 
-def test_worker_killed_during_an_export_is_retried_on_the_other_worker(cluster):
+def test_worker_killed_mid_chunk_is_resumed_by_the_retry_on_the_other_worker(cluster):
     train, base = cluster.models["crash"]
     steps = STEPS[:8]
     dag = "export_backfill__crash"
+    chunk = 4
 
     def running_on_a(run_id: str) -> list[dict]:
         return [t for t in export_tis(cluster.task_instances(dag, run_id))
@@ -237,19 +241,19 @@ def test_worker_killed_during_an_export_is_retried_on_the_other_worker(cluster):
 
     def held_on_a(run_id: str):
         # This run's task logs only: the earlier tests' tasks on worker-a printed the hold line too (their
-        # release file existed, so they went on at once).
-        logs = "".join(p.read_text(errors="replace")
-                       for p in (cluster.home / "workers" / "worker-a" / "logs").rglob("*.log")
-                       if f"run_id={run_id}" in str(p))
+        # release file existed, so they went on at once). Every chunk running there holds.
+        holding = sum("holding at staged" in p.read_text(errors="replace")
+                      for p in (cluster.home / "workers" / "worker-a" / "logs").rglob("*.log")
+                      if f"run_id={run_id}" in str(p))
         running = running_on_a(run_id)
-        return running if running and "holding at exported" in logs else None
+        return running if running and holding >= len(running) else None
 
-    cluster.release.unlink()  # worker-a's exports now hold after exporting (staging written, nothing published)
+    cluster.release.unlink()  # worker-a's chunks now hold after their second export (nothing published)
     with PartialVersionWatcher(base, interval=0.02) as watcher:  # looks at the export base as TF Serving would
-        run_id = _trigger(cluster, dag)
-        wait_for("an export task of worker-a to hold after its export", lambda: held_on_a(run_id), 300,
+        run_id = _trigger(cluster, dag, {"chunk_size": chunk})
+        wait_for("a chunk task of worker-a to hold after its second export", lambda: held_on_a(run_id), 300,
                  interval=0.5, on_timeout=lambda: _why(cluster, dag, run_id))
-        time.sleep(1)
+        time.sleep(2)  # each chunk's first checkpoint is validated meanwhile
         held = running_on_a(run_id)
         assert held, "worker-a's export tasks stopped running"
         killed = cluster.kill_worker("worker-a")  # SIGKILL to every process of its session
@@ -270,14 +274,12 @@ def test_worker_killed_during_an_export_is_retried_on_the_other_worker(cluster):
         assert mine[-1]["state"] == "success" and mine[-1]["hostname"] == "worker-b", \
             f"{ti['task_id']}[{ti['map_index']}] was not retried on worker-b: {mine}"
         assert mine[-1]["try_number"] >= 2, mine
+        # The retry took the two checkpoints the killed try had exported, and exported the other two.
+        records = cluster.xcom(dag, run_id, ti["task_id"], ti["map_index"])
+        assert [r["status"] for r in records] == ["validated"] * chunk, records
+        assert [bool(r.get("resumed")) for r in records] == [True, True, False, False], records
     final = export_tis(cluster.task_instances(dag, run_id))
-    assert len(final) == len(steps)
+    assert len(final) == len(steps) // chunk
     assert all(t["state"] == "success" for t in final), final
-    by_version = assert_published_once_in_order(base, steps, killed=len(held))
-    # The killed export's staging is gc's once its lease ran out (here: 1 s; its last renewal was before the hold).
-    from tf_export_pipeline.retention import prune
-    from tf_export_pipeline.storage import open_storage
-
-    removed = prune(open_storage(str(base)), keep=50, lease_seconds=1)
-    assert not [p for p in base.iterdir() if p.name.startswith("temp-")], removed
-    assert published_steps(base) == by_version
+    # Nothing exported twice: no staging is left over, not even the killed try's.
+    assert_published_once_in_order(base, steps, killed=0)

@@ -80,12 +80,13 @@ def test_dag_file_parses_without_tensorflow_and_yields_three_dags_per_config(tmp
     assert after["tasks"]["export_each.export"]["mapped"] and not after["tasks"]["publish"]["mapped"]
     backfill = demo["dags"]["export_backfill__demo"]
     assert backfill["schedule"] is None
-    assert backfill["params"] == ["allow_outrank", "allow_regression", "from_step", "include_removed", "to_step",
-                                  "versioning"]
+    assert backfill["params"] == ["allow_outrank", "allow_regression", "chunk_size", "from_step", "include_removed",
+                                  "to_step", "versioning"]
     assert nightly["params"] == ["allow_regression"] and "allow_regression" in after["params"]
-    for task in ("export_each.export", "export_each.validate"):
-        assert backfill["tasks"][task]["max_active_tis_per_dagrun"] == 2  # dags/configs/demo.yaml
-        assert backfill["tasks"][task]["mapped"] is True
+    # One mapped task per chunk of checkpoints: export and validate in one process.
+    assert list(backfill["tasks"]) == ["list_checkpoints", "export_chunk", "publish", "done"]
+    assert backfill["tasks"]["export_chunk"]["max_active_tis_per_dagrun"] == 2  # dags/configs/demo.yaml
+    assert backfill["tasks"]["export_chunk"]["type"] == "MappedOperator"
     # One publish over the mapped results: history is numbered in checkpoint order.
     assert backfill["tasks"]["publish"]["mapped"] is False
     assert backfill["tasks"]["publish"]["outlets"] == ["alias:tf_export__demo__backfill"]
@@ -108,7 +109,7 @@ def test_dag_file_parses_without_tensorflow_and_yields_three_dags_per_config(tmp
     assert sorted(other["dags"]) == sorted([f"export_{k}__{m}" for k in ("nightly", "after_training", "backfill")
                                             for m in ("alpha", "beta")] + ["export_finish__beta"])  # gs://
     assert other["dags"]["export_nightly__alpha"]["schedule"] == "0 3 * * *"
-    assert other["dags"]["export_backfill__alpha"]["tasks"]["export_each.export"]["max_active_tis_per_dagrun"] == 5
+    assert other["dags"]["export_backfill__alpha"]["tasks"]["export_chunk"]["max_active_tis_per_dagrun"] == 5
     assert other["dags"]["export_after_training__beta"]["assets"] == ["gs://models-bucket/beta/train"]
     assert other["dags"]["export_nightly__beta"]["tasks"]["publish"]["outlets"] == ["gs://models-bucket/beta/serving"]
 
@@ -203,14 +204,15 @@ def test_after_training_waits_for_checkpoint_being_written_then_exports_all_new_
 def test_backfill_maps_over_a_step_range_and_refuses_to_outrank_the_live_version(tmp_path, trained_dir):
     m = model_dags(tmp_path / "ws", "backfill_local", trained_dir, airflow={"max_active_tis_per_dagrun": 2})
     base = m.config.parent / "serving" / "demo_regressor"
-    assert m.dag("backfill").get_task("export_each.export").max_active_tis_per_dagrun == 2
+    assert m.dag("backfill").get_task("export_chunk").max_active_tis_per_dagrun == 2
     # Checkpoints an hour apart, as a training job writes them (the demo writes them within a second).
     written = {"ckpt-10": time.time() - 3 * 3600, "ckpt-20": time.time() - 2 * 3600, "ckpt-30": time.time() - 3600}
     _state_file(m.config.parent / "train", list(written), list(written.values()))
 
     dr = m.test("backfill", conf={"from_step": 20})
     assert dr.state == "success", task_states(dr)
-    assert [c["name"] for c in xcom(dr, "list_checkpoints")] == ["ckpt-20", "ckpt-30"]
+    assert [[c["name"] for c in chunk] for chunk in xcom(dr, "list_checkpoints")] == [["ckpt-20", "ckpt-30"]]
+    assert task_states(dr)["export_chunk"] == ["success"]
     published = xcom(dr, "publish")
     assert [(p["status"], p["step"]) for p in published] == [("published", 20), ("published", 30)]
     v20, v30 = (p["version"] for p in published)
@@ -241,9 +243,9 @@ def test_backfill_dag_publishes_checkpoints_written_in_one_second_in_checkpoint_
     same_second = float(int(time.time()) - 600)
     _state_file(m.config.parent / "train", ["ckpt-10", "ckpt-20", "ckpt-30"], [same_second + 0.1, same_second + 0.5,
                                                                               same_second + 0.9])
-    dr = m.test("backfill")
+    dr = m.test("backfill", conf={"chunk_size": 1})  # three chunks, whatever order they finish in
     assert dr.state == "success", task_states(dr)
-    assert task_states(dr)["export_each.export"] == ["success"] * 3
+    assert task_states(dr)["export_chunk"] == ["success"] * 3
     published = xcom(dr, "publish")
     assert [p["step"] for p in published] == [10, 20, 30]
     numbers = [p["version"] for p in published]
@@ -278,10 +280,35 @@ def test_backfill_run_fails_when_a_checkpoint_fails_though_the_others_are_publis
     train(str(train_dir), steps=10, checkpoint_every=10, start_step=40, factory=build_wide, resume=False)
     _state_file(train_dir, ["ckpt-10", "ckpt-20", "ckpt-30", "ckpt-50"])
     base = m.config.parent / "serving" / "demo_regressor"
-    dr = m.test("backfill")
+    dr = m.test("backfill", conf={"chunk_size": 2})
     states = task_states(dr)
-    assert states["export_each.export"] == ["success", "success", "success", "failed"], states
-    assert states["publish"] == ["success"] and states["done"] == ["upstream_failed"]
+    # The chunk goes on past the checkpoint that failed; the run's verdict fails, once the others are out.
+    assert states["export_chunk"] == ["success", "success"], states
+    assert states["publish"] == ["success"] and states["done"] == ["failed"]
     assert dr.state == "failed"
-    assert [r["step"] for r in xcom(dr, "publish")] == [10, 20, 30]
+    chunk = xcom(dr, "export_chunk", map_index=1)
+    assert [(r["status"], r["step"]) for r in chunk] == [("validated", 30), ("failed", 50)]
+    assert "ckpt-50" in chunk[1]["error"]
+    assert [(r["step"], r["status"]) for r in xcom(dr, "publish")] == \
+        [(10, "published"), (20, "published"), (30, "published"), (50, "failed")]
     assert len(versions(base)) == 3
+    assert [e[1]["step"] for e in asset_events(dr.run_id)] == [10, 20, 30]
+
+
+def test_backfill_dag_keeps_a_step_config_numbering_and_refuses_to_mix_units(tmp_path, trained_dir):
+    m = model_dags(tmp_path / "ws", "backfill_step", trained_dir, versioning="step")
+    base = m.config.parent / "serving" / "demo_regressor"
+    assert m.dag("backfill").params["versioning"] == "step"  # the config's, the run's default
+
+    dr = m.test("backfill", conf={"to_step": 20})
+    assert dr.state == "success", task_states(dr)
+    assert [(p["step"], p["version"]) for p in xcom(dr, "publish")] == [(10, 10), (20, 20)]
+    assert {manifest(base, v)["versioning"] for v in versions(base)} == {"step"}
+
+    # checkpoint_time would put ckpt-30 at ~1.7e9, above every step number for good: refused up front.
+    refused = m.test("backfill", conf={"versioning": "checkpoint_time"})
+    assert refused.state == "failed"
+    states = task_states(refused)
+    assert states["list_checkpoints"] == ["failed"] and states.get("export_chunk") in (None, ["upstream_failed"])
+    assert versions(base) == [10, 20]
+    assert [p.name for p in base.iterdir() if p.name.startswith("temp-")] == []

@@ -282,7 +282,7 @@ def test_sensor_deferrable_default_follows_airflow_config(tmp_path):
 
 
 # -- which errors are retried --------------------------------------------------------------
-def test_validate_operator_takes_allow_regression_and_hands_on_the_size_ratio():
+def test_validate_operator_takes_allow_regression_and_hands_on_the_ratios():
     from tf_export_pipeline.operators.export import ValidateExportOperator
 
     asked = []
@@ -291,14 +291,15 @@ def test_validate_operator_takes_allow_regression_and_hands_on_the_size_ratio():
         def validate(self, staged, allow_regression=False):
             asked.append(allow_regression)
             return {**staged, "status": "validated", "validation": {"ok": True, "checks": [],
-                                                                    "performance": {"size_ratio": 3.1}}}
+                                                                    "performance": {"size_ratio": 3.1,
+                                                                                    "latency_ratio": 1.2}}}
 
     op = ValidateExportOperator(task_id="validate", config_path="/c/m.yaml", allow_regression="True",
                                 staged={"status": "staged", "staging": "/b/temp-1-ab", "checkpoint": "/t/ckpt-1"})
     assert "allow_regression" in op.template_fields  # a DAG param renders into it
     op.hook = Hook()
     record = op.execute({})
-    assert asked == [True] and record["size_ratio"] == 3.1
+    assert asked == [True] and record["size_ratio"] == 3.1 and record["latency_ratio"] == 1.2
 
 
 def test_errors_no_retry_can_mend_fail_at_once_and_transient_ones_are_retried():
