@@ -578,8 +578,8 @@ def _worker_export(task: tuple) -> dict | BaseException | str:
             _BUSY = False
     except BaseException as err:
         # Nothing validates this staging again (a later run exports the checkpoint anew); an export cut
-        # short removed its own.
-        _discard_unpublished(cfg, staged)
+        # short removed its own, and one interrupted just after it returned is named by the error.
+        _discard_unpublished(cfg, staged or getattr(err, "stage_result", None))
         if isinstance(err, _Cancelled):
             return CANCELLED
         if isinstance(err, PipelineError):

@@ -88,7 +88,13 @@ def stage(name: str) -> Callable[[F], F]:
                 _tell(cfg, StageOutcome(name, time.monotonic() - t0, given,
                                         error=redact(str(err)) or type(err).__name__))
                 raise
-            _tell(cfg, StageOutcome(name, time.monotonic() - t0, given, result))
+            try:
+                _tell(cfg, StageOutcome(name, time.monotonic() - t0, given, result))
+            except BaseException as err:
+                # An interrupt while telling (a backfill worker's Ctrl-C): the caller must still learn
+                # what the stage made, to remove the staging it wrote.
+                err.stage_result = result
+                raise
             return result
 
         return run  # type: ignore[return-value]
