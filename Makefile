@@ -5,9 +5,16 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 AZURITE := .tools/azurite/node_modules/.bin/azurite-blob
 
-.PHONY: demo test test-fast lint venv bench clean airflow
+.PHONY: demo test test-fast lint venv bench clean airflow chromium
 
-venv: $(STAMP) $(AZURITE)
+venv: $(STAMP) $(AZURITE) chromium
+
+# Debian's chromium, which the tests of the models page drive headless (installed once, as root).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || \
+		echo "chromium is missing (apt-get install chromium): the browser tests will fail" >&2
+test test-fast: chromium
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

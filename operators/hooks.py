@@ -28,6 +28,7 @@ from typing import Any
 
 from airflow.sdk import BaseHook
 
+from tf_export_pipeline import runs
 from tf_export_pipeline.config import load_config
 from tf_export_pipeline.observe import StageOutcome
 from tf_export_pipeline.operators.connections import config_with_connection, protect, storage_options
@@ -57,8 +58,9 @@ class ExportHook(BaseHook):
 
     @contextlib.contextmanager
     def _in_task(self) -> Iterator[None]:
-        """A stage call as this task's (its run in the records, Airflow's stats as the metrics' sink)."""
-        with task_scope() as seen:
+        """A stage call as this task's (its run in the records, Airflow's stats as the metrics' sink, its
+        outcome among the export base's last runs)."""
+        with task_scope() as seen, runs.recording(lambda: self.config):
             try:
                 yield
             finally:
@@ -116,7 +118,11 @@ class ExportHook(BaseHook):
         (see :func:`tf_export_pipeline.backfill.export_chunk`)."""
         from tf_export_pipeline.backfill import export_chunk
 
-        return export_chunk(self.config, checkpoints, run_key, resume=resume, allow_regression=allow_regression)
+        with self._in_task():
+            records = export_chunk(self.config, checkpoints, run_key, resume=resume,
+                                   allow_regression=allow_regression)
+            runs.note(records)  # validated in a thread of its own: not seen as stage calls here
+        return records
 
     def require_complete(self, record: dict) -> None:
         """Raise the one-line error of a checkpoint whose index or data are missing."""

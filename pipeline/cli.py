@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from tf_export_pipeline import __version__, redaction
+from tf_export_pipeline import __version__, redaction, runs
 from tf_export_pipeline.backfill import BackfillInterrupted, backfill, backfill_versioning, pending_for_backfill
 from tf_export_pipeline.config import ValidationConfig, load_config
 from tf_export_pipeline.demo import SERVING, train, write_config
@@ -217,6 +217,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="tf-export-demo", metavar="DIR", help="where to put it (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     p.add_argument("--verbose", "-v", action="store_true", help="show tracebacks and TensorFlow's logs")
+
+    p = sub.add_parser("report", help="write an HTML page of models: versions, labels, last runs, plots",
+                       description="Write one self-contained HTML file (styles and Plotly's script inline: it opens "
+                                   "with no network) with a section per model: its versions on a time line "
+                                   "(published at, checkpoint step, size), the labels, the version served and the "
+                                   "version 'rollback' would return to, the last runs' outcomes with their one-line "
+                                   "errors (failed, published, skipped, gated; recorded by run, backfill and the "
+                                   "Airflow tasks in _exports/runs/), and plots of export duration, SavedModel size "
+                                   "and the latency ratio per version. Reads what 'status' reads; writes nothing to "
+                                   "the export base. A model whose storage cannot be read shows its error in the "
+                                   "page (and a warning on stderr); a config that does not load is refused (exit 2).")
+    p.add_argument("--config", "-c", dest="configs", action="append", required=True, metavar="PATH",
+                   help="YAML config of a model; repeat for several models (one section each, in this order)")
+    p.add_argument("--html", required=True, metavar="OUT", help="the HTML file to write (replaced whole)")
+    p.add_argument("--json", action="store_true", help="also print what the page shows as one JSON document")
+    p.add_argument("--verbose", "-v", action="store_true", help="show tracebacks")
     return parser
 
 
@@ -358,6 +374,7 @@ def cmd_backfill(args, cfg) -> int:
     finally:
         if bar is not None:
             bar.close()
+    runs.note(records)  # validated in a thread or in worker processes: not seen as stage calls here
     timings_file = os.environ.get("TF_EXPORT_TIMINGS")
     if timings_file:  # per-stage seconds of each checkpoint, for bench/backfill.py
         with open(timings_file, "w", encoding="utf-8") as fh:
@@ -643,6 +660,22 @@ def cmd_lineage(args, cfg) -> int:
     return EXIT_OK
 
 
+def cmd_report(args, _cfg) -> int:
+    from tf_export_pipeline.report import write_report
+
+    for path in args.configs:
+        load_config(path)  # a config that does not load is bad input: one line, before anything is read
+    views = write_report(args.configs, args.html)
+    for view in views:
+        for problem in filter(None, [view["error"], *view["errors"].values()]):
+            _warn(f"model {view['model']}: {problem}")
+    lines = [f"{v['model']}: {len(v['versions'])} version(s), served {v['served'] if v['served'] is not None else '-'}"
+             + (f", last run {v['runs'][0]['status']}" if v["runs"] else "") + (" (error shown)" if v["error"] else "")
+             for v in views]
+    _emit(args, views, "\n".join(lines + [f"wrote {os.path.abspath(args.html)}"]))
+    return EXIT_OK
+
+
 def _warn(message: str) -> None:
     print(f"tf-export: warning: {redact(_one_line(message))}", file=sys.stderr)
 
@@ -654,7 +687,7 @@ def _observed(args, cfg, argv: list[str] | None) -> int:
     from tf_export_pipeline.run_info import bound, cli_run
 
     run = cli_run(sys.argv[1:] if argv is None else argv).with_config(cfg.source if cfg is not None else None)
-    with bound(run):
+    with bound(run), runs.for_command(args.command, cfg):
         if args.command not in LINEAGE_COMMANDS or cfg is None or not lineage.configured():
             return COMMANDS[args.command](args, cfg)
         events = lineage.CommandEvents(cfg, args.command, run, warn=_warn)
@@ -679,7 +712,7 @@ COMMANDS = {"labels": cmd_labels, "promote": cmd_promote, "rollback": cmd_rollba
             "lineage": cmd_lineage,
             "discover": cmd_discover, "run": cmd_run, "backfill": cmd_backfill, "status": cmd_status,
             "check-storage": cmd_check_storage,
-            "validate": cmd_validate, "gc": cmd_gc, "predict": cmd_predict, "demo": cmd_demo}
+            "validate": cmd_validate, "gc": cmd_gc, "predict": cmd_predict, "demo": cmd_demo, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

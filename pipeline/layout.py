@@ -14,6 +14,7 @@ An export base, as TF Serving and this package see it::
         work/<staging name>/files.json   the file list staging is verified against
         work/<staging name>/resume.json  a backfill task's record of it, for that task's retry
         serving/history/                 label changes (serving control)
+        runs/                            the newest runs' outcomes (tf-export report, the Airflow page)
         storage-check.json               what the store guarantees (tf-export check-storage)
 
 Nothing here does I/O; every module that lays out or reads an export base
@@ -33,6 +34,8 @@ LEASES_DIR = "leases"
 WORK_DIR = "work"
 SERVING_DIR = "serving"
 HISTORY_DIR = (EXPORTS_DIR, SERVING_DIR, "history")
+RUNS_DIR = (EXPORTS_DIR, "runs")  # one record per run or task, the newest RUNS_KEPT kept
+RUNS_KEPT = 50
 FILES_NAME = "files.json"
 RESUME_NAME = "resume.json"  # beside FILES_NAME: which backfill task made this staging, and how far it got
 STORAGE_CHECK_NAME = "storage-check.json"  # the last verdict of `tf-export check-storage`

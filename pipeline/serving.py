@@ -405,10 +405,11 @@ class ServingControl:
                 records.append(rec)
         return sorted(records, key=lambda r: (r.get("at", 0), r.get("id", "")))
 
-    def rollback_target(self, state: EntryState | None = None) -> int | None:
-        """The stable version before the current one, skipping those rolled back from."""
+    def rollback_target(self, state: EntryState | None = None, records: list[dict] | None = None) -> int | None:
+        """The stable version before the current one, skipping those rolled back from (``records``: the
+        history to read, when the caller has read it already)."""
         stack: list[int] = []
-        for rec in self.history():
+        for rec in self.history() if records is None else records:
             before, after = (rec.get("labels_before") or {}).get(STABLE), (rec.get("labels_after") or {}).get(STABLE)
             if after is None or after == before:
                 continue

@@ -577,6 +577,7 @@ def stage_publish(cfg: Config, validated: dict, versioning: str | None = None, a
             lease_seconds=cfg.retention.lease_seconds,
             run=run_section(validated.get("exported_by"), cfg.source),
             extra={"times": {"exported_at": validated.get("exported_at"),
+                             "export_seconds": validated.get("export_seconds"),
                              "validated_at": time.time()},
                    "model": {"factory": cfg.model.factory, "checkpoint_key": cfg.model.checkpoint_key},
                    **({"gate": validated["gate"]} if validated.get("gate") else {})},
