@@ -249,6 +249,9 @@ def test_worker_killed_mid_chunk_is_resumed_by_the_retry_on_the_other_worker(clu
         return running if running and holding >= len(running) else None
 
     cluster.release.unlink()  # worker-a's chunks now hold after their second export (nothing published)
+    # Two chunks would fit worker-b's two slots: with worker-b down while they are queued, both land on
+    # worker-a, and worker-b comes back for the retries.
+    assert cluster.kill_worker("worker-b"), "worker-b had no processes"
     with PartialVersionWatcher(base, interval=0.02) as watcher:  # looks at the export base as TF Serving would
         run_id = _trigger(cluster, dag, {"chunk_size": chunk})
         wait_for("a chunk task of worker-a to hold after its second export", lambda: held_on_a(run_id), 300,
@@ -259,6 +262,7 @@ def test_worker_killed_mid_chunk_is_resumed_by_the_retry_on_the_other_worker(clu
         killed = cluster.kill_worker("worker-a")  # SIGKILL to every process of its session
         assert killed, "worker-a had no processes"
         t_kill = time.monotonic()
+        cluster.start_worker("worker-b")
         cluster.release.touch()  # nothing on worker-b holds anyway
         done = cluster.wait_run_done(dag, run_id, 420)
     print(f"backfill after killing worker-a ({len(held)} export(s) held there): "

@@ -57,6 +57,9 @@ def test_nightly_dag_emits_openlineage_events_and_metrics_and_lineage_traces_its
            "AIRFLOW__OPENLINEAGE__TRANSPORT": json.dumps({"type": "file", "log_file_path": str(events_file),
                                                            "append": True}),
            "AIRFLOW__OPENLINEAGE__NAMESPACE": "tf-export-tests",
+           # The listener drops an event it cannot send within this (10 s by default): on a busy machine
+           # the forked sender can take longer than that, and the test needs every event.
+           "AIRFLOW__OPENLINEAGE__EXECUTION_TIMEOUT": "120",
            "AIRFLOW__METRICS__STATSD_ON": "True", "AIRFLOW__METRICS__STATSD_HOST": "127.0.0.1",
            "AIRFLOW__METRICS__STATSD_PORT": str(udp.getsockname()[1]),
            "AIRFLOW__METRICS__STATSD_PREFIX": "airflow"}
