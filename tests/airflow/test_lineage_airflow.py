@@ -63,8 +63,11 @@ def test_nightly_dag_emits_openlineage_events_and_metrics_and_lineage_traces_its
            "AIRFLOW__METRICS__STATSD_ON": "True", "AIRFLOW__METRICS__STATSD_HOST": "127.0.0.1",
            "AIRFLOW__METRICS__STATSD_PORT": str(udp.getsockname()[1]),
            "AIRFLOW__METRICS__STATSD_PREFIX": "airflow"}
+    # Not from the checkout: `python -c` puts the working directory first on sys.path, and an editable
+    # install's tf_export_pipeline.egg-info there registers the package's Airflow plugin a second time,
+    # after which Airflow's OpenLineage listener sends no task events.
     proc = subprocess.run([sys.executable, "-c", RUN_SCRIPT, str(DAG_FILE), "export_nightly__traced"], env=env,
-                          capture_output=True, text=True, timeout=360)
+                          capture_output=True, text=True, timeout=360, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     [result] = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert result["state"] == "success", proc.stderr[-3000:]
