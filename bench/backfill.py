@@ -199,8 +199,9 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_results(text: str, path: str) -> None:
-    start, end = "<!-- backfill:start -->", "<!-- backfill:end -->"
+def write_results(text: str, path: str, start: str = "<!-- backfill:start -->",
+                  end: str = "<!-- backfill:end -->") -> None:
+    """Replace the block between ``start`` and ``end`` in ``path`` with ``text`` (appended when absent)."""
     block = f"{start}\n{text}\n{end}"
     old = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
     if start in old and end in old:

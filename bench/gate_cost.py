@@ -30,7 +30,7 @@ import time
 import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from backfill import MODELS, REPO, WRITE_CHECKPOINTS, _env, _run  # noqa: E402
+from backfill import MODELS, REPO, WRITE_CHECKPOINTS, _env, _run, write_results  # noqa: E402
 
 START, END = "<!-- gate-cost:begin -->", "<!-- gate-cost:end -->"
 SESSION_RUNS = 6
@@ -113,17 +113,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_results(text: str, path: str) -> None:
-    block = f"{START}\n{text}\n{END}"
-    old = open(path).read()
-    if START in old and END in old:
-        new = old[: old.index(START)] + block + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip() + "\n\n" + block + "\n"
-    with open(path, "w") as fh:
-        fh.write(new)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="small,large", help="comma-separated: small, large")
@@ -151,7 +140,7 @@ def main() -> None:
             "after the first; with the gate it keeps the reference loaded, so only the timing is added.\n\n"
             "```json\n" + json.dumps(rows, indent=1) + "\n```")
     if not args.no_write:
-        write_results(text, os.path.join(REPO, "bench", "RESULTS.md"))
+        write_results(text, os.path.join(REPO, "bench", "RESULTS.md"), START, END)
         print("wrote bench/RESULTS.md", file=sys.stderr)
 
 
