@@ -1,6 +1,7 @@
-"""The package's shape: imports flow one way (no cycles among module-level imports), and the paths
-that must stay light (DAG parsing, the operators' modules, the package root) load neither
-TensorFlow, nor Airflow where it has no business, nor an fsspec backend.
+"""The package's shape: imports flow one way (no cycles among module-level imports, and no two modules
+importing each other even inside a function), and the paths that must stay light (DAG parsing, the
+operators' modules, the package root) load neither TensorFlow, nor Airflow where it has no business, nor an
+fsspec backend.
 """
 
 from __future__ import annotations
@@ -27,9 +28,30 @@ def _modules() -> dict[str, Path]:
     return out
 
 
+def _imported(node: ast.Import | ast.ImportFrom, package: str, known: set[str]) -> set[str]:
+    """The project modules (of ``known``) one import statement in ``package`` names."""
+    if isinstance(node, ast.Import):
+        return {a.name for a in node.names if a.name in known}
+    base = node.module or ""
+    if node.level:
+        base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+    found = set()
+    for alias in node.names:
+        full = f"{base}.{alias.name}"
+        if full in known:
+            found.add(full)
+        elif base in known:
+            found.add(base)
+    return found
+
+
+def _package_of(path: Path, name: str) -> str:
+    return name if path.name == "__init__.py" else name.rpartition(".")[0]
+
+
 def _module_level_imports(path: Path, name: str, known: set[str]) -> set[str]:
     """Project modules imported when ``path`` is imported (not inside functions or TYPE_CHECKING)."""
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    package = _package_of(path, name)
     found: set[str] = set()
 
     def visit(nodes):
@@ -39,23 +61,28 @@ def _module_level_imports(path: Path, name: str, known: set[str]) -> set[str]:
             if isinstance(node, (ast.If, ast.Try)):
                 visit(node.body + node.orelse + getattr(node, "finalbody", []) +
                       [h for handler in getattr(node, "handlers", []) for h in handler.body])
-            elif isinstance(node, ast.Import):
-                found.update(a.name for a in node.names if a.name in known)
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1]
-                                    + ([base] if base else []))
-                for alias in node.names:
-                    full = f"{base}.{alias.name}"
-                    if full in known:
-                        found.add(full)
-                    elif base in known:
-                        found.add(base)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                found.update(_imported(node, package, known))
 
     visit(ast.parse(path.read_text()).body)
     found.discard(name)
     return found
+
+
+def _imports_anywhere(path: Path, name: str, known: set[str]) -> set[str]:
+    """Project modules ``path`` imports anywhere in it: at the top, inside functions, under TYPE_CHECKING."""
+    package = _package_of(path, name)
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            found.update(_imported(node, package, known))
+    found.discard(name)
+    return found
+
+
+def _mutual_imports(graph: dict[str, set[str]]) -> set[tuple[str, str]]:
+    """Pairs of modules (sorted) each of which imports the other."""
+    return {tuple(sorted((a, b))) for a, targets in graph.items() for b in targets if a in graph.get(b, ())}
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -99,6 +126,34 @@ def test_no_import_cycles_among_the_packages_modules():
 
 def test_cycle_detection_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_cycle_even_through_imports_inside_functions():
+    # A lazy import hides a cycle from the module-level check; the modules still depend on each other.
+    modules = _modules()
+    known = set(modules)
+    graph = {name: _imports_anywhere(path, name, known) for name, path in modules.items()}
+    assert f"{PACKAGE}.storage.transfers" in graph[f"{PACKAGE}.storage.base"], "the import graph was not read"
+    assert _mutual_imports(graph) == set()
+    assert _cycles(graph) == []
+
+
+def test_mutual_import_detection_looks_inside_functions_and_type_checking_blocks(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    sources = {
+        "a": "from pkg.b import THING\n",
+        "b": "def late():\n    from pkg import a\n    return a\n",
+        "c": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .d import Other\n",
+        "d": "from pkg.c import Base\n",
+        "e": "import pkg.a\n",
+    }
+    for name, text in sources.items():
+        (tmp_path / "pkg" / f"{name}.py").write_text(text)
+    known = {f"pkg.{n}" for n in sources}
+    graph = {f"pkg.{n}": _imports_anywhere(tmp_path / "pkg" / f"{n}.py", f"pkg.{n}", known) for n in sources}
+    assert _mutual_imports(graph) == {("pkg.a", "pkg.b"), ("pkg.c", "pkg.d")}
+    top_level = {f"pkg.{n}": _module_level_imports(tmp_path / "pkg" / f"{n}.py", f"pkg.{n}", known) for n in sources}
+    assert _mutual_imports(top_level) == set()  # what the module-level check alone would miss
 
 
 LIGHT = f"""

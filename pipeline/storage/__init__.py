@@ -10,8 +10,9 @@ Example::
     print([e.name for e in gcs.list_dir(gcs.root)])
 
 :func:`open_storage` returns a :class:`Store` (``base.py``: the interface and
-what every backend shares) of the URL's kind. Each backend is one subclass in
-its own module; the three bucket stores (GCS, S3, Azure) share
+what every backend shares; its listings return :class:`Entry`, ``entry.py``)
+of the URL's kind. Each backend is one subclass in its own module; the three
+bucket stores (GCS, S3, Azure) share
 :class:`~tf_export_pipeline.storage.bucket.BucketStore` (``bucket.py``:
 listings, look-ups, removals and copies built from one request per page or
 object, each store saying how its server is asked):
@@ -28,20 +29,29 @@ object, each store saying how its server is asked):
   S3-compatible servers (``s3://``, through s3fs), the same way: listings of
   1000 keys a page, create-only writes by ``If-None-Match: *`` (probed once per
   bucket), server-side copies, deletes matched to ETags, uploads checked by
-  the server against their md5 and crc32c;
+  the server against their md5 and crc32c. Beside it: ``s3_objects.py`` (the
+  requests on one object), ``s3_conditions.py`` (the create-only probe),
+  ``s3_checksums.py``, ``s3_folders.py`` and ``s3_errors.py`` (S3's error
+  codes in one table);
 - :class:`~tf_export_pipeline.storage.azure.AzureBlobStore` (``azure.py``):
   Azure Blob Storage (``az://``, ``abfs://``, through adlfs and
   azure-storage-blob) the same way: listings of 5000 names a page,
   create-only writes by ``If-None-Match: *``, server-side copies, deletes
-  matched to ETags, uploads checked by the server against their MD5;
+  matched to ETags, uploads checked by the server against their MD5. Beside
+  it: ``azure_client.py`` (the credential and the service client),
+  ``azure_objects.py`` (the requests on one blob), ``azure_blobs.py`` (what is
+  recorded beside a blob) and ``azure_errors.py`` (the service's error codes
+  in one table);
 - :class:`~tf_export_pipeline.storage.fsspec_generic.FsspecStore`
   (``fsspec_generic.py``): any other fsspec URL (``memory://``…) through the
   generic fsspec calls.
 
 Beside them, ``errors.py`` turns a backend's exceptions into one-line
-:class:`PipelineError` messages, and ``transfers.py`` checks and retries
-whole-file transfers. Storage options (credentials among them) are handed to
-fsspec and never logged.
+:class:`PipelineError` messages, and ``transfers.py`` holds what moving whole
+files shares (the concurrency, the backoff between attempts, the digests a
+transfer is checked with; :class:`Store` checks and retries the transfers).
+Storage options (credentials among them) are handed to fsspec and never
+logged.
 """
 
 from __future__ import annotations
@@ -53,7 +63,8 @@ from fsspec.registry import known_implementations
 
 from tf_export_pipeline.errors import ConfigError
 from tf_export_pipeline.storage.azure import AzureBlobStore
-from tf_export_pipeline.storage.base import Entry, Store, mtime_of
+from tf_export_pipeline.storage.base import Store
+from tf_export_pipeline.storage.entry import Entry, mtime_of
 from tf_export_pipeline.storage.errors import ChecksumMismatch, storage_error_reason
 from tf_export_pipeline.storage.fsspec_generic import ATOMIC_CREATE_PROTOCOLS, FsspecStore
 from tf_export_pipeline.storage.gcs import GcsStore

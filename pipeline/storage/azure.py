@@ -8,14 +8,15 @@ Example::
     print([e.name for e in store.list_dir(store.root)])
 
 adlfs parses the URLs and finds the credentials; every operation that matters
-goes to the Blob service through azure-storage-blob's asyncio client, on
-adlfs's event loop, so that each costs a known number of requests and keeps
-the guarantee the service offers:
+goes to the Blob service through azure-storage-blob's asyncio client
+(``azure_client.py``), on adlfs's event loop, one request per blob
+(``azure_objects.py``), so that each costs a known number of requests and
+keeps the guarantee the service offers:
 
 - listings: List Blobs, one request per page of 5000 names, with metadata; an
   entry carries the size, the ETag (as its ``generation``), and the crc32c
   recorded when this store uploaded the blob (trusted only while the blob's
-  Content-MD5 is the one recorded beside it);
+  Content-MD5 is the one recorded beside it: ``azure_blobs.py``);
 - create-only writes: one Put Blob with ``If-None-Match: *`` (409
   ``BlobAlreadyExists`` when the name is taken), a nonce in the blob's
   metadata to tell a lost-answer retry of our own write from a rival's blob;
@@ -39,111 +40,41 @@ name alone uses Azure's default credential chain (managed identity, CLI login).
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import logging
-import mimetypes
 import os
 import posixpath
-import re
 import secrets
-import time
-import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
 
 import fsspec
 
-from tf_export_pipeline.errors import ConfigError, PipelineError
+from tf_export_pipeline.errors import PipelineError
+from tf_export_pipeline.storage import azure_objects
+from tf_export_pipeline.storage.azure_blobs import (
+    NONCE_KEY,
+    blob_metadata,
+    checksums,
+    content_md5,
+    is_folder_marker,
+    own_metadata,
+    quoted_etag,
+    recorded_crc32c,
+    same_content,
+)
+from tf_export_pipeline.storage.azure_client import client_of, open_filesystem
 from tf_export_pipeline.storage.azure_errors import azure_reason, error_code
-from tf_export_pipeline.storage.base import Entry
 from tf_export_pipeline.storage.bucket import BucketStore, listed_name, split
+from tf_export_pipeline.storage.entry import Entry
 from tf_export_pipeline.storage.errors import ChecksumMismatch
-from tf_export_pipeline.storage.transfers import CONCURRENCY, file_digests, gather
+from tf_export_pipeline.storage.transfers import CONCURRENCY, gather
 
 # The SDK logs retried requests; with no logging set up, Python would print those to stderr beside our
 # one-line error. Where logging is configured (Airflow, --verbose), they still reach its handlers.
 logging.getLogger("azure").addHandler(logging.NullHandler())
 
-# Metadata names are C# identifiers: no hyphens, unlike GCS's "tf-export-nonce".
-NONCE_KEY = "tf_export_nonce"
-CRC32C_KEY = "tf_export_crc32c"
-MD5_KEY = "tf_export_md5"
-_OWN_KEYS = (NONCE_KEY, CRC32C_KEY, MD5_KEY)
-# Directory markers: adlfs's, and those of accounts with a hierarchical namespace.
-_DIR_MARKERS = (("is_directory", "true"), ("hdi_isfolder", "true"))
-_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-METADATA_LIMIT = 4096  # bytes of caller metadata; the service allows 8 KiB in all
-
 LIST_PAGE_SIZE = 5000
-COPY_TIMEOUT = 600.0
-# Retries of each request (azure-storage's ExponentialRetry: 0.5 s, 2.5 s, 4.5 s, 8.5 s, with jitter), and
-# a connect timeout: the SDK's defaults (15 s first back-off, 300 s to connect) would hold a run for minutes
-# on an unreachable endpoint. ``retry_total`` in storage_options overrides the count.
-RETRY_TOTAL = 4
-RETRY_INITIAL_BACKOFF = 0.5
-RETRY_INCREMENT_BASE = 2
-CONNECTION_TIMEOUT = 20
-READ_TIMEOUT = 120
-_CLIENT_OPTIONS = ("retry_total", "connection_timeout", "read_timeout")
-
-_ENV_KEYS = (("connection_string", "AZURE_STORAGE_CONNECTION_STRING"),
-             ("account_name", "AZURE_STORAGE_ACCOUNT_NAME"),
-             ("account_key", "AZURE_STORAGE_KEY"),
-             ("account_key", "AZURE_STORAGE_ACCOUNT_KEY"),
-             ("sas_token", "AZURE_STORAGE_SAS_TOKEN"))
-_SECRET_OPTIONS = ("connection_string", "account_key", "sas_token", "credential", "client_secret")
-
-
-def credentials(options: dict[str, Any]) -> dict[str, Any]:
-    """``options`` with the credential chosen once: what storage_options name, else the environment.
-
-    A credential in storage_options wins as a whole, so that a variable left in
-    the environment never mixes with it (adlfs would let a connection string
-    from the environment override an account key given explicitly).
-    """
-    out = dict(options)
-    given = any(out.get(k) for k in ("connection_string", "account_key", "sas_token", "credential", "anon",
-                                     "client_id"))
-    if not given:
-        if os.environ.get("AZURE_STORAGE_CONNECTION_STRING") and not out.get("account_name"):
-            out["connection_string"] = os.environ["AZURE_STORAGE_CONNECTION_STRING"]
-        else:
-            for key, var in _ENV_KEYS[1:]:
-                if not out.get(key) and os.environ.get(var):
-                    out[key] = os.environ[var]
-    if out.get("connection_string"):
-        for key in ("account_name", "account_key", "sas_token", "credential"):
-            out.pop(key, None)
-    return out
-
-
-def _md5_b64(value: Any) -> str | None:
-    if not value:
-        return None
-    if isinstance(value, str):  # already base64, as some responses deserialize it
-        return value
-    return base64.b64encode(bytes(value)).decode()
-
-
-def checksums(path: str) -> tuple[str, str]:
-    """(crc32c, md5) of a local file, base64, in one read."""
-    return file_digests(path)
-
-
-def blob_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
-    """The caller's metadata as the service accepts it, or none of it.
-
-    Names must be identifiers and values printable ASCII. All or nothing: a
-    reader that finds a record's fields missing from the listing reads the
-    blob itself, whereas half of them would pass for the whole record.
-    """
-    meta = dict(metadata or {})
-    fits = all(_IDENTIFIER.match(k) and isinstance(v, str) and v.isascii() and v.isprintable()
-               and v == v.strip() for k, v in meta.items())
-    if not fits or sum(len(k) + len(v) for k, v in meta.items()) > METADATA_LIMIT:
-        return {}
-    return meta
+TRANSFER_LIMIT = 8  # files moved at once by one upload_dir or download_files
 
 
 class AzureBlobStore(BucketStore):
@@ -157,29 +88,11 @@ class AzureBlobStore(BucketStore):
         super().__init__(url, storage_options)
         scheme = fsspec.core.split_protocol(url)[0] or "az"
         self.protocol = scheme if scheme in self.protocols else "az"
-        self.client = self.fs._tf_export_clients[_client_key(storage_options or {})]
+        self.client = client_of(self.fs, storage_options or {})
 
     @classmethod
     def _open_fs(cls, url: str, options: dict[str, Any]) -> tuple[Any, str]:
-        from adlfs import AzureBlobFileSystem
-
-        options = credentials(options)
-        options.setdefault("use_listings_cache", False)
-        client_options = {k: options.pop(k) for k in _CLIENT_OPTIONS if k in options}
-        try:
-            # fsspec caches the filesystem per options: one client, one connection pool, per process.
-            fs = AzureBlobFileSystem(**options)
-            clients = fs.__dict__.setdefault("_tf_export_clients", {})
-            key = _client_key(client_options)
-            if key not in clients:
-                clients[key] = client = _service_client(fs, options, client_options)
-                weakref.finalize(fs, _close_client, fs.loop, client)
-        except ImportError:
-            raise
-        except Exception as err:  # noqa: BLE001 - the SDK's text may quote the connection string
-            raise ConfigError(f"cannot open Azure Blob storage ({_open_problem(err, options)}): "
-                              f"{_without_query(url)}") from None
-        return fs, fs._strip_protocol(url)
+        return open_filesystem(url, options)
 
     @property
     def container(self) -> str:
@@ -264,18 +177,13 @@ class AzureBlobStore(BucketStore):
         name = blob.name
         shown = listed_name(name, base_key, relative)
         meta = dict(blob.metadata or {})
-        md5 = _md5_b64(getattr(blob.content_settings, "content_md5", None))
-        # The recorded crc32c is this store's claim about the bytes; it holds while the MD5 the server
-        # checked at upload is still the blob's (any rewrite replaces both the MD5 and the metadata).
-        crc = meta.get(CRC32C_KEY) if md5 and meta.get(MD5_KEY) == md5 else None
-        own = {k: v for k, v in meta.items() if k not in _OWN_KEYS}
+        crc = recorded_crc32c(meta, content_md5(blob))
         mtime = blob.last_modified.timestamp() if blob.last_modified else None
-        return Entry(shown, f"{container}/{name}", False, int(blob.size or 0), mtime, crc, _etag(blob.etag),
-                     own or None)
+        return Entry(shown, f"{container}/{name}", False, int(blob.size or 0), mtime, crc, quoted_etag(blob.etag),
+                     own_metadata(meta) or None)
 
     def _is_folder_marker(self, blob: Any) -> bool:
-        meta = {k.lower(): str(v).lower() for k, v in (blob.metadata or {}).items()}
-        return blob.name.endswith("/") or any(meta.get(k) == v for k, v in _DIR_MARKERS)
+        return is_folder_marker(blob)
 
     def _listed_files(self, container: str, blobs: list[Any], dirs: list[Entry]) -> list[Entry]:
         # A directory blob beside its prefix (a hierarchical namespace lists both) is shown once, as the directory.
@@ -298,15 +206,9 @@ class AzureBlobStore(BucketStore):
         return self._run("reading", path, read)
 
     # -- writing ---------------------------------------------------------------
-    async def _put(self, path: str, data: bytes, metadata: dict[str, str], overwrite: bool,
-                   **condition: Any) -> dict[str, Any]:
-        from azure.storage.blob import ContentSettings
-
-        # validate_content: the server checks the body against its Content-MD5 and keeps that MD5.
-        ctype = mimetypes.guess_type(path)[0] or "application/octet-stream"
-        return await self._blob(path).upload_blob(data, overwrite=overwrite, metadata=metadata,
-                                                  validate_content=True,
-                                                  content_settings=ContentSettings(content_type=ctype), **condition)
+    def _put(self, path: str, data: bytes, metadata: dict[str, str], overwrite: bool,
+             **condition: Any) -> Awaitable[dict[str, Any]]:
+        return azure_objects.put_blob(self._blob(path), data, metadata, overwrite, **condition)
 
     def write_bytes(self, path: str, data: bytes) -> None:
         self._run("writing", path, lambda: self._put(path, data, {}, overwrite=True))
@@ -332,11 +234,7 @@ class AzureBlobStore(BucketStore):
         return True
 
     def read_versioned(self, path: str) -> tuple[bytes, str]:
-        async def read():
-            stream = await self._blob(path).download_blob()  # one Get Blob: bytes and ETag together
-            return await stream.readall(), stream.properties.etag
-
-        return self._run("reading", path, read)
+        return self._run("reading", path, lambda: azure_objects.read_blob(self._blob(path)))
 
     def write_if(self, path: str, data: bytes, token: str | None, metadata: dict[str, str] | None = None) -> str:
         from azure.core import MatchConditions
@@ -354,20 +252,12 @@ class AzureBlobStore(BucketStore):
         return str(props.etag), dict(props.metadata or {})
 
     def _read_for_removal(self, path: str) -> tuple[bytes, str]:
-        async def read():
-            stream = await self._blob(path).download_blob()
-            etag = stream.properties.etag
-            return await stream.readall(), etag
-
-        return self._run("reading", path, read)
+        return self._run("reading", path, lambda: azure_objects.read_blob(self._blob(path)))
 
     def _remove_seen(self, path: str, seen: str) -> bool:
-        from azure.core import MatchConditions
-
         # Deleted only at the ETag whose bytes were read: a rewrite since then stays.
         try:
-            self._run("deleting", path, lambda: self._blob(path).delete_blob(
-                etag=seen, match_condition=MatchConditions.IfNotModified))
+            self._run("deleting", path, lambda: azure_objects.delete_if_match(self._blob(path), seen))
         except (FileNotFoundError, FileExistsError):
             return False
         return True
@@ -388,24 +278,11 @@ class AzureBlobStore(BucketStore):
         return self._checksums(local_path)[0]
 
     def _put_files(self, pairs: list[tuple[str, str]]) -> list[Any]:
-        """One upload per pair: Content-MD5 checked by the server (per block for large files), the
-        whole file's MD5 stored as the blob's, its crc32c recorded beside it in the metadata."""
-        from azure.storage.blob import ContentSettings
-
+        """One upload per pair, checked by the server (see :func:`azure_objects.upload_file`)."""
         sums = {lp: self._checksums(lp) for lp, _ in pairs}
-
-        def job(lp: str, rp: str):
-            async def run():
-                crc, md5 = sums[lp]
-                settings = ContentSettings(content_type=mimetypes.guess_type(lp)[0] or "application/octet-stream",
-                                           content_md5=bytearray(base64.b64decode(md5)))
-                with open(lp, "rb") as fh:
-                    await self._blob(rp).upload_blob(fh, length=os.path.getsize(lp), overwrite=True,
-                                                     validate_content=True, content_settings=settings,
-                                                     metadata={CRC32C_KEY: crc, MD5_KEY: md5}, max_concurrency=4)
-            return run
-
-        results = gather(self.fs.loop, [job(lp, rp) for lp, rp in pairs], limit=8)
+        # Each blob client is made on the loop, as the job starts.
+        jobs = [lambda lp=lp, rp=rp: azure_objects.upload_file(self._blob(rp), lp, *sums[lp]) for lp, rp in pairs]
+        results = gather(self.fs.loop, jobs, limit=TRANSFER_LIMIT)
         return [self._classified(res, "uploading", rp) for res, (_, rp) in zip(results, pairs)]
 
     def _classified(self, res: Any, action: str, path: str) -> Any:
@@ -423,18 +300,8 @@ class AzureBlobStore(BucketStore):
     def _get_files(self, pairs: list[tuple[str, str]]) -> list[Any]:
         """One download per pair, checked against the blob's stored MD5 where it has one (the crc32c
         check is transfers.py's)."""
-        def job(rp: str, lp: str):
-            async def run():
-                stream = await self._blob(rp).download_blob(max_concurrency=4)
-                with open(lp, "wb") as fh:
-                    await stream.readinto(fh)
-                want = _md5_b64(getattr(stream.properties.content_settings, "content_md5", None))
-                if want and await asyncio.to_thread(lambda: checksums(lp)[1]) != want:
-                    return ChecksumMismatch(f"downloaded file does not match its MD5: {self.url(rp)}")
-                return None
-            return run
-
-        results = gather(self.fs.loop, [job(rp, lp) for rp, lp in pairs], limit=8)
+        jobs = [lambda rp=rp, lp=lp: azure_objects.download_file(self._blob(rp), lp, self.url(rp)) for rp, lp in pairs]
+        results = gather(self.fs.loop, jobs, limit=TRANSFER_LIMIT)
         return [self._classified(res, "downloading", rp) for res, (rp, _) in zip(results, pairs)]
 
     # -- server-side copies and deletes ---------------------------------------------
@@ -465,21 +332,12 @@ class AzureBlobStore(BucketStore):
                 # No destination: the condition refused was the source's (Azurite names both
                 # failures ConditionNotMet).
                 raise changed from None
-            if int(have.size or 0) == src.size and _same_content(src, have):
+            if int(have.size or 0) == src.size and same_content(src, have):
                 return 0  # already there, identical: not ours to undo
             raise FileExistsError(self.url(dst)) from None
-        status = out.get("copy_status")
-        deadline = time.monotonic() + COPY_TIMEOUT
-        delay = 0.05
-        while status == "pending":
-            if time.monotonic() > deadline:
-                raise PipelineError(f"server-side copy did not finish within {COPY_TIMEOUT:.0f} s: {self.url(dst)}")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
-            status = (await target.get_blob_properties()).copy.status
-        if status != "success":
-            raise PipelineError(f"server-side copy ended '{status}': {self.url(dst)}")
-        created.append(Entry(posixpath.basename(dst), dst, False, src.size, None, src.crc32c, _etag(out.get("etag"))))
+        await azure_objects.wait_for_copy(target, out, self.url(dst))
+        created.append(Entry(posixpath.basename(dst), dst, False, src.size, None, src.crc32c,
+                             quoted_etag(out.get("etag"))))
         return src.size
 
     def _copy_failed(self, err: BaseException, src: Entry) -> NoReturn:
@@ -488,18 +346,11 @@ class AzureBlobStore(BucketStore):
         self._raise(err, "copying", src.path)
 
     def delete_objects(self, entries: list[Entry], limit: int = CONCURRENCY) -> list[str]:
-        from azure.core import MatchConditions
         from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
 
-        def job(e: Entry):
-            async def run():
-                condition = {"etag": e.generation, "match_condition": MatchConditions.IfNotModified} \
-                    if e.generation else {}
-                await self._blob(e.path).delete_blob(**condition)
-            return run
-
+        jobs = [lambda e=e: azure_objects.delete_if_match(self._blob(e.path), e.generation) for e in entries]
         kept: list[str] = []
-        results = gather(self.fs.loop, [job(e) for e in entries], limit=limit)
+        results = gather(self.fs.loop, jobs, limit=limit)
         for e, res in zip(entries, results):
             if res is None or (isinstance(res, ResourceNotFoundError) and error_code(res) != "ContainerNotFound"):
                 continue
@@ -509,72 +360,3 @@ class AzureBlobStore(BucketStore):
             self._raise(res, "deleting", e.path)
         return kept
 
-
-def _etag(value: Any) -> str | None:
-    """An ETag in its quoted form: listings give it bare, responses' headers quoted."""
-    if not value:
-        return None
-    return '"' + str(value).strip('"') + '"'
-
-
-def _same_content(src: Entry, have: Any) -> bool:
-    meta = have.metadata or {}
-    md5 = _md5_b64(getattr(have.content_settings, "content_md5", None))
-    crc = meta.get(CRC32C_KEY) if md5 and meta.get(MD5_KEY) == md5 else None
-    return src.crc32c is None or crc is None or crc == src.crc32c
-
-
-def _client_key(options: dict[str, Any]) -> tuple:
-    return tuple(sorted((k, options[k]) for k in _CLIENT_OPTIONS if k in options))
-
-
-def _close_client(loop: Any, client: Any) -> None:
-    try:
-        fsspec.asyn.sync(loop, client.close, timeout=5)
-    except Exception:  # noqa: BLE001 - at exit, a loop already stopped: nothing left to close
-        pass
-
-
-def _service_client(fs: Any, options: dict[str, Any], client_options: dict[str, Any]):
-    """An asyncio BlobServiceClient for the credential :func:`credentials` chose, with bounded retries."""
-    from azure.storage.blob.aio import BlobServiceClient
-
-    kw = {"retry_total": int(client_options.get("retry_total", RETRY_TOTAL)),
-          "initial_backoff": RETRY_INITIAL_BACKOFF, "increment_base": RETRY_INCREMENT_BASE,
-          "connection_timeout": client_options.get("connection_timeout", CONNECTION_TIMEOUT),
-          "read_timeout": client_options.get("read_timeout", READ_TIMEOUT)}
-    if options.get("connection_string"):
-        return BlobServiceClient.from_connection_string(options["connection_string"], **kw)
-    name = options.get("account_name")
-    if not name:
-        raise ValueError("no account: set connection_string or account_name in storage_options, or "
-                         "AZURE_STORAGE_CONNECTION_STRING / AZURE_STORAGE_ACCOUNT_NAME")
-    host = options.get("account_host") or f"{name}.blob.core.windows.net"
-    url = host if "://" in host else f"https://{host}"
-    if options.get("credential") is not None:
-        return BlobServiceClient(url, credential=options["credential"], **kw)
-    if options.get("account_key"):
-        return BlobServiceClient(url, credential={"account_name": name, "account_key": options["account_key"]},
-                                 **kw)
-    if options.get("sas_token"):
-        return BlobServiceClient(f"{url}?{str(options['sas_token']).lstrip('?')}", **kw)
-    if options.get("anon"):
-        return BlobServiceClient(url, **kw)
-    return BlobServiceClient(url, credential=fs.credential, **kw)  # adlfs's DefaultAzureCredential
-
-
-def _open_problem(err: BaseException, options: dict[str, Any]) -> str:
-    """Why the client could not be made, without quoting what was given."""
-    if options.get("connection_string"):
-        return "the connection string is malformed or incomplete"
-    if not options.get("account_name"):
-        return ("no account: set connection_string or account_name in storage_options, or "
-                "AZURE_STORAGE_CONNECTION_STRING / AZURE_STORAGE_ACCOUNT_NAME")
-    if options.get("account_key"):
-        return "the account key is not valid base64"
-    return type(err).__name__
-
-
-def _without_query(url: str) -> str:
-    """A URL without its query string, where a SAS token would be."""
-    return url.split("?", 1)[0]

@@ -1,57 +1,37 @@
-"""The interface every store offers, and the entries its listings return.
+"""The interface every store offers.
+
+Example::
+
+    from tf_export_pipeline.storage import open_storage
+    store = open_storage("memory://models/m")
+    store.write_bytes(store.join(store.root, "a.txt"), b"a")
+    print([(e.name, e.size) for e in store.list_dir(store.root)])
 
 :class:`Store` holds what does not depend on the backend (error translation,
-whole-directory transfers, the defaults that go through fsspec's generic
-calls); a backend subclass overrides the rest. Kept apart from the package's
-``__init__`` so that the backends can subclass it without importing the
-module that imports them.
+whole-directory transfers checked and sent again until whole, the defaults
+that go through fsspec's generic calls); a backend subclass overrides the
+rest. Its listings return :class:`~tf_export_pipeline.storage.entry.Entry`.
+Kept apart from the package's ``__init__`` so that the backends can subclass
+it without importing the module that imports them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import posixpath
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import fsspec
 
 from tf_export_pipeline.errors import ConfigError, PipelineError
-from tf_export_pipeline.storage import transfers
-from tf_export_pipeline.storage.errors import translate
-from tf_export_pipeline.storage.transfers import CONCURRENCY
+from tf_export_pipeline.storage.entry import Entry
+from tf_export_pipeline.storage.errors import ChecksumMismatch, storage_error_reason, translate
+from tf_export_pipeline.storage.transfers import CONCURRENCY, TRANSFER_ATTEMPTS, backoff, crc32c_of_file
 
-
-@dataclass(frozen=True)
-class Entry:
-    name: str          # base name (for walk(): the path relative to the walked directory)
-    path: str          # full path, without protocol
-    is_dir: bool
-    size: int
-    mtime: float | None
-    crc32c: str | None = None
-    generation: str | None = None
-    metadata: dict[str, str] | None = None  # custom object metadata (GCS), from the listing
-
-
-def mtime_of(info: dict[str, Any]) -> float | None:
-    """The modification time in an fsspec info dict or a GCS object resource; each backend names it differently."""
-    for key in ("mtime", "updated", "LastModified", "last_modified", "timeCreated", "created"):
-        value = info.get(key)
-        if value is None:
-            continue
-        if isinstance(value, (int, float)):
-            return float(value)
-        if hasattr(value, "timestamp"):
-            return value.timestamp()
-        try:
-            from datetime import datetime
-
-            return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
-        except ValueError:
-            continue
-    return None
+log = logging.getLogger("tf_export_pipeline.storage")
 
 
 class Store:
@@ -245,7 +225,42 @@ class Store:
         that does not (an upload cut short and not noticed) is uploaded again,
         up to TRANSFER_ATTEMPTS times.
         """
-        transfers.upload_dir(self, local_dir, remote_dir)
+        files: dict[str, str] = {}
+        for dirpath, _dirs, names in os.walk(local_dir):
+            for name in names:
+                full = os.path.join(dirpath, name)
+                files[os.path.relpath(full, local_dir).replace(os.sep, "/")] = full
+        want = {rel: (os.path.getsize(p), self._upload_checksum(p)) for rel, p in files.items()}
+        todo = sorted(files)
+        for attempt in range(TRANSFER_ATTEMPTS):
+            errors = self._upload_once([(files[rel], posixpath.join(remote_dir, rel)) for rel in todo])
+            have = {e.name: e for e in self.walk(remote_dir)}
+            todo = [rel for rel, (size, crc) in want.items()
+                    if rel not in have or have[rel].size != size or (crc and have[rel].crc32c != crc)]
+            if not todo:
+                return
+            if attempt + 1 < TRANSFER_ATTEMPTS:
+                log.warning("re-uploading %d of %d files into %s", len(todo), len(want), self.url(remote_dir))
+                backoff(attempt)
+        first = errors[0] if errors else None
+        reason = storage_error_reason(first) if first is not None else None
+        raise PipelineError(f"upload failed after {TRANSFER_ATTEMPTS} attempts "
+                            f"({reason or f'{len(todo)} files missing or corrupt, e.g. {todo[0]}'}): "
+                            f"{self.url(remote_dir)}")
+
+    def _upload_once(self, pairs: list[tuple[str, str]]) -> list[BaseException]:
+        """One upload attempt per pair; the transient failures, for the caller's check to retry.
+
+        A permanent one (a missing bucket, 403, 401, 400) raises at once: no retry cures it.
+        """
+        results = self._put_files(pairs)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        for err in errors:
+            if isinstance(err, FileNotFoundError):
+                self._not_found(pairs[0][1], write=True)
+            if storage_error_reason(err, permanent_only=True):
+                raise self._translate(err, "uploading", pairs[0][1]) or err
+        return errors
 
     def download_files(self, entries: list[Entry], local_dir: str, relative_to: str | None = None) -> None:
         """Download ``entries`` into ``local_dir`` (by base name, or relative to ``relative_to``).
@@ -253,7 +268,40 @@ class Store:
         Each file is checked against the crc32c in its entry (the server's) and
         fetched again when it does not match; FileNotFoundError when one is gone.
         """
-        transfers.download_files(self, entries, local_dir, relative_to)
+        targets = {}
+        for e in entries:
+            rel = posixpath.relpath(e.path, relative_to) if relative_to else posixpath.basename(e.path)
+            targets[e.path] = os.path.join(local_dir, *rel.split("/"))
+        todo = list(entries)
+        last_error: BaseException | None = None
+        for attempt in range(TRANSFER_ATTEMPTS):
+            pairs = [(e.path, targets[e.path]) for e in todo]
+            for _, lpath in pairs:
+                os.makedirs(os.path.dirname(lpath), exist_ok=True)
+            results = self._get_files(pairs)
+            retry = []
+            for e, res in zip(todo, results):
+                if isinstance(res, FileNotFoundError):
+                    raise FileNotFoundError(self.url(e.path))
+                if isinstance(res, BaseException):
+                    if storage_error_reason(res, permanent_only=True):
+                        raise self._translate(res, "downloading", e.path) or res
+                    last_error = res
+                    retry.append(e)
+                    continue
+                if e.crc32c and crc32c_of_file(targets[e.path]) != e.crc32c:
+                    last_error = ChecksumMismatch(f"downloaded file does not match its crc32c: {self.url(e.path)}")
+                    retry.append(e)
+            if not retry:
+                return
+            todo = retry
+            if attempt + 1 < TRANSFER_ATTEMPTS:
+                backoff(attempt)
+        if isinstance(last_error, PipelineError):
+            raise last_error
+        reason = storage_error_reason(last_error) if last_error else None
+        raise PipelineError(f"download failed after {TRANSFER_ATTEMPTS} attempts ({reason or 'unknown error'}): "
+                            f"{self.url(todo[0].path)}")
 
     def download_dir(self, remote_dir: str, local_dir: str) -> None:
         """Every file below ``remote_dir`` into ``local_dir``, checked against its crc32c."""
@@ -272,7 +320,7 @@ class Store:
 
     def _get_files(self, pairs: list[tuple[str, str]]) -> list[Any]:
         """One download attempt per (remote, local) pair: None or the exception, per pair."""
-        results = []
+        results: list[Any] = []
         for rp, lp in pairs:
             try:
                 self.fs.get_file(rp, lp)

@@ -18,7 +18,8 @@ import posixpath
 from typing import Any, NoReturn
 
 from tf_export_pipeline.errors import PipelineError
-from tf_export_pipeline.storage.base import Entry, Store
+from tf_export_pipeline.storage.base import Store
+from tf_export_pipeline.storage.entry import Entry
 from tf_export_pipeline.storage.transfers import CONCURRENCY, gather
 
 log = logging.getLogger("tf_export_pipeline.storage")

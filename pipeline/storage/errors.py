@@ -36,7 +36,7 @@ def storage_error_reason(err: BaseException | None, permanent_only: bool = False
     try:
         from gcsfs.retry import HttpError
     except ImportError:  # pragma: no cover - gcsfs not installed
-        HttpError = ()  # type: ignore[assignment]
+        HttpError = ()
     if HttpError and isinstance(err, HttpError):
         code = getattr(err, "code", None)
         if code == 401:

@@ -13,7 +13,8 @@ import posixpath
 from typing import Any
 
 from tf_export_pipeline.errors import PipelineError
-from tf_export_pipeline.storage.base import Entry, Store, mtime_of
+from tf_export_pipeline.storage.base import Store
+from tf_export_pipeline.storage.entry import Entry, mtime_of
 from tf_export_pipeline.storage.errors import is_precondition_failure
 
 # fsspec backends whose ``pipe_file(mode="create")`` is one conditional request.

@@ -30,8 +30,8 @@ from urllib.parse import urlsplit
 import fsspec
 
 from tf_export_pipeline.errors import PipelineError
-from tf_export_pipeline.storage.base import Entry, mtime_of
 from tf_export_pipeline.storage.bucket import BucketStore, listed_name, split
+from tf_export_pipeline.storage.entry import Entry, mtime_of
 from tf_export_pipeline.storage.transfers import CONCURRENCY, crc32c_of_file, gather
 
 # gcsfs logs every exhausted retry with a traceback; with no logging set up,

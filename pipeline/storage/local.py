@@ -16,7 +16,8 @@ from typing import Any
 
 from tf_export_pipeline.errors import PipelineError
 from tf_export_pipeline.layout import TEMP_MARK
-from tf_export_pipeline.storage.base import Entry, Store
+from tf_export_pipeline.storage.base import Store
+from tf_export_pipeline.storage.entry import Entry
 
 
 class LocalStore(Store):
