@@ -22,6 +22,7 @@ from pydantic_core import PydanticCustomError
 from tf_export_pipeline.errors import ConfigError
 from tf_export_pipeline.layout import Versioning
 from tf_export_pipeline.redaction import GCS_TOKEN_KEYWORDS, register_options
+from tf_export_pipeline.schedules import check_schedule
 
 
 class _Strict(BaseModel):
@@ -132,8 +133,8 @@ class GateConfig(_Strict):
 
 class ServingConfig(_Strict):
     model_name: str = Field(min_length=1, description="the model name clients use (ModelConfig.name)")
-    model_config_file: str = Field(description="TF Serving's --model_config_file: a local path or gs:// URL "
-                                               "the pipeline owns one entry of")
+    model_config_file: str = Field(description="TF Serving's --model_config_file: a local path or gs://, s3://, "
+                                               "az:// URL the pipeline owns one entry of")
     policy: Literal["latest", "labels", "newest"] = Field(
         "latest", description="latest: the highest version is served; labels: the versions labelled "
                               "stable and canary are served; newest: the highest version is served, each "
@@ -141,68 +142,6 @@ class ServingConfig(_Strict):
                               "without an atomic folder rename: promotion object_move)")
     canary_on_publish: bool = Field(True, description="each published version gets the label canary")
     reload_seconds: int = Field(60, ge=0, description="the server's --model_config_file_poll_wait_seconds")
-
-
-# What Airflow 3 takes as a schedule string: its own presets (@once, @continuous, its cron presets) and
-# those its cron library knows besides.
-SCHEDULE_PRESETS = ("@once", "@continuous", "@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly",
-                    "@annually", "@midnight")
-_MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
-_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
-# (field name, lowest, highest, names from the lowest value on); day of week 7 is Sunday too
-_CRON_FIELDS = (("minute", 0, 59, ()), ("hour", 0, 23, ()), ("day of month", 1, 31, ()),
-                ("month", 1, 12, _MONTHS), ("day of week", 0, 7, _DAYS))
-
-
-def _cron_value(text: str, low: int, high: int, names: tuple[str, ...], field: str) -> int:
-    if text.isascii() and text.isdigit():
-        value = int(text)
-    elif text.lower() in names:
-        value = low + names.index(text.lower())
-    else:
-        raise ValueError(f"{field} {text!r} is not a number" + (" or a name" if names else ""))
-    if not low <= value <= high:
-        raise ValueError(f"{field} {value} is not in {low}-{high}")
-    return value
-
-
-def cron_problem(expression: str) -> str | None:
-    """Why ``expression`` is not a 5-field cron expression (numbers, names, ``*``, ranges, steps, lists), or None.
-
-    Stricter than the cron library Airflow uses, which takes and misreads more (a reversed range, a
-    step beyond its field): a schedule that does something else than it says is worse than an error.
-    """
-    fields = expression.split()
-    if len(fields) != 5:
-        return f"{len(fields)} fields, not 5"
-    for text, (field, low, high, names) in zip(fields, _CRON_FIELDS):
-        for item in text.split(","):
-            base, slash, step = item.partition("/")
-            try:
-                if slash and not (step.isascii() and step.isdigit() and int(step) >= 1):
-                    raise ValueError(f"{field} step {step!r} is not a whole number from 1")
-                if base == "*" or (base == "?" and not slash and field in ("day of month", "day of week")):
-                    continue
-                first, dash, last = base.partition("-")
-                start = _cron_value(first, low, high, names, field)
-                if dash:
-                    end = _cron_value(last, low, high, names, field)
-                    if end < start:
-                        raise ValueError(f"{field} range {base!r} runs backwards")
-            except ValueError as err:
-                return str(err)
-    return None
-
-
-def _check_schedule(value: str | None) -> str | None:
-    if value is None or value in SCHEDULE_PRESETS:
-        return value
-    problem = cron_problem(value)
-    if problem is None:
-        return value
-    # Five fields are meant as cron: say which one is wrong. Anything else is just not a schedule.
-    detail = f"{value!r}: {problem}" if len(value.split()) == 5 else repr(value)
-    raise PydanticCustomError("schedule", "not a cron expression or preset ({detail})", {"detail": detail})
 
 
 AUTO_FINISH = "auto"
@@ -229,28 +168,41 @@ class AirflowConfig(_Strict):
     @classmethod
     def _schedule_form(cls, value: str | None) -> str | None:
         # Airflow drops a DAG whose schedule it cannot read: refused here, every command says so.
-        return _check_schedule(value)
+        return check_schedule(value)
 
     @field_validator("finish_schedule")
     @classmethod
     def _finish_schedule_form(cls, value: str | None) -> str | None:
-        return value if value == AUTO_FINISH else _check_schedule(value)
+        return value if value == AUTO_FINISH else check_schedule(value)
 
 
 class Config(_Strict):
-    training_dir: str
-    export_base: str
-    model: ModelConfig
-    versioning: Versioning = "timestamp"
-    max_claim_attempts: int = Field(10, ge=1, le=1000)
-    retention: RetentionConfig = Field(default_factory=RetentionConfig)
-    validation: ValidationConfig = Field(default_factory=ValidationConfig)
-    gate: GateConfig | None = None
-    storage_options: dict[str, Any] = Field(default_factory=dict)
-    promotion: Literal["auto", "rename", "object_move"] = "auto"
-    airflow: AirflowConfig = Field(default_factory=AirflowConfig)
-    serving: ServingConfig | None = None
-    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    training_dir: str = Field(description="folder (or URL) where the training job writes its checkpoints")
+    export_base: str = Field(description="folder (or URL) TF Serving watches (model_base_path): versions are its "
+                                         "integer-named children")
+    model: ModelConfig = Field(description="the model: how its checkpoints are found and rebuilt for export")
+    versioning: Versioning = Field("timestamp", description="version numbers: timestamp (export time in seconds), "
+                                                            "checkpoint_time (when the checkpoint was written) or "
+                                                            "step (the checkpoint's global step)")
+    max_claim_attempts: int = Field(10, ge=1, le=1000, description="version numbers tried after a collision "
+                                                                   "before the publish fails")
+    retention: RetentionConfig = Field(default_factory=RetentionConfig,
+                                       description="which versions prune keeps, and when staging is abandoned")
+    validation: ValidationConfig = Field(default_factory=ValidationConfig,
+                                         description="the validation gate every export passes before it is "
+                                                     "published")
+    gate: GateConfig | None = Field(None, description="the metric gate: a checkpoint worse than the live "
+                                                      "version is not published; none: no metric gate")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the fsspec "
+                                                                              "filesystem (object stores)")
+    promotion: Literal["auto", "rename", "object_move"] = Field(
+        "auto", description="how staging becomes a version: rename (one atomic rename), object_move (object by "
+                            "object, saved_model.pb last) or auto (what the store offers)")
+    airflow: AirflowConfig = Field(default_factory=AirflowConfig, description="the DAGs of this config")
+    serving: ServingConfig | None = Field(None, description="TF Serving's model config file, owned by the "
+                                                            "pipeline; none: the highest version is served")
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="where the command line sends "
+                                                                              "metrics")
 
     _config_dir: str = PrivateAttr(default_factory=os.getcwd)
     _source: str | None = PrivateAttr(default=None)

@@ -1,5 +1,6 @@
 """The publishing records' object metadata: what a GCS listing returns with each ledger entry and claim,
-typed back on the way in; and what a torn record (left by a damaged write) looks like.
+typed back on the way in, or the record read when it does not; and what a torn record (left by a damaged
+write) looks like.
 
 Example::
 
@@ -10,7 +11,10 @@ Example::
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tf_export_pipeline.storage import Entry, Storage
 
 
 def is_torn(data: bytes) -> bool:
@@ -39,3 +43,15 @@ def from_metadata(meta: dict[str, str] | None) -> dict:
     except ValueError:
         return {}
     return out
+
+
+def read_record(store: Storage, entry: Entry, present: str) -> dict | None:
+    """A small record from its listing's metadata when that carries ``present``, else read; None when
+    it cannot be read (gone, or not a JSON object)."""
+    got = from_metadata(entry.metadata)
+    if present not in got:
+        try:
+            got = json.loads(store.read_bytes(entry.path))
+        except (FileNotFoundError, ValueError, UnicodeDecodeError):
+            return None
+    return got if isinstance(got, dict) else None

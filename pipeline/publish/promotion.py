@@ -89,7 +89,9 @@ class FolderRename:
     def __init__(self) -> None:
         self.stats: dict = {}
 
-    def promote(self, store: GcsStore, staging: str, final: str) -> None:
+    def promote(self, store: Storage, staging: str, final: str) -> None:
+        if not isinstance(store, GcsStore):  # choose_strategy picks it only for a bucket with folders
+            raise PublishError(f"promotion 'rename' needs a GCS bucket with hierarchical namespace: {store.url(final)}")
         started = time.monotonic()
         before = store.walk(staging)
         if not before:

@@ -342,17 +342,17 @@ _FRAME = re.compile(r'File "(?P<file>[^"]+)", line \d+ in (?P<func>\S+)')
 # (phase, file ending, function): the innermost match in a thread's stack names its phase.
 _STAGES = (
     ("exit", "pipeline/validate/__init__.py", "__exit__"),  # a backfill closing its validation process, all done
-    ("publish", "pipeline/publish/__init__.py", "_finish"),
+    ("publish", "pipeline/publish/publisher.py", "_finish"),
     ("gc", "pipeline/retention.py", "prune"),
-    ("gc", "pipeline/stages.py", "stage_prune"),
-    ("gc", "pipeline/cli.py", "cmd_gc"),
-    ("publish", "pipeline/stages.py", "stage_publish"),
-    ("validation", "pipeline/stages.py", "stage_validate"),
-    ("validation", "pipeline/backfill.py", "_validate_timed"),
-    ("discover", "pipeline/stages.py", "_choose"),
-    ("discover", "pipeline/stages.py", "list_pending"),
-    ("discover", "pipeline/stages.py", "discover"),
-    ("export", "pipeline/stages.py", "stage_export"),
+    ("gc", "pipeline/stages/prune.py", "stage_prune"),
+    ("gc", "pipeline/cli/export_base.py", "cmd_gc"),
+    ("publish", "pipeline/stages/publish.py", "stage_publish"),
+    ("validation", "pipeline/stages/validate.py", "stage_validate"),
+    ("validation", "pipeline/backfill/overlap.py", "validate_timed"),
+    ("discover", "pipeline/stages/discover.py", "choose"),
+    ("discover", "pipeline/stages/discover.py", "list_pending"),
+    ("discover", "pipeline/stages/discover.py", "discover"),
+    ("export", "pipeline/stages/export.py", "stage_export"),
 )
 _PRIORITY = {p: i for i, p in enumerate(PHASES)}
 
