@@ -40,7 +40,7 @@ AFTER_EXPORT = textwrap.dedent("""
     staged = stages.stage_export(cfg, None)
     validated = stages.stage_validate(cfg, staged)
     published = stages.stage_publish(cfg, validated)
-    assert published["status"] == "published", published
+    assert published.status == "published", published
 """)
 
 

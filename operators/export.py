@@ -163,7 +163,8 @@ class ExportChunkOperator(PipelineOperator):
         ti = context["ti"]
         with stage_errors():
             # Keyed by the run, not the try: a retry finds what the tries before it exported.
-            records = self.hook.export_chunk(list(self.checkpoints or []), f"{ti.dag_id}/{ti.run_id}",
+            wanted = [str(checkpoint_ref(item)) for item in self.checkpoints or []]
+            records = self.hook.export_chunk(wanted, f"{ti.dag_id}/{ti.run_id}",
                                              resume=ti.try_number > 1,
                                              allow_regression=as_bool(self.allow_regression))
         out = []

@@ -4,7 +4,8 @@ The operators hold templated arguments and hand results to XCom; everything
 that reads or writes an export base goes through :class:`ExportHook`, which
 loads the config when first asked (never at DAG parsing), lays the
 connection's storage options over the config's, and calls
-:mod:`tf_export_pipeline.stages`.
+:mod:`tf_export_pipeline.stages`, whose typed records it turns into the JSON
+that XCom carries and back (:mod:`tf_export_pipeline.records`).
 
 The connection type ``tf_export_storage`` carries storage credentials for any
 backend the pipeline writes to, so no secret has to live in a config file;
@@ -35,6 +36,7 @@ from tf_export_pipeline.operators.connections import config_with_connection, pro
 from tf_export_pipeline.operators.selection import new_since_exported, newest
 from tf_export_pipeline.operators.telemetry import task_scope
 from tf_export_pipeline.operators.triggers import look
+from tf_export_pipeline.records import discovered_from_json, from_json, public, to_json
 
 
 class ExportHook(BaseHook):
@@ -90,20 +92,21 @@ class ExportHook(BaseHook):
         """The newest checkpoint not being written, with its version (None: no checkpoint)."""
 
         with self._in_task():
-            return newest(self._stages.discover(self.config))
+            return newest([to_json(item) for item in self._stages.discover(self.config)])
 
     def new(self) -> list[dict]:
         """Complete checkpoints with no version, newer than every one with a version, oldest first."""
 
         with self._in_task():
-            return new_since_exported(self._stages.discover(self.config))
+            return new_since_exported([to_json(item) for item in self._stages.discover(self.config)])
 
     def pending(self, from_step: int | None = None, to_step: int | None = None, include_removed: bool = False,
                 allow_outrank: bool = False) -> list[dict]:
         """What a backfill exports (refused when the next run's retention would remove it)."""
         from tf_export_pipeline.backfill import pending_for_backfill  # as the stages: not at DAG parsing
 
-        return pending_for_backfill(self.config, from_step, to_step, include_removed, allow_outrank)
+        return [to_json(item) for item in
+                pending_for_backfill(self.config, from_step, to_step, include_removed, allow_outrank)]
 
     def backfill_versioning(self, requested: str | None, allow_outrank: bool = False) -> tuple[str, str | None]:
         """The versioning a backfill publishes under, and a note when it is not the config's (see
@@ -112,7 +115,7 @@ class ExportHook(BaseHook):
 
         return backfill_versioning(self.config, requested, allow_outrank)
 
-    def export_chunk(self, checkpoints: list, run_key: str, resume: bool = False,
+    def export_chunk(self, checkpoints: list[str], run_key: str, resume: bool = False,
                      allow_regression: bool = False) -> list[dict]:
         """Export and validate a chunk of a backfill in this process
         (see :func:`tf_export_pipeline.backfill.export_chunk`)."""
@@ -122,11 +125,13 @@ class ExportHook(BaseHook):
             records = export_chunk(self.config, checkpoints, run_key, resume=resume,
                                    allow_regression=allow_regression)
             runs.note(records)  # validated in a thread of its own: not seen as stage calls here
-        return records
+        return [to_json(record) for record in records]
 
     def require_complete(self, record: dict) -> None:
         """Raise the one-line error of a checkpoint whose index or data are missing."""
-        self._stages.require_complete_record(record)
+        from tf_export_pipeline.stages.context import require_complete
+
+        require_complete(discovered_from_json(record).checkpoint)
 
     def look(self, wanted: str | None, missing_since: float | None, grace: float) -> tuple[dict | None, str | None]:
         """One poll of the sensor (see :func:`tf_export_pipeline.operators.triggers.look`)."""
@@ -136,20 +141,24 @@ class ExportHook(BaseHook):
     # -- stages ------------------------------------------------------------------
     def export(self, checkpoint: str | None, force: bool = False) -> dict:
         with self._in_task():
-            return self._stages.stage_export(self.config, checkpoint, force=force)
+            return to_json(self._stages.stage_export(self.config, checkpoint, force=force))
 
     def validate(self, staged: dict, allow_regression: bool = False) -> dict:
         with self._in_task():
-            return self._stages.stage_validate(self.config, staged, allow_regression=allow_regression)
+            return to_json(self._stages.stage_validate(self.config, from_json(staged),
+                                                       allow_regression=allow_regression))
 
     def publish(self, validated: dict, versioning: str | None = None, allow_outrank: bool = False) -> dict:
         with self._in_task():
-            return self._stages.publish_validated(self.config, validated, versioning, allow_outrank)
+            return to_json(self._stages.publish_validated(self.config, from_json(validated), versioning,
+                                                          allow_outrank))
 
     def publish_in_order(self, items: list[dict], versioning: str | None = None,
                          allow_outrank: bool = False) -> tuple[list[dict], list[str]]:
         with self._in_task():
-            return self._stages.publish_in_order(self.config, items, versioning, allow_outrank)
+            records, failures = self._stages.publish_in_order(self.config, [from_json(item) for item in items],
+                                                              versioning, allow_outrank)
+        return [to_json(record) for record in records], failures
 
     def prune(self, dry_run: bool = False, keep_versions: tuple[int, ...] = ()) -> dict:
         return self._stages.stage_prune(self.config, dry_run=dry_run, keep_versions=keep_versions)
@@ -159,7 +168,7 @@ class ExportHook(BaseHook):
         return self._stages.finish_cut_short(self.config)
 
     def public(self, record: dict) -> dict:
-        return self._stages.public(record)
+        return public(record)
 
     # -- serving control ---------------------------------------------------------
     def move_label(self, version: int | None, label: str, rollback: bool = False, to: int | None = None,

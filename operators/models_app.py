@@ -33,7 +33,7 @@ from airflow.api_fastapi.core_api.security import GetUserDep
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from tf_export_pipeline.operators.models_ui import PREFIX
+from tf_export_pipeline.operators.provider import MODELS_PAGE_PREFIX as PREFIX
 
 CONFIG_SUFFIXES = (".yaml", ".yml")
 READERS = 8  # models read at once for the list: each is a few storage requests

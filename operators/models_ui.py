@@ -18,7 +18,8 @@ from typing import Any
 
 from airflow.sdk.plugins_manager import AirflowPlugin
 
-PREFIX = "/tf-export"  # where the app is mounted; its links are made with it
+from tf_export_pipeline.operators.provider import MODELS_PAGE_PREFIX as PREFIX
+
 PLUGIN_NAME = "tf_export_models"
 
 

@@ -12,6 +12,8 @@ from typing import Any
 PACKAGE = "tf-export-pipeline"
 INTEGRATION = "TF Export Pipeline"
 CONN_TYPE = "tf_export_storage"
+#: Where the models page's app is mounted in Airflow's API server; its links are made with it.
+MODELS_PAGE_PREFIX = "/tf-export"
 _MODULES = "tf_export_pipeline.operators"
 
 

@@ -46,9 +46,10 @@ def look(cfg, wanted: str | None = None, missing_since: float | None = None,
     ``missing_since`` for longer than ``grace`` seconds.
     """
     from tf_export_pipeline import stages  # numpy and storage: in the triggerer's thread, not at DAG parsing
+    from tf_export_pipeline.records import to_json
 
     try:
-        records = stages.discover(cfg)
+        records = [to_json(item) for item in stages.discover(cfg)]
     except CheckpointError as err:  # nothing there yet, or a checkpoint still arriving
         return None, str(err)
     found = new_checkpoint(records, wanted)

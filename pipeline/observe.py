@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from tf_export_pipeline.metrics import FAILED, record_stage
+from tf_export_pipeline.records import json_of
 from tf_export_pipeline.redaction import redact
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 @dataclass(frozen=True)
 class StageOutcome:
-    """One call of a stage: what it was given, what it returned or why it failed, and how long it took."""
+    """One call of a stage: what it was given, what it returned or why it failed, and how long it took;
+    records in their JSON form (:func:`tf_export_pipeline.records.json_of`), as metrics and run records read them."""
 
     stage: str
     seconds: float
@@ -85,15 +87,15 @@ def stage(name: str) -> Callable[[F], F]:
             try:
                 result = fn(cfg, *args, **kwargs)
             except BaseException as err:
-                _tell(cfg, StageOutcome(name, time.monotonic() - t0, given,
+                _tell(cfg, StageOutcome(name, time.monotonic() - t0, json_of(given),
                                         error=redact(str(err)) or type(err).__name__))
                 raise
             try:
-                _tell(cfg, StageOutcome(name, time.monotonic() - t0, given, result))
+                _tell(cfg, StageOutcome(name, time.monotonic() - t0, json_of(given), json_of(result)))
             except BaseException as err:
                 # An interrupt while telling (a backfill worker's Ctrl-C): the caller must still learn
                 # what the stage made, to remove the staging it wrote.
-                err.stage_result = result
+                err.stage_result = result  # type: ignore[attr-defined]  # read with getattr by the caller
                 raise
             return result
 

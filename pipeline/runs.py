@@ -41,7 +41,7 @@ from tf_export_pipeline import observe
 from tf_export_pipeline.layout import RUNS_DIR, RUNS_KEPT
 from tf_export_pipeline.lineage import checkpoints_in
 from tf_export_pipeline.metrics import COUNTED, FAILED
-from tf_export_pipeline.records import Status
+from tf_export_pipeline.records import Status, json_of
 from tf_export_pipeline.redaction import redact
 from tf_export_pipeline.run_info import AIRFLOW, current
 
@@ -163,10 +163,11 @@ def recent(cfg, limit: int = 20, store=None) -> list[dict]:
     return out
 
 
-def note(results: list[Any] | dict) -> None:
-    """Count ``results`` (stage records) in every :func:`recording` open in this context."""
+def note(results: list[Any] | Any) -> None:
+    """Count ``results`` (stage records, typed or JSON) in every :func:`recording` open in this context."""
+    found = json_of(results if isinstance(results, list) else [results])
     for seen in _NOTED.get():
-        seen.extend(results if isinstance(results, list) else [results])
+        seen.extend(found)
 
 
 @contextlib.contextmanager

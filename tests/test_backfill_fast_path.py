@@ -107,7 +107,7 @@ def test_parallel_backfill_publishes_in_checkpoint_order_exactly_once(tmp_path, 
     assert len(ledger) == 5
 
 
-def test_one_validation_process_still_checks_each_version_on_its_own(tmp_path, trained_dir):
+def test_one_validation_process_still_checks_each_version_on_its_own(tmp_path, trained_dir, forked_validation):
     from tf_export_pipeline.demo import build
     from tf_export_pipeline.export import Exporter
     from tf_export_pipeline.validate import ValidationSession
@@ -147,7 +147,8 @@ CHUNK = r"""
 import json, sys
 from tf_export_pipeline.backfill import export_chunk
 from tf_export_pipeline.config import load_config
-print(json.dumps(export_chunk(load_config(sys.argv[1]), sys.argv[3:], sys.argv[2])))
+from tf_export_pipeline.records import to_json
+print(json.dumps([to_json(r) for r in export_chunk(load_config(sys.argv[1]), sys.argv[3:], sys.argv[2])]))
 """
 
 
@@ -162,7 +163,7 @@ def test_a_chunk_killed_midway_is_finished_by_its_retry_without_exporting_anythi
 
     ws = make_workspace(tmp_path, trained_dir, versioning="step")
     cfg = load_config(str(ws.config))
-    prefixes = [item["prefix"] for item in discover(cfg)]
+    prefixes = [item.prefix for item in discover(cfg)]
     # The first try holds once its second export is recorded (the first is validated meanwhile) and is
     # killed there.
     env = cli_env({"TF_EXPORT_TEST_HOLD": f"staged#2@{tmp_path / 'never'}"})
@@ -187,19 +188,19 @@ def test_a_chunk_killed_midway_is_finished_by_its_retry_without_exporting_anythi
 
     # Another run's retry takes nothing of this one's.
     other = export_chunk(cfg, prefixes[:1], "dag/run-2", resume=True)
-    assert other[0]["status"] == "validated" and not other[0].get("resumed")
+    assert other[0].status == "validated" and not other[0].resumed
     publish_in_order(cfg, other)  # ckpt-10 published by that run: this run's retry finds it done
 
     records = export_chunk(cfg, prefixes, "dag/run-1", resume=True)
-    assert [r["status"] for r in records] == ["validated"] * 3, records
-    assert [bool(r.get("resumed")) for r in records] == [True, True, False]
+    assert [r.status for r in records] == ["validated"] * 3, records
+    assert [bool(r.resumed) for r in records] == [True, True, False]
     # ckpt-10 validated and ckpt-20 staged by the first try: neither exported again, only ckpt-30 is.
-    assert {os.path.basename(r["staging"]) for r in records[:2]} == first_try
+    assert {os.path.basename(r.staging) for r in records[:2]} == first_try
     staged = {p.name for p in ws.base.iterdir() if p.name.startswith("temp-")}
     assert len(staged - first_try) == 1
     published, failures = publish_in_order(cfg, records)
     # ckpt-10 was published by the other run meanwhile: its staging here is dropped, not published twice.
-    assert failures == [] and [r["status"] for r in published] == ["skipped", "published", "published"]
+    assert failures == [] and [r.status for r in published] == ["skipped", "published", "published"]
     assert ws.versions() == [10, 20, 30]
     assert [p.name for p in ws.base.iterdir() if p.name.startswith("temp-")] == []
     ledger = list((ws.base / "_exports" / "ledger").iterdir())

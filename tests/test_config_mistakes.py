@@ -186,7 +186,7 @@ def test_a_contract_broken_between_export_and_validation_removes_staging(tmp_pat
     ws = make_workspace(tmp_path, trained_dir, validation={"contract": "contract.yaml"})
     cfg = load_config(str(ws.config))
     staged = stage_export(cfg)
-    assert staged["status"] == "staged" and [e for e in ws.entries() if e.startswith("temp-")]
+    assert staged.status == "staged" and [e for e in ws.entries() if e.startswith("temp-")]
     (tmp_path / "contract.yaml").write_text("signatures: {serving_default: {colour: blue}}\n")
     with pytest.raises(ConfigError, match="unknown key 'signatures.serving_default.colour'"):
         stage_validate(cfg, staged)

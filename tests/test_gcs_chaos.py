@@ -464,7 +464,8 @@ def classify(fn) -> tuple[str, str | None]:
     """``(status, message)`` of one publish: its status, ``failed`` with a PipelineError's one
     line, or ``other`` with any other exception (a bug: the contract is a one-line PipelineError)."""
     try:
-        return fn()["status"], None
+        result = fn()  # a stage's typed record, or the publisher's own dict
+        return str(result["status"] if isinstance(result, dict) else result.status), None
     except PipelineError as err:
         return "failed", f"{type(err).__name__}: {err}"
     except Exception as err:  # noqa: BLE001 - what the test is looking for

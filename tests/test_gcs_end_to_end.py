@@ -471,13 +471,13 @@ def test_whole_pipeline_from_gs_under_faults(trained_dir, gcs_bucket, gcs_fault_
                            str(tmp_path))
     gcs_fault_proxy.configure(fail_rate=0.1, drop_rate=0.05, drop_after_rate=0.05, seed=21)
     rec = export_one(cfg)
-    assert rec["status"] == "published" and rec["step"] == 30, rec
+    assert rec.status == "published" and rec.step == 30, rec
     again = export_one(cfg)
-    assert again["status"] == "skipped" and again["version"] == rec["version"]
+    assert again.status == "skipped" and again.version == rec.version
     assert gcs_fault_proxy.counters.faults > 0
-    assert sorted(versions_in(gcs_bucket)) == [rec["version"]]
+    assert sorted(versions_in(gcs_bucket)) == [rec.version]
     assert_whole_versions(gcs_bucket)
-    assert {rel.split("/", 1)[0] for rel in objects(gcs_bucket, BASE)} == {str(rec["version"]), "_exports"}
+    assert {rel.split("/", 1)[0] for rel in objects(gcs_bucket, BASE)} == {str(rec.version), "_exports"}
 
 
 # -- storage primitives the guarantees rest on ------------------------------------------------
@@ -522,22 +522,22 @@ def test_discovery_costs_a_fixed_number_of_requests(gcs_bucket, gcs_fault_proxy)
 
 
 def test_restore_copy_is_checked_against_the_discovered_index(gcs_bucket, trained_dir, tmp_path):
-    from tf_export_pipeline.stages import _local_checkpoint
+    from tf_export_pipeline.stages import local_checkpoint
 
     upload_tree(gcs_bucket, trained_dir, "train")
     store = open_storage(gcs_bucket.url("train"), gcs_bucket.storage_options)
     ckpt = [c for c in discover_checkpoints(store) if c.name == "ckpt-20"][0]
-    local = _local_checkpoint(store, ckpt, str(tmp_path / "a"))
+    local = local_checkpoint(store, ckpt, str(tmp_path / "a"))
     assert Path(local + ".index").read_bytes() == (trained_dir / "ckpt-20.index").read_bytes()
 
     fs = gcs_bucket.fs()
     fs.pipe_file(gcs_bucket.path("train", "ckpt-20.index"), b"rewritten by someone")
     with pytest.raises(CheckpointError, match="changed since it was discovered"):
-        _local_checkpoint(store, ckpt, str(tmp_path / "b"))
+        local_checkpoint(store, ckpt, str(tmp_path / "b"))
     fs.put_file(str(trained_dir / "ckpt-20.index"), gcs_bucket.path("train", "ckpt-20.index"))
     fs.rm_file(gcs_bucket.path("train", "ckpt-20.data-00000-of-00001"))
     with pytest.raises(CheckpointError, match="vanished"):
-        _local_checkpoint(store, ckpt, str(tmp_path / "c"))
+        local_checkpoint(store, ckpt, str(tmp_path / "c"))
 
 
 # -- permanent errors ------------------------------------------------------------------------

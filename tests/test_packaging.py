@@ -53,7 +53,11 @@ def test_wheel_installs_one_top_level_package_and_airflow_only_as_an_extra(wheel
         entry_text = z.read(entry_points).decode()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"tf_export_pipeline"}  # no `pipeline` or `operators` to collide with a deployment's own
-    assert "tf_export_pipeline/operators/export.py" in names and "tf_export_pipeline/cli.py" in names
+    # Every module of the repository is in the wheel: a subpackage missing from pyproject's list would not be.
+    sources = {"tf_export_pipeline/" + str(p.relative_to(REPO / "pipeline")) for p in (REPO / "pipeline").rglob("*.py")}
+    sources |= {"tf_export_pipeline/operators/" + str(p.relative_to(REPO / "operators"))
+                for p in (REPO / "operators").rglob("*.py")}
+    assert sources - set(names) == set(), sorted(sources - set(names))
     requires = metadata.get_all("Requires-Dist")
     plain = [r for r in requires if "extra ==" not in r]
     assert not [r for r in plain if "airflow" in r.lower()], plain  # nothing of Airflow without an extra

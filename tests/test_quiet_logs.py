@@ -24,7 +24,7 @@ STAGES = textwrap.dedent("""
     staged = stages.stage_export(cfg, None)
     validated = stages.stage_validate(cfg, staged)
     published = stages.stage_publish(cfg, validated)
-    print(published["status"], published["version"])
+    print(published.status, published.version)
 """)
 
 

@@ -353,18 +353,19 @@ def test_file_that_does_not_parse_is_reported_and_left_alone(tmp_path, published
 def test_publish_whose_label_cannot_be_written_reports_it(tmp_path, published):
     """The version is published whatever happens to its label: the error is in the record, not raised."""
     from tf_export_pipeline.config import load_config
-    from tf_export_pipeline.stages import export_and_validate, public, stage_publish
+    from tf_export_pipeline.records import public
+    from tf_export_pipeline.stages import export_and_validate, stage_publish
 
     ws = copy_of(published, tmp_path, serving=SERVING)
     cfg = load_config(str(ws.config))
     validated = export_and_validate(cfg)
-    assert validated["status"] == "validated", validated
+    assert validated.status == "validated", validated
     model_config(ws).parent.mkdir()
     model_config(ws).write_text("model_config_list { config { name: 'x' ")  # broken after validation
     record = stage_publish(cfg, validated)
-    assert record["status"] == "published" and record["version"] == 30
-    assert "model config file does not parse" in record["serving_error"]
-    assert public(record)["serving_error"] == record["serving_error"]  # what `run --json` prints
+    assert record.status == "published" and record.version == 30
+    assert record.serving_error and "model config file does not parse" in record.serving_error
+    assert public(record)["serving_error"] == record.serving_error  # what `run --json` prints
     assert ws.versions() == [10, 20, 30]
 
 
@@ -718,7 +719,7 @@ def test_lost_answer_to_a_model_config_upload_is_our_write_not_a_rival(tmp_path,
 
 def test_publish_sets_stable_only_if_none_is_set_when_its_label_is_written(tmp_path, monkeypatch):
     """A promotion made while a publish waits for the server to load its version is not overwritten."""
-    import tf_export_pipeline.serving as serving
+    import tf_export_pipeline.serving.control as serving
     from tf_export_pipeline.config import load_config
     from tf_export_pipeline.demo import write_config
 
@@ -748,7 +749,7 @@ def test_publish_sets_stable_only_if_none_is_set_when_its_label_is_written(tmp_p
 
 def test_a_version_another_promotion_just_listed_is_kept_until_its_grace_runs_out(tmp_path, monkeypatch):
     """A label write keeps a version listed moments ago for a label not yet moved; an orphan goes later."""
-    import tf_export_pipeline.serving as serving
+    import tf_export_pipeline.serving.control as serving
     from tf_export_pipeline.config import load_config
     from tf_export_pipeline.demo import write_config
 

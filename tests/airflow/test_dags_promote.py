@@ -66,8 +66,8 @@ def test_promote_dag_makes_a_soaked_canary_stable_rolls_back_and_promotes_by_ver
     cfg = load_config(str(m.config))
     model_config = m.config.parent / "serving" / "models.config"
     uri = "file://" + str(model_config)
-    v1 = run_once(cfg, checkpoint="ckpt-20")["version"]
-    v2 = run_once(cfg, checkpoint="ckpt-30")["version"]  # published as canary; v1 stays stable
+    v1 = run_once(cfg, checkpoint="ckpt-20").version
+    v2 = run_once(cfg, checkpoint="ckpt-30").version  # published as canary; v1 stays stable
     assert v1 < v2 and labels_in(model_config) == ([v1, v2], {"stable": v1, "canary": v2})
 
     # No params, as a scheduled run: the canary has soaked (soak_seconds: 0) and there is no gate.
