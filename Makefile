@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 AZURITE := .tools/azurite/node_modules/.bin/azurite-blob
 
-.PHONY: demo test test-fast lint venv bench clean airflow chromium
+.PHONY: demo test test-fast lint typecheck docs venv bench clean airflow chromium
 
 venv: $(STAMP) $(AZURITE) chromium
 
@@ -19,7 +19,7 @@ test test-fast: chromium
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[airflow,test,s3,azure]"
+	$(PY) -m pip install --quiet -e ".[airflow,test,s3,azure,docs]"
 	touch $(STAMP)
 
 # Azurite, the Azure Blob emulator of the Azure tests, from npm into .tools/ (once; see the script).
@@ -33,6 +33,17 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# mypy over the package as it is imported (tf_export_pipeline, laid out in build/typecheck; see [tool.mypy] in
+# pyproject.toml: the stages and their records are typed throughout).
+typecheck: $(STAMP)
+	@mkdir -p build/typecheck && ln -sfn ../../pipeline build/typecheck/tf_export_pipeline
+	MYPYPATH=build/typecheck $(VENV)/bin/mypy -p tf_export_pipeline
+
+# The documentation site into build/site (mkdocs.yml). Strict: a broken link or anchor, a page left out of the
+# navigation or a module mkdocstrings cannot read fails it.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
 # The suite runs in two parts: most tests on TEST_WORKERS pytest-xdist workers (0: in this process),
 # grouped so that a module's tests, and all of tests/airflow/, stay on one worker; then the tests
 # marked `alone` (random kills, fault timing) one at a time. `tf-export` commands in the tests fork from
@@ -42,7 +53,7 @@ lint: $(STAMP)
 TEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 
-test: $(STAMP) lint
+test: $(STAMP) lint typecheck docs
 	@mkdir -p build
 	@rc=0; \
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope -m "not long and not alone" --durations=25 \

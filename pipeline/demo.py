@@ -87,8 +87,9 @@ def write_config(workdir: str, name: str = "export.yaml", **overrides) -> str:
         "retention": {"keep": 5},
     }
     for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(data.get(key), dict):
-            data[key] = {**data[key], **value}
+        current = data.get(key)
+        if isinstance(value, dict) and isinstance(current, dict):
+            data[key] = {**current, **value}
         else:
             data[key] = value
     path = os.path.join(workdir, name)

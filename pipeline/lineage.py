@@ -100,7 +100,7 @@ def configured(environ: dict[str, str] | None = None) -> bool:
 
 # -- facets ---------------------------------------------------------------------------
 @functools.cache
-def _validation_facet_class():
+def _validation_facet_class() -> type:
     import attr
     from openlineage.client.facet_v2 import RunFacet
 
@@ -131,6 +131,7 @@ def validation_facets(report: dict | None) -> dict[str, Any]:
     from openlineage.client.facet_v2 import test_run
 
     brief = validation_brief(report)
+    assert brief is not None  # a brief is None only for a report that is not a dict
     tests = [test_run.TestExecution(name=str(c.get("name")), status="pass" if c.get("ok") else "fail",
                                     severity="error", description=redact(c.get("detail") or "") or None)
              for c in report.get("checks") or [] if isinstance(c, dict)]
@@ -244,6 +245,7 @@ def parent_facet(run: RunInfo) -> dict[str, Any]:
     p = run.parent
     root = None
     if p.root_run_id:
+        assert p.root_namespace is not None and p.root_job is not None  # ParentRun.parse sets the root whole
         root = parent_run.Root(run=parent_run.RootRun(runId=p.root_run_id),
                                job=parent_run.RootJob(namespace=p.root_namespace, name=p.root_job))
     return {"parent": parent_run.ParentRunFacet(run=parent_run.Run(runId=p.run_id),
@@ -303,6 +305,7 @@ class CommandEvents:
         from openlineage.client.facet_v2 import job_type_job
 
         facets = {**parent_facet(self.run), **lineage.run_facets}
+        assert self.run.openlineage_run_id is not None  # a command line's run always has one (cli_run)
         job = Job(namespace=job_namespace(), name=self.job, facets={"jobType": job_type_job.JobTypeJobFacet(
             processingType="BATCH", integration="TF_EXPORT", jobType="COMMAND")})
         return RunEvent(eventType=getattr(RunState, state), eventTime=dt.datetime.now(dt.timezone.utc).isoformat(),

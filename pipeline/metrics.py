@@ -72,7 +72,7 @@ class StatsdSink:
     """StatsD's line protocol over UDP, one packet per metric."""
 
     def __init__(self, host: str, port: int):
-        self.address = (host, port)
+        self.address: tuple[Any, ...] = (host, port)  # a socket address, as getaddrinfo gives it
         self._sock: socket.socket | None = None
         try:
             info = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
@@ -181,7 +181,7 @@ def record_stage(cfg, stage: str, seconds: float, result: Any = None, failed: bo
             return
         sink.timing(metric(cfg, stage, "duration"), seconds * 1000.0)
         status = FAILED if failed else (result.get("status") if isinstance(result, dict) else None)
-        if status in COUNTED:
+        if status is not None and status in COUNTED:
             sink.incr(metric(cfg, stage, status))
         if stage == "publish" and status == Status.PUBLISHED.value:
             made = {"version": _number(result.get("version")),

@@ -118,6 +118,7 @@ def predict(path: str, *, inputs_file: str | None = None, examples_file: str | N
         raise PipelineError(f"SavedModel does not load ({type(err).__name__}: {text}): {path}") from None
 
     if rows is not None:
+        assert examples_file is not None  # the rows were read from it
         spec = read_spec(path)
         if signature is None:
             if spec:
@@ -148,6 +149,8 @@ def predict(path: str, *, inputs_file: str | None = None, examples_file: str | N
         signature = signature or SERVING_KEY
         fn = _signature(loaded, signature, path)
         kw = fn.structured_input_signature[1]
+        if arrays is None or inputs_file is None:
+            raise TypeError("predict() needs inputs_file or examples_file")
         missing, extra = sorted(set(kw) - set(arrays)), sorted(set(arrays) - set(kw))
         if missing or extra:
             raise ConfigError(f"inputs of '{signature}' are {sorted(kw)}; the file lacks {missing} and has "

@@ -30,11 +30,13 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from tf_export_pipeline.redaction import redact
 
-AIRFLOW, CLI = "airflow", "cli"
+# Final: each keeps its literal type, the one RunInfo.kind takes
+AIRFLOW: Final = "airflow"
+CLI: Final = "cli"
 RUN_KEY = "run"  # the section's name in a manifest, a ledger entry and a removal record
 # What Airflow puts in the environment of a process a task starts (a BashOperator running tf-export).
 AIRFLOW_ENV = {"dag_id": "AIRFLOW_CTX_DAG_ID", "run_id": "AIRFLOW_CTX_DAG_RUN_ID",
@@ -72,7 +74,7 @@ class ParentRun:
             return None
         root_parts = (root or "").split("/")
         if len(root_parts) != 3 or not all(root_parts):
-            root_parts = [None, None, None]
+            return cls(*parts)  # no root run
         return cls(*parts, *root_parts)
 
 
@@ -120,13 +122,17 @@ class RunInfo:
 
     def summary(self) -> str:
         """One line naming the run (what ``discover`` prints, and object metadata carries)."""
-        return summary_of(self.to_json())
+        return _summary_line(self.to_json())
 
 
 def summary_of(run: dict[str, Any] | str | None) -> str | None:
     """One line of a run section (or a summary already made, as object metadata carries it)."""
     if isinstance(run, str) or run is None:
         return run
+    return _summary_line(run)
+
+
+def _summary_line(run: dict[str, Any]) -> str:
     if run.get("kind") == AIRFLOW:
         where = f"{run.get('dag_id')}/{run.get('run_id')}/{run.get('task_id')}"
         if run.get("map_index") not in (None, -1):
@@ -157,7 +163,7 @@ def cli_run(argv: list[str] | None = None, environ: dict[str, str] | None = None
     OpenLineage run id; inside an Airflow task, that task and its OpenLineage run as the parent."""
     env = os.environ if environ is None else environ
     args = list(sys.argv[1:] if argv is None else argv)
-    airflow = {key: env.get(name) for key, name in AIRFLOW_ENV.items() if env.get(name)}
+    airflow: dict[str, Any] = {key: env.get(name) for key, name in AIRFLOW_ENV.items() if env.get(name)}
     if "try_number" in airflow:
         airflow["try_number"] = _int(airflow["try_number"])
     now = time.time()

@@ -33,7 +33,8 @@ def validation_brief(report: dict | None) -> dict[str, Any] | None:
         return None
     checks = [c for c in report.get("checks") or [] if isinstance(c, dict)]
     parity = next((c for c in checks if c.get("name") == "parity_with_checkpoint"), None)
-    performance = report.get("performance") if isinstance(report.get("performance"), dict) else {}
+    section = report.get("performance")
+    performance: dict = section if isinstance(section, dict) else {}
     return {"ok": bool(report.get("ok")), "reason": report.get("reason"), "loader": report.get("loader"),
             "checks_passed": sum(1 for c in checks if c.get("ok")), "checks_total": len(checks),
             "parity": None if parity is None else bool(parity.get("ok")),

@@ -62,6 +62,13 @@ def _fork_server():
     return _FORK_SERVER
 
 
+@pytest.fixture
+def forked_validation(monkeypatch):
+    """Validation processes the test starts itself (``ValidationSession``) fork from the CLI fork server, as
+    those of the CLI's commands do, instead of starting Python and importing TensorFlow anew."""
+    _fork_server().fork_validations(monkeypatch)
+
+
 def _in_mount_namespace(argv: list[str], pid: int | None, cwd: str | None) -> list[str]:
     return argv if pid is None else ["nsenter", "-t", str(pid), "-m", f"--wd={cwd or os.getcwd()}", *argv]
 
@@ -158,7 +165,7 @@ def kill_at_hold(point: str, *args: str, env: dict | None = None) -> None:
 
 def assert_published_once(records: list[dict]) -> int:
     """Racers of one checkpoint: every record names the one version; the ledger's winner reports
-    ``published``, and so does a racer that finished the winner's promotion (README: it "finishes the
+    ``published``, and so does a racer that finished the winner's promotion (docs/export-base.md: it "finishes the
     committed publish and reports published"); the others ``skipped``. Returns the version."""
     statuses = [r["status"] for r in records]
     assert set(statuses) <= {"published", "skipped"} and "published" in statuses, statuses

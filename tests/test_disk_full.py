@@ -1,6 +1,6 @@
 """A full disk (ENOSPC) at many points of an export and publish.
 
-The guarantee (DESIGN.md rule 8, README "Exit status"): a full disk is bad
+The guarantee (DESIGN.md rule 8, docs/command-line.md "Exit status"): a full disk is bad
 input like any other. Whatever write it hits,
 
 - ``tf-export run`` exits 1 with exactly one stderr line ``tf-export: error: ...``

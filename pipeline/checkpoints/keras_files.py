@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import time
 import zipfile
+from collections.abc import Iterable
 
 from tf_export_pipeline.checkpoints.checkpoint import Checkpoint, crc32c_b64
 from tf_export_pipeline.checkpoints.checkpoint import step_of as _step_in
@@ -38,7 +39,7 @@ DEFAULT_STEP_PATTERN = r"(\d+)"
 WRITING_GRACE_SECONDS = 120.0
 
 
-def is_keras_dir(names: set[str] | list[str]) -> bool:
+def is_keras_dir(names: Iterable[str]) -> bool:
     """``format: auto``: .keras files and no TF checkpoint (no ``checkpoint`` state file, no ``*.index``)."""
     names = set(names)
     return any(n.endswith(SUFFIX) for n in names) and "checkpoint" not in names and \

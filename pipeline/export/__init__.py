@@ -40,6 +40,8 @@ class ServingModel:
 
         self.model = model
         self.root = tf.Module()
+        # the tf.Example signature's feature spec, written beside the SavedModel (set by add_example_signature)
+        self.example_spec: dict | None = None
         track_model(self.root, model)
 
         if is_endpoints(model):
@@ -215,8 +217,7 @@ class Exporter:
                                     f"{directory}") from None
             raise PipelineError(f"writing the SavedModel failed ({type(err).__name__}: {_first_line(err)}): "
                                 f"{directory}") from None
-        if getattr(self.serving, "example_spec", None):
-
+        if self.serving.example_spec:
             write_spec(directory, self.serving.example_spec)
 
 def _first_line(err: BaseException) -> str:

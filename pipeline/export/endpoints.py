@@ -159,8 +159,9 @@ def _input_names(name: str, fn: Callable, flat: list[tuple[tuple, Any]], model: 
     names = []
     for k, (path, spec) in enumerate(flat):
         arg, inner = path[0], path[1:]
-        if _own_name(spec):
-            got = _own_name(spec)
+        own = _own_name(spec)
+        if own:
+            got = own
         elif any(isinstance(p, str) for p in inner):
             got = "_".join(str(p) for p in inner)
         elif model_inputs and len(model_inputs) == len(flat) and not has_keys:

@@ -236,7 +236,7 @@ def check_example_signature(signatures: Mapping[str, Callable[[dict[str, Any]], 
     if spec is None:
         return None
     name = spec.get("name")
-    if name not in signatures:
+    if name is None or name not in signatures:
         add("example_signature_parity", False, f"signature '{name}' named in {EXAMPLE_SPEC} is missing")
         return None
     try:

@@ -24,7 +24,7 @@ class KerasFileExporter:
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
-        self._inner = None
+        self._inner: Exporter | None = None
 
     def restore(self, path: str) -> None:
         problem = archive_problem(path)
@@ -55,7 +55,7 @@ class KerasFileExporter:
     def write(self, directory: str) -> None:
         self._loaded().write(directory)
 
-    def _loaded(self):
+    def _loaded(self) -> Exporter:
         if self._inner is None:
             raise PipelineError("no Keras file was loaded before export")
         return self._inner

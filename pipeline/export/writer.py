@@ -80,6 +80,7 @@ class SavedModelWriter:
         if _variable_layout(prefix) != self._layout:
             shutil.rmtree(directory)
             return False
+        assert self._template is not None  # write() takes the fast path only once a full write made one
         for rel, data in self._template.items():
             target = os.path.join(directory, rel)
             if data is None:
@@ -124,7 +125,7 @@ def track_captured_variables(root, signatures: dict) -> None:
     Tracking the captured variables themselves, as Keras's own export does,
     makes the variables checkpoint restorable by both.
     """
-    seen = {}
+    seen: dict[int, object] = {}  # id -> variable: each once, in first-seen order
     for fn in signatures.values():
         for var in getattr(fn, "variables", ()):
             seen.setdefault(id(var), var)

@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 import time
@@ -27,7 +28,7 @@ def views_of(config_paths: list[str]) -> list[dict]:
     """The view of each config's model, in the order given."""
     from tf_export_pipeline.config import load_config
 
-    return [model_view(model_name(path), lambda path=path: load_config(path), path) for path in config_paths]
+    return [model_view(model_name(path), functools.partial(load_config, path), path) for path in config_paths]
 
 
 def write_report(config_paths: list[str], out: str) -> list[dict]:

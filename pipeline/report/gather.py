@@ -68,7 +68,7 @@ def _version_row(version: int, manifest: dict | None, whole: bool) -> dict[str, 
     exported, export_seconds, validated = (_number(times.get(k)) for k in
                                            ("exported_at", "export_seconds", "validated_at"))
     validate_seconds = None
-    if None not in (exported, export_seconds, validated):
+    if exported is not None and export_seconds is not None and validated is not None:
         validate_seconds = round(max(0.0, validated - exported - export_seconds), 3)
     return {
         "version": version,

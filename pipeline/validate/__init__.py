@@ -53,7 +53,7 @@ class ValidationSession:
 
     def __init__(self, max_loads: int = 50):
         self.max_loads = max_loads
-        self._proc: subprocess.Popen | None = None
+        self._proc: subprocess.Popen[str] | None = None
         self._loads = 0
         self._ready = False
         self._references: dict[str, str] = {}
@@ -88,11 +88,13 @@ class ValidationSession:
         if self._proc is None or self._proc.poll() is not None or self._loads >= self.max_loads:
             self.close()
             self.start()
+        proc = self._proc
+        assert proc is not None and proc.stdout is not None  # start() opened it, with a pipe for its output
         if not self._ready:
-            timer = threading.Timer(timeout, self._proc.kill)
+            timer = threading.Timer(timeout, proc.kill)
             timer.start()
             try:
-                self._ready = bool(self._proc.stdout.readline().strip())
+                self._ready = bool(proc.stdout.readline().strip())
             finally:
                 timer.cancel()
             if not self._ready:
@@ -112,6 +114,8 @@ class ValidationSession:
         request = {"saved_model": path, "samples": samples, "expected": expected, "rtol": rtol, "atol": atol,
                    "timing": timing}
         proc = self._proc
+        # _ensure_ready() returned True: the process is running, started with pipes for its input and output.
+        assert proc is not None and proc.stdin is not None and proc.stdout is not None
         timer = threading.Timer(max(timeout - (time.monotonic() - started), 0.1), proc.kill)
         timer.start()
         try:
@@ -141,6 +145,7 @@ class ValidationSession:
             try:
                 if not self._ready:
                     self._proc.kill()  # still starting: it has validated nothing, and waiting would cost seconds
+                assert self._proc.stdin is not None  # start() opened it with a pipe for its input
                 self._proc.stdin.close()
                 self._proc.wait(timeout=10)
             except (OSError, subprocess.TimeoutExpired):

@@ -46,6 +46,7 @@ MIN_ROUNDS = 10
 CONFIRM_FACTOR = 3
 
 Runner = Callable[[dict], object]
+Figures = dict[str, dict[str, float]]  # batch label -> {"median", "p99"} in milliseconds
 
 
 def batches_of(inputs: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
@@ -69,7 +70,8 @@ def _summary(seconds: list[float]) -> dict[str, float]:
     return {"median": round(float(np.median(ms)), 4), "p99": round(float(np.percentile(ms, 99)), 4)}
 
 
-def _rounds(candidate: Runner, reference: Runner | None, batches: dict, rounds: int) -> tuple[dict, dict, int]:
+def _rounds(candidate: Runner, reference: Runner | None, batches: dict, rounds: int
+            ) -> tuple[Figures, Figures | None, int]:
     taken: dict[str, dict[str, list[float]]] = {"candidate": {k: [] for k in batches},
                                                 "reference": {k: [] for k in batches}}
     deadline = time.monotonic() + TIME_BUDGET_SECONDS
@@ -113,8 +115,9 @@ def measure_latency(candidate: Runner, reference: Runner | None, inputs: dict[st
     for label, feeds in list(batches.items()):
         try:
             for run in (candidate, reference):
-                for _ in range(WARM_RUNS if run is not None else 0):
-                    run(feeds)
+                if run is not None:
+                    for _ in range(WARM_RUNS):
+                        run(feeds)
         except Exception as err:  # a model that takes only fixed batches: time the sizes it takes
             if len(batches) == 1:
                 raise

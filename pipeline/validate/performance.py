@@ -147,6 +147,7 @@ def apply_performance_gate(report: dict, candidate: dict[str, int], reference: d
     if size_ratio is None:
         detail = "no reference version to compare with" if reference is None else "reference version is empty"
     else:
+        assert reference is not None  # a ratio is taken only against a reference
         detail = _ratio_detail(f"size ratio {size_ratio:.2f} (candidate {human_bytes(candidate['bytes'])}, reference "
                                f"version {reference['version']} {human_bytes(reference['bytes'])})",
                                size_above, "validation.max_size_ratio", max_size, overridden, by)
@@ -157,6 +158,7 @@ def apply_performance_gate(report: dict, candidate: dict[str, int], reference: d
     latency_ratio = latency.get("latency_ratio") if reference is not None else None
     latency_above = latency_ratio is not None and max_latency is not None and latency_ratio > max_latency
     if latency_ratio is not None:
+        assert reference is not None  # a ratio is taken only against a reference
         detail = _ratio_detail(_latency_detail(latency, latency_ratio, reference["version"]), latency_above,
                                "validation.max_latency_ratio", max_latency, overridden, by)
     elif max_latency is None:

@@ -34,7 +34,7 @@ from tf_export_pipeline.validate.warmup import read_warmup
 
 
 class _Checks:
-    def __init__(self):
+    def __init__(self) -> None:
         self.items: list[dict] = []
 
     def add(self, name: str, ok: bool, detail: str = "") -> bool:
@@ -186,6 +186,7 @@ def run(path: str, samples: str | None, expected: str | None, rtol: float, atol:
     if not checks.add("serving_default_present", serving is not None,
                       "" if serving else f"no '{SERVING_KEY}' signature (found: {sorted(sigs) or 'none'})"):
         return done()
+    assert serving is not None  # the check above returned otherwise
     valid = serving["method"] == PREDICT_METHOD and serving["inputs"] and serving["outputs"]
     if not checks.add("predict_signature", bool(valid),
                       "" if valid else f"'{SERVING_KEY}' is not a valid Predict signature "
@@ -277,11 +278,11 @@ def _run_signatures(tf, model: _ServeGraph, path: str, samples: str | None, expe
     if os.path.exists(warmup):
         try:
             logs = read_warmup(warmup)
-            bad = [i for i, log in enumerate(logs)
-                   if set(log.predict_log.request.inputs) != set(specs)]
-            checks.add("warmup_records", bool(logs) and not bad,
-                       f"{len(logs)} PredictionLog records" if logs and not bad else
-                       f"warmup records do not match the inputs of '{SERVING_KEY}' (records {bad or 'none'})")
+            mismatched = [i for i, log in enumerate(logs)
+                          if set(log.predict_log.request.inputs) != set(specs)]
+            checks.add("warmup_records", bool(logs) and not mismatched,
+                       f"{len(logs)} PredictionLog records" if logs and not mismatched else
+                       f"warmup records do not match the inputs of '{SERVING_KEY}' (records {mismatched or 'none'})")
         except Exception as err:
             checks.add("warmup_records", False, f"warmup file does not parse ({type(err).__name__})")
     if expected:
