@@ -62,11 +62,18 @@ def _fork_server():
     return _FORK_SERVER
 
 
+def validations_forked():
+    """A context in which the validation processes this test process starts itself (``ValidationSession``,
+    a stage run in process, an Airflow task run by ``dag.test()``) fork from the CLI fork server, as those of
+    the CLI's commands do, instead of starting Python and importing TensorFlow anew."""
+    return _fork_server().validations_forked()
+
+
 @pytest.fixture
-def forked_validation(monkeypatch):
-    """Validation processes the test starts itself (``ValidationSession``) fork from the CLI fork server, as
-    those of the CLI's commands do, instead of starting Python and importing TensorFlow anew."""
-    _fork_server().fork_validations(monkeypatch)
+def forked_validation():
+    """The test in :func:`validations_forked`."""
+    with validations_forked():
+        yield
 
 
 def _in_mount_namespace(argv: list[str], pid: int | None, cwd: str | None) -> list[str]:

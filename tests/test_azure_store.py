@@ -318,3 +318,23 @@ def test_bad_azure_input_is_one_line_naming_cause_and_url(tmp_path, trained_dir,
     assert not versions_in(azure_container)
     assert not azure_container.blobs(BASE)
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_the_client_backs_off_from_half_a_second_and_never_waits_minutes():
+    """The SDK's own schedule would start at initial + base and jitter by whole seconds; ours starts short."""
+    from tf_export_pipeline.storage.azure_client import (
+        RETRY_INCREMENT_BASE,
+        RETRY_INITIAL_BACKOFF,
+        RETRY_JITTER,
+        RETRY_TOTAL,
+        _retry_policy,
+    )
+
+    policy = _retry_policy(RETRY_TOTAL)
+    assert policy.total_retries == RETRY_TOTAL
+    for _ in range(50):
+        waits = [policy.get_backoff_time({"count": n}) for n in range(1, RETRY_TOTAL + 1)]
+        expected = [RETRY_INITIAL_BACKOFF] + [RETRY_INITIAL_BACKOFF + RETRY_INCREMENT_BASE ** n
+                                              for n in range(1, RETRY_TOTAL)]
+        assert all(abs(w - e) <= RETRY_JITTER for w, e in zip(waits, expected)), waits
+    assert sum(expected) + RETRY_TOTAL * RETRY_JITTER < 20

@@ -152,7 +152,8 @@ print(json.dumps([to_json(r) for r in export_chunk(load_config(sys.argv[1]), sys
 """
 
 
-def test_a_chunk_killed_midway_is_finished_by_its_retry_without_exporting_anything_twice(tmp_path, trained_dir):
+def test_a_chunk_killed_midway_is_finished_by_its_retry_without_exporting_anything_twice(tmp_path, trained_dir,
+                                                                                         forked_validation):
     import os
     import signal
     import time

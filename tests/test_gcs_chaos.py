@@ -732,7 +732,7 @@ def test_ledger_entry_that_landed_unseen_keeps_its_claim(gcs_server, gcs_bucket,
 
 
 def test_run_whose_ledger_entry_landed_unseen_keeps_its_claim_and_recovers(
-        gcs_server, gcs_bucket, fast_gcs_retries, trained_dir, tmp_path):
+        gcs_server, gcs_bucket, fast_gcs_retries, trained_dir, tmp_path, forked_validation):
     """The same lost commit through the runner (in process, so that gcsfs's back-off is short):
     the claim of the committed version stays, and the next run publishes the checkpoint, once."""
     from tests.test_gcs_end_to_end import upload_tree

@@ -459,7 +459,8 @@ def test_publishes_under_faults_succeed_or_fail_cleanly(gcs_bucket, gcs_fault_pr
     assert {rel.split("/", 1)[0] for rel in objects(gcs_bucket, BASE)} == {*(str(v) for v in found), "_exports"}
 
 
-def test_whole_pipeline_from_gs_under_faults(trained_dir, gcs_bucket, gcs_fault_proxy, fast_gcs_retries, tmp_path):
+def test_whole_pipeline_from_gs_under_faults(trained_dir, gcs_bucket, gcs_fault_proxy, fast_gcs_retries, tmp_path,
+                                             forked_validation):
     """Checkpoint download, upload, validation download and publish, in process, with faults."""
     from tf_export_pipeline.stages import export_one
 

@@ -19,14 +19,22 @@ def _performance(ws, version: int) -> dict:
     return json.loads(ws.base.joinpath(str(version), *MANIFEST).read_text())["validation"]["performance"]
 
 
-def _heavy_workspace(root, trained_dir, **config):
-    """A workspace whose training job writes checkpoints of :func:`tests.models.heavy`."""
+@pytest.fixture(scope="module")
+def heavy_trained(tmp_path_factory):
+    """ckpt-10 and ckpt-20 of :func:`tests.models.heavy`, trained once for the module (tests copy them)."""
     from tests.models import heavy
     from tf_export_pipeline.demo import train
 
+    folder = tmp_path_factory.mktemp("heavy") / "train"
+    train(str(folder), steps=20, checkpoint_every=10, factory=heavy, resume=False)
+    return folder
+
+
+def _heavy_workspace(root, trained_dir, heavy_trained, **config):
+    """A workspace whose training job writes checkpoints of :func:`tests.models.heavy`."""
     ws = make_workspace(root, trained_dir, model={"factory": "tests.models:heavy"}, **config)
     shutil.rmtree(ws.train)
-    train(str(ws.train), steps=20, checkpoint_every=10, factory=heavy, resume=False)
+    shutil.copytree(heavy_trained, ws.train)
     return ws
 
 
@@ -40,8 +48,9 @@ def _slow_down(ws, **config) -> None:
     write_config(str(ws.root), model={"factory": "tests.models:heavy_slowed"}, **config)
 
 
-def test_slower_model_is_refused_in_one_line_then_published_with_allow_regression(tmp_path, trained_dir):
-    ws = _heavy_workspace(tmp_path, trained_dir)
+def test_slower_model_is_refused_in_one_line_then_published_with_allow_regression(tmp_path, trained_dir,
+                                                                                  heavy_trained):
+    ws = _heavy_workspace(tmp_path, trained_dir, heavy_trained)
     first = ws.cli("run", "--json")
     assert first.rc == 0, first.err
     live = first.json["version"]
@@ -85,8 +94,8 @@ def test_slower_model_is_refused_in_one_line_then_published_with_allow_regressio
     assert run_cli("validate", slow, "--against", fast, "--allow-regression").rc == 0
 
 
-def test_latency_gate_off_and_raised_limit(tmp_path, trained_dir):
-    ws = _heavy_workspace(tmp_path, trained_dir)
+def test_latency_gate_off_and_raised_limit(tmp_path, trained_dir, heavy_trained):
+    ws = _heavy_workspace(tmp_path, trained_dir, heavy_trained)
     assert ws.cli("run").rc == 0
     _slow_down(ws, validation={"max_latency_ratio": None})
     res = ws.cli("run", "--json")
@@ -98,11 +107,11 @@ def test_latency_gate_off_and_raised_limit(tmp_path, trained_dir):
 
 
 @pytest.fixture(scope="module")
-def two_speeds(tmp_path_factory, trained_dir):
+def two_speeds(tmp_path_factory, trained_dir, heavy_trained):
     """Two published versions of the heavy model: ``fast`` and ``slow`` (heavy_slowed), the work directory
     of ``slow``'s samples, and the published directories."""
     root = tmp_path_factory.mktemp("speeds")
-    ws = _heavy_workspace(root, trained_dir, validation={"max_latency_ratio": None})
+    ws = _heavy_workspace(root, trained_dir, heavy_trained, validation={"max_latency_ratio": None})
     first = ws.cli("run", "--json")
     assert first.rc == 0, first.err
     _slow_down(ws, validation={"max_latency_ratio": None})
@@ -141,7 +150,7 @@ def _verdicts(candidate: str, reference: str) -> list[dict]:
     return out
 
 
-def test_an_unchanged_model_passes_every_time_while_a_core_is_busy(two_speeds):
+def test_an_unchanged_model_passes_every_time_while_a_core_is_busy(two_speeds, forked_validation):
     fast, _slow = two_speeds
     with _BusyCore():
         reports = _verdicts(fast, fast)
@@ -153,7 +162,7 @@ def test_an_unchanged_model_passes_every_time_while_a_core_is_busy(two_speeds):
     assert loads[0] > 0.01 and max(loads[1:]) < 0.01, loads
 
 
-def test_a_three_times_slower_model_is_refused_every_time_while_a_core_is_busy(two_speeds):
+def test_a_three_times_slower_model_is_refused_every_time_while_a_core_is_busy(two_speeds, forked_validation):
     fast, slow = two_speeds
     with _BusyCore():
         reports = _verdicts(slow, fast)

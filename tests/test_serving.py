@@ -350,7 +350,7 @@ def test_file_that_does_not_parse_is_reported_and_left_alone(tmp_path, published
     assert not [p.name for p in target.parent.iterdir() if ".tmp-" in p.name]
 
 
-def test_publish_whose_label_cannot_be_written_reports_it(tmp_path, published):
+def test_publish_whose_label_cannot_be_written_reports_it(tmp_path, published, forked_validation):
     """The version is published whatever happens to its label: the error is in the record, not raised."""
     from tf_export_pipeline.config import load_config
     from tf_export_pipeline.records import public

@@ -22,8 +22,8 @@ from tests.support.fault_proxy import FaultProxy
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-# Runs through the faults per store. Each fault costs the Azure SDK a back-off of 0.5 s and more
-# (pipeline/storage/azure.py: RETRY_INITIAL_BACKOFF), so Azure gets fewer runs than S3 for a like duration.
+# Runs through the faults per store. Each fault costs the Azure client a back-off of RETRY_INITIAL_BACKOFF
+# and more (pipeline/storage/azure_client.py), so Azure gets fewer runs than S3 for a like duration.
 RUNS = {"s3": 5, "az": 3}
 
 

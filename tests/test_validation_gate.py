@@ -197,7 +197,7 @@ def test_savedmodel_without_a_serve_meta_graph_is_refused(tmp_path):
                                                                   ("load_as_tf_serving", False)]
 
 
-def test_every_signature_runs_and_the_init_op_runs_as_tf_serving_runs_them(tmp_path):
+def test_every_signature_runs_and_the_init_op_runs_as_tf_serving_runs_them(tmp_path, forked_validation):
     import tensorflow as tf
 
     from tf_export_pipeline.validate import ValidationSession

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, made_once, shared_dir
+from tests.conftest import REPO, made_once, shared_dir, validations_forked
 
 DAG_FILE = REPO / "dags" / "tf_export_dags.py"
 AIRFLOW = str(Path(sys.executable).parent / "airflow")
@@ -202,9 +202,11 @@ class ModelDags:
         return bag.dags[f"export_{kind}__{self.model}"]
 
     def test(self, kind: str, conf: dict | None = None):
+        """A run of the DAG by ``dag.test()``: its tasks run in this process, their validation processes
+        forked as a forked command's are."""
         t0 = time.monotonic()
         dag = self.dag(kind)
-        with self.config_dir():
+        with self.config_dir(), validations_forked():
             dr = dag.test(run_conf=conf)
         print(f"dag.test export_{kind}__{self.model}: {dr.state} in {time.monotonic() - t0:.1f} s",
               file=sys.stderr)

@@ -56,7 +56,8 @@ def test_promote_dag_only_for_labels_parses_without_tensorflow(tmp_path):
     assert dag["tasks"]["promote_canary"]["outlets"] == [model_config]
 
 
-def test_promote_dag_makes_a_soaked_canary_stable_rolls_back_and_promotes_by_version(tmp_path, trained_dir):
+def test_promote_dag_makes_a_soaked_canary_stable_rolls_back_and_promotes_by_version(tmp_path, trained_dir,
+                                                                                     forked_validation):
     from tf_export_pipeline.config import load_config
     from tf_export_pipeline.serving import ServingControl
     from tf_export_pipeline.stages import run_once

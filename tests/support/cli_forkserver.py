@@ -8,7 +8,8 @@ Example::
 
 Importing TensorFlow and Keras takes about five seconds of CPU, and the suite
 runs the CLI a few hundred times. This server imports them once (no op run, so
-no TensorFlow thread exists yet) and forks a child per command. The child is a
+no TensorFlow thread exists yet), and the libraries of the config and of the
+storage clients (``LIBRARIES``), and forks a child per command. The child is a
 process of its own: it gets the request's argv, environment (its PYTHONPATH
 put first on ``sys.path`` and a ``sitecustomize`` there imported, as at
 start-up), working directory and its own stdout/stderr, calls :func:`tf_export_pipeline.cli.main` as
@@ -39,6 +40,7 @@ lock): one ``select`` loop accepts requests and reaps children.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -51,6 +53,12 @@ import time
 
 # What the children share: TensorFlow, Keras and what they pull in (nothing of this project).
 PRELOAD = ("numpy", "tensorflow", "keras")
+# And the libraries under the config and the storage clients, which a command on a bucket or container would
+# take half a second to import. Not fsspec, gcsfs, s3fs or adlfs, nor google.auth's compute_engine: their
+# imports read settings from the environment, which is each command's own.
+LIBRARIES = ("yaml", "pydantic.main", "pydantic.fields", "pydantic.functional_validators", "aiohttp",
+             "cryptography.hazmat.bindings._rust", "google.auth", "google.oauth2.credentials", "botocore.session",
+             "aiobotocore.session", "azure.core", "azure.storage.blob.aio")
 # The modules a forked command's launcher runs in a child of the server rather than in a new Python.
 FORKED_MODULES = ("tf_export_pipeline.validate.worker",)
 SOCKET_ENV = "TF_EXPORT_TEST_FORK_SOCKET"
@@ -111,6 +119,23 @@ class CliForkServer:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    @contextlib.contextmanager
+    def validations_forked(self):
+        """In the block, a validation process this (test) process starts (``python -m
+        tf_export_pipeline.validate.worker``, through ``sys.executable``) is forked by the server, as a
+        forked command's is; any other Python it starts is the real one."""
+        saved = sys.executable, os.environ.get(SOCKET_ENV)
+        sys.executable = launcher_of(self.path)
+        os.environ[SOCKET_ENV] = self.path
+        try:
+            yield
+        finally:
+            sys.executable = saved[0]
+            if saved[1] is None:
+                os.environ.pop(SOCKET_ENV, None)
+            else:
+                os.environ[SOCKET_ENV] = saved[1]
 
     def popen(self, argv: list[str], env: dict, cwd: str | None = None,
               start_new_session: bool = False, mount_namespace_of: int | None = None,
@@ -253,10 +278,25 @@ class ForkedProcess:
 
 
 # -- the server process ---------------------------------------------------------------
+def _installed(name: str) -> bool:
+    """Whether module ``name`` is there to import (an extra left out installs none of its libraries)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def _preload() -> None:
+    import threading
+
     from tf_export_pipeline.quiet_tf import import_modules_silently
 
     import_modules_silently(PRELOAD)
+    import_modules_silently(tuple(m for m in LIBRARIES if _installed(m)))
+    if threading.active_count() != 1:  # a thread would be copied into every child mid-way
+        raise RuntimeError(f"the fork server imports started threads: {threading.enumerate()}")
 
 
 def _start_up_paths(env: dict) -> None:
@@ -301,9 +341,14 @@ def _own_hostname(name: str) -> None:
     socket.sethostname(name)
 
 
+def launcher_of(path: str) -> str:
+    """Where the server with its socket at ``path`` writes its launcher."""
+    return os.path.join(os.path.dirname(path), "python")
+
+
 def _write_launcher(path: str) -> str:
     """The launcher, next to the server's socket at ``path``."""
-    launcher = os.path.join(os.path.dirname(path), "python")
+    launcher = launcher_of(path)
     with open(launcher, "w", encoding="utf-8") as fh:
         fh.write(f"#!{sys.executable} -SE\n")  # one option word: a shebang passes what follows as one argument
         fh.write(LAUNCHER.format(socket_env=SOCKET_ENV, modules=FORKED_MODULES, real_env=REAL_PYTHON_ENV,
