@@ -21,6 +21,7 @@ filesystem goes. Nothing here quotes a credential in a message.
 from __future__ import annotations
 
 import os
+import random
 import weakref
 from typing import Any
 
@@ -28,12 +29,13 @@ import fsspec
 
 from tf_export_pipeline.errors import ConfigError
 
-# Retries of each request (azure-storage's ExponentialRetry: 0.5 s, 2.5 s, 4.5 s, 8.5 s, with jitter), and
-# a connect timeout: the SDK's defaults (15 s first back-off, 300 s to connect) would hold a run for minutes
-# on an unreachable endpoint. ``retry_total`` in storage_options overrides the count.
+# Retries of each request (waits of 0.5 s, 2.5 s, 4.5 s, 8.5 s, each within RETRY_JITTER), and a connect
+# timeout: the SDK's defaults (15 s first back-off, 300 s to connect) would hold a run for minutes on an
+# unreachable endpoint. ``retry_total`` in storage_options overrides the count.
 RETRY_TOTAL = 4
 RETRY_INITIAL_BACKOFF = 0.5
 RETRY_INCREMENT_BASE = 2
+RETRY_JITTER = 0.25
 CONNECTION_TIMEOUT = 20
 READ_TIMEOUT = 120
 #: storage_options for the client rather than for adlfs.
@@ -114,12 +116,30 @@ def _close_client(loop: Any, client: Any) -> None:
         pass
 
 
+def _retry_policy(retry_total: int) -> Any:
+    """An ExponentialRetry that waits ``RETRY_INITIAL_BACKOFF``, then that plus ``RETRY_INCREMENT_BASE**n``.
+
+    The SDK counts the retry before it asks for the wait, so its own schedule
+    skips the initial back-off and starts at ``initial + base``; its jitter is
+    whole seconds. Both would stretch a failing request to half a minute.
+    """
+    from azure.storage.blob.aio import ExponentialRetry
+
+    class _BoundedRetry(ExponentialRetry):
+        def get_backoff_time(self, settings: dict[str, Any]) -> float:
+            count = max(int(settings.get("count", 1)) - 1, 0)
+            backoff = self.initial_backoff + (self.increment_base ** count if count else 0)
+            return max(backoff + random.uniform(-RETRY_JITTER, RETRY_JITTER), 0.0)
+
+    return _BoundedRetry(initial_backoff=RETRY_INITIAL_BACKOFF, increment_base=RETRY_INCREMENT_BASE,
+                         retry_total=retry_total, random_jitter_range=0)
+
+
 def _service_client(fs: Any, options: dict[str, Any], client_options: dict[str, Any]):
     """An asyncio BlobServiceClient for the credential :func:`credentials` chose, with bounded retries."""
     from azure.storage.blob.aio import BlobServiceClient
 
-    kw = {"retry_total": int(client_options.get("retry_total", RETRY_TOTAL)),
-          "initial_backoff": RETRY_INITIAL_BACKOFF, "increment_base": RETRY_INCREMENT_BASE,
+    kw = {"retry_policy": _retry_policy(int(client_options.get("retry_total", RETRY_TOTAL))),
           "connection_timeout": client_options.get("connection_timeout", CONNECTION_TIMEOUT),
           "read_timeout": client_options.get("read_timeout", READ_TIMEOUT)}
     if options.get("connection_string"):
