@@ -183,7 +183,14 @@ def test_a_lineage_backend_failing_or_hanging_never_fails_nor_stalls_a_run(tmp_p
     assert backend.requests >= 1
     assert "tf-export: warning: OpenLineage events not delivered" in res.err
     assert password not in res.err + res.out
-    # Bounded: the wait for the events (2 s) and a margin for a loaded machine, whatever the backend does.
+
+    # The same run without a backend again, after: the slower of the two baselines stands for the machine's
+    # load around the run under test, which a parallel suite changes from one second to the next.
+    again = make_workspace(tmp_path / "again", trained_dir)
+    t0 = time.monotonic()
+    assert again.cli("run", "--json").json["status"] == "published"
+    baseline = max(baseline, time.monotonic() - t0)
+    # Bounded: the wait for the events (2 s) and a margin, whatever the backend does (a hang holds 120 s).
     assert took < baseline + 2 + 8, (took, baseline)
 
 

@@ -128,11 +128,11 @@ def _retry_policy(retry_total: int) -> Any:
     class _BoundedRetry(ExponentialRetry):
         def get_backoff_time(self, settings: dict[str, Any]) -> float:
             count = max(int(settings.get("count", 1)) - 1, 0)
-            backoff = self.initial_backoff + (self.increment_base ** count if count else 0)
+            backoff = RETRY_INITIAL_BACKOFF + (RETRY_INCREMENT_BASE ** count if count else 0)
             return max(backoff + random.uniform(-RETRY_JITTER, RETRY_JITTER), 0.0)
 
-    return _BoundedRetry(initial_backoff=RETRY_INITIAL_BACKOFF, increment_base=RETRY_INCREMENT_BASE,
-                         retry_total=retry_total, random_jitter_range=0)
+    # The SDK's own back-off fields (typed as whole seconds) are left alone: the schedule is ours.
+    return _BoundedRetry(retry_total=retry_total, random_jitter_range=0)
 
 
 def _service_client(fs: Any, options: dict[str, Any], client_options: dict[str, Any]):
