@@ -19,7 +19,7 @@ test test-fast: chromium
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[airflow,test,s3,azure,docs]"
+	$(PY) -m pip install --quiet --no-compile -e ".[airflow,test,s3,azure,docs]"
 	touch $(STAMP)
 
 # Azurite, the Azure Blob emulator of the Azure tests, from npm into .tools/ (once; see the script).
@@ -46,7 +46,7 @@ docs: $(STAMP)
 
 # The suite runs in two parts: most tests on TEST_WORKERS pytest-xdist workers (0: in this process),
 # grouped so that a module's tests, and all of tests/airflow/, stay on one worker; then the tests
-# marked `alone` (random kills, fault timing) one at a time. `tf-export` commands in the tests fork from
+# marked `alone` (random kills, fault timing), a module per worker and nothing else beside them. `tf-export` commands in the tests fork from
 # a process per worker that imported TensorFlow once (tests/support/cli_forkserver.py). On 2 cores the
 # suite stays CPU-bound (each run's fresh validation process, the Celery and Airflow servers).
 # The slowest tests of each part are listed; build/durations.txt has the seconds per file.
@@ -58,7 +58,7 @@ test: $(STAMP) lint typecheck docs
 	@rc=0; \
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope -m "not long and not alone" --durations=25 \
 		--junitxml=build/tests-parallel.xml $(PYTEST_ARGS) || rc=$$?; \
-	$(PY) -m pytest -q -m "alone and not long" --durations=10 \
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope -m "alone and not long" --durations=10 \
 		--junitxml=build/tests-alone.xml $(PYTEST_ARGS) || { r=$$?; [ $$r -eq 5 ] || rc=$$r; }; \
 	$(PY) -m tests.summary build/tests-parallel.xml build/tests-alone.xml || rc=$$?; \
 	exit $$rc
