@@ -54,7 +54,7 @@ CELERY_ENV = {
     "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT": "3600",
     # A task whose supervisor stopped heartbeating (its worker is gone) is failed by the scheduler
     # after this many seconds, and retried (task retries come from the DAG's default_args).
-    "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "20",
+    "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "15",
     "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "2",
     # The supervisor beside each task heartbeats at least this often.
     "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "2",
@@ -137,7 +137,7 @@ class Postgres:
              "-k", str(self.sock), "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
              "-c", "max_connections=300", "-c", "shared_buffers=64MB"],
             stdout=out, stderr=subprocess.STDOUT, user=self.os_user, start_new_session=True)
-        wait_for(f"PostgreSQL to accept connections on 127.0.0.1:{self.port}", self._ready, limit, interval=0.2,
+        wait_for(f"PostgreSQL to accept connections on 127.0.0.1:{self.port}", self._ready, limit, interval=0.05,
                  on_timeout=lambda: self.log.read_text(errors="replace")[-2000:])
         import psycopg2
 
@@ -182,14 +182,22 @@ class Redis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, limit: float = 30) -> Redis:
+        self.wait_ready(self.start_soon(), limit)
+        return self
+
+    def start_soon(self) -> float:
+        """Start the server without waiting for it; returns the start time for :meth:`wait_ready`."""
         out = open(self.root / "redis.log", "wb")
         self.proc = subprocess.Popen(
             [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", str(self.root), "--daemonize", "no", "--protected-mode", "yes"],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for(f"redis-server to answer PING on 127.0.0.1:{self.port}", self._ready, limit, interval=0.2,
+        return time.monotonic()
+
+    def wait_ready(self, started: float, limit: float = 30) -> None:
+        wait_for(f"redis-server to answer PING on 127.0.0.1:{self.port}", self._ready,
+                 max(limit - (time.monotonic() - started), 1), interval=0.05,
                  on_timeout=lambda: (self.root / "redis.log").read_text(errors="replace")[-2000:])
-        return self
 
     def _ready(self) -> bool:
         import redis
@@ -231,25 +239,43 @@ class CeleryAirflow(LiveAirflow):
             **CELERY_ENV,
             **extra_env,
         })
+        self.prepared = False
         self.workers: dict[str, subprocess.Popen] = {}
         self.worker_env: dict[str, dict[str, str]] = {}  # extra environment of one worker
         self.killed: set[str] = set()
 
-    def start(self, limit: float = 240) -> CeleryAirflow:
+    def start(self, limit: float = 240, migrated: Path | None = None) -> CeleryAirflow:
+        """:meth:`prepare` (unless done), then the components and the workers, started side by side (a worker
+        needs only the migrated database and the broker to start); returns once all of them are ready."""
         t0 = time.monotonic()
         try:
-            self.postgres.start()
-            self.redis.start()
-            super().start(limit)
+            if not self.prepared:
+                self.prepare()
+            self.launch()
             for name in self.worker_names:
                 self.start_worker(name)
+            self.wait_healthy(limit)
             for name in self.worker_names:
                 wait_for(f"Celery worker {name} to be ready", lambda n=name: self._worker_ready(n), limit,
-                         interval=0.5, on_timeout=self.tails)
+                         interval=0.2, on_timeout=self.tails)
         except BaseException:
             self.stop()
             raise
         self.startup_s = time.monotonic() - t0
+        return self
+
+    def prepare(self) -> CeleryAirflow:
+        """PostgreSQL and Redis started and the metadata database migrated: what :meth:`start` needs first, which
+        a caller may do (in a thread) while it makes something else, such as the models' checkpoints."""
+        try:
+            redis = self.redis.start_soon()
+            self.postgres.start()
+            self.redis.wait_ready(redis)
+            self.migrate()
+        except BaseException:
+            self.stop()
+            raise
+        self.prepared = True
         return self
 
     def start_worker(self, name: str) -> None:
@@ -321,24 +347,13 @@ class CeleryAirflow(LiveAirflow):
         return pids
 
     def stop(self) -> None:
-        for proc in self.workers.values():
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 8
-        for proc in self.workers.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
+        """The workers and the components stopped together (SIGTERM, a short grace, then SIGKILL to every process
+        of their sessions), then the broker and the database."""
+        if self._client is not None:
+            self._client.close()
         try:
-            super().stop()  # the four components, then SIGKILL to whatever is left in any of the sessions
+            self._stop_sessions([*self.workers.values(), *self.procs.values()])
         finally:
-            for proc in self.workers.values():
-                if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
             self.redis.stop()
             self.postgres.stop()
 

@@ -10,6 +10,7 @@ Every wait is bounded and says what it waited for.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -64,6 +65,9 @@ class LiveAirflow:
             "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
             "AIRFLOW__CORE__PARALLELISM": "4",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+            # the same signing keys in every component (the scheduler signs the workloads' tokens)
+            "AIRFLOW__API_AUTH__JWT_SECRET": os.urandom(32).hex(),
+            "AIRFLOW__API__SECRET_KEY": os.urandom(16).hex(),
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
             "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "5",
             "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
@@ -81,20 +85,43 @@ class LiveAirflow:
         self._client = None
 
     # -- processes ---------------------------------------------------------------
-    def start(self, limit: float = 180) -> LiveAirflow:
+    def start(self, limit: float = 180, migrated: Path | None = None) -> LiveAirflow:
+        """Migrate the metadata database and start the components; returns once all four are healthy.
+
+        With ``migrated`` (an SQLite database ``airflow db migrate`` made, see
+        ``tests.airflow.conftest.migrated_database``) and an SQLite connection, the database starts as a copy of
+        it instead of being migrated anew."""
+        self.migrate(migrated)
+        self.launch()
+        self.wait_healthy(limit)
+        return self
+
+    def migrate(self, migrated: Path | None = None) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
+        conn = self.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+        if migrated is not None and conn.startswith("sqlite:///"):
+            shutil.copy2(migrated, conn[len("sqlite:///"):])
+            # What the migration's Airflow would write first: a config file, so that the components started next
+            # do not each write one of their own (with secrets of their own) at once. The settings are in
+            # self.env; the signing keys too, shared by every component.
+            (self.home / "airflow.cfg").write_text("# settings: AIRFLOW__* in the environment (live.py)\n")
+            return
         migrate = subprocess.run([AIRFLOW, "db", "migrate"], env=self.env, capture_output=True, text=True,
                                  timeout=300)
         assert migrate.returncode == 0, migrate.stdout[-2000:] + migrate.stderr[-2000:]
+
+    def launch(self) -> None:
+        """Start the components (and the log server) without waiting for them."""
         commands = {name: [AIRFLOW, *args] for name, args in COMPONENTS.items()}
         commands["log-server"] = [sys.executable, "-m", "tf_export_pipeline.operators.local_logs"]
         for name, command in commands.items():
             out = open(self.logs / f"{name}.log", "wb")
             self.procs[name] = subprocess.Popen(command, env=self.env, stdout=out,
                                                 stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for("all four components healthy", self._healthy, limit, interval=0.5, on_timeout=self.tails)
-        return self
+
+    def wait_healthy(self, limit: float = 180) -> None:
+        wait_for("all four components healthy", self._healthy, limit, interval=0.2, on_timeout=self.tails)
 
     def _healthy(self) -> bool:
         import httpx
@@ -135,28 +162,51 @@ class LiveAirflow:
             found |= {f"{c.laddr.ip}:{c.laddr.port}" for c in conns if c.status == psutil.CONN_LISTEN}
         return found
 
+    #: How long the components get to exit after SIGTERM before every process of their sessions gets SIGKILL.
+    #: Nothing here needs a graceful exit (a throw-away home and database), and some components take seconds
+    #: to wind down: a short grace, then SIGKILL.
+    STOP_GRACE = 2.0
+
     def stop(self) -> None:
         """SIGTERM to each component's process group, then SIGKILL to whatever is left in their sessions
         (task processes run in process groups of their own)."""
         if self._client is not None:
             self._client.close()
-        for proc in self.procs.values():
+        self._stop_sessions(list(self.procs.values()))
+
+    def _stop_sessions(self, procs: list[subprocess.Popen]) -> None:
+        """SIGTERM to every process group of ``procs`` at once, :attr:`STOP_GRACE` seconds for all of them
+        together, then SIGKILL to every process left in their sessions; waits for each of ``procs``."""
+        for proc in procs:
             try:
                 os.killpg(proc.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + 8
-        for proc in self.procs.values():
+        deadline = time.monotonic() + self.STOP_GRACE
+        for proc in procs:
             try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                proc.wait(timeout=max(0.05, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
-        for pid in self.pids():  # by session id, which a process keeps when its parent is gone
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for proc in self.procs.values():
+        for proc in procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        # Every process left in their sessions (by session id, which a process keeps when its parent is gone),
+        # again until none is left: one may have forked after the first look (a pool replacing a child).
+        deadline = time.monotonic() + 15
+        while (left := self.pids()) and time.monotonic() < deadline:
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            for proc in procs:
+                proc.poll()  # reaps a component that is gone
+            time.sleep(0.05)
+        for proc in procs:
             proc.wait(timeout=10)
 
     def tails(self, lines: int = 25) -> str:
@@ -198,7 +248,7 @@ class LiveAirflow:
             r = self.client.get(f"/api/v2/dags/{dag_id}")
             return r.json() if r.status_code == 200 else None
 
-        return wait_for(f"DAG {dag_id} to be parsed", registered, limit, interval=0.5, on_timeout=self.tails)
+        return wait_for(f"DAG {dag_id} to be parsed", registered, limit, interval=0.25, on_timeout=self.tails)
 
     def asset_id(self, uri: str) -> int:
         assets = self.get("/api/v2/assets", uri_pattern=uri)["assets"]
@@ -230,4 +280,4 @@ class LiveAirflow:
             states = ", ".join(f"{t['task_id']}[{t['map_index']}]={t['state']}" for t in tis)
             return f"task states: {states}\n{self.tails()}"
 
-        return wait_for(f"run {run_id} of {dag_id} to finish", done, limit, interval=0.5, on_timeout=why)
+        return wait_for(f"run {run_id} of {dag_id} to finish", done, limit, interval=0.25, on_timeout=why)

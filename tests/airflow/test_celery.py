@@ -5,7 +5,7 @@ scheduler, dag-processor, triggerer, and Celery workers ``worker-a`` and
 ``worker-b`` (concurrency 2 each; different hostnames through ``unshare -u``
 when root), all on 127.0.0.1, PostgreSQL and Redis started here too.
 
-1. A backfill over 12 checkpoints in chunks of 3 spreads its mapped chunk
+1. A backfill over 8 checkpoints in chunks of 2 spreads its mapped chunk
    tasks over both workers, publishes each checkpoint once, versions in step
    order.
 2. The nightly and after-training DAGs of one model run at the same time on
@@ -30,6 +30,7 @@ import json
 import shutil
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,7 @@ from tests.conftest import PartialVersionWatcher, assert_no_partial_versions
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900, method="thread")]
 
 WORKERS = ("worker-a", "worker-b")
-STEPS = list(range(10, 130, 10))  # 12 checkpoints
+STEPS = list(range(10, 90, 10))  # 8 checkpoints
 
 
 def _train_many(root: Path, steps: int) -> Path:
@@ -108,18 +109,8 @@ def cluster(tmp_path_factory, trained_dir):
     from tests.airflow.celery_cluster import CeleryAirflow
 
     root = tmp_path_factory.mktemp("celery")
-    source = _train_many(root / "source", steps=STEPS[-1])
     configs = root / "configs"
     configs.mkdir()
-    models = {
-        "spread": _model(configs, source, "spread"),
-        # Two DAGs publishing one model's checkpoints at once: version = step, so whichever publishes
-        # first, an older checkpoint lands below a newer one. (With `timestamp`, or `checkpoint_time` and
-        # checkpoints written within one second, the later publish of an older checkpoint is refused
-        # with ServingOrderError instead, failing that run: order kept, run red.)
-        "both": _model(configs, source, "both", keep=[10, 20, 30, 40, 50], versioning="step"),
-        "crash": _model(configs, source, "crash", keep=STEPS[:8]),
-    }
     release = root / "release-worker-a"
     release.touch()
     env = {
@@ -135,6 +126,25 @@ def cluster(tmp_path_factory, trained_dir):
     airflow.worker_env = {"worker-a": {"TF_EXPORT_TEST_HOLD": f"staged#2@{release}"}}
     t0 = time.monotonic()
     try:
+        # PostgreSQL, Redis and the migration of the metadata database (which reads no config) while the
+        # checkpoints are trained here.
+        with ThreadPoolExecutor(1) as pool:
+            preparing = pool.submit(airflow.prepare)
+            try:
+                source = _train_many(root / "source", steps=STEPS[-1])
+            finally:
+                prepared = preparing.exception()  # waits for it either way
+        if prepared is not None:
+            raise prepared
+        models = {
+            "spread": _model(configs, source, "spread"),
+            # Two DAGs publishing one model's checkpoints at once: version = step, so whichever publishes
+            # first, an older checkpoint lands below a newer one. (With `timestamp`, or `checkpoint_time` and
+            # checkpoints written within one second, the later publish of an older checkpoint is refused
+            # with ServingOrderError instead, failing that run: order kept, run red.)
+            "both": _model(configs, source, "both", keep=[10, 20, 30], versioning="step"),
+            "crash": _model(configs, source, "crash", keep=STEPS[:8]),
+        }
         airflow.start()
         for model in models:
             for kind in ("backfill", "nightly", "after_training"):
@@ -190,13 +200,14 @@ def test_backfill_spreads_mapped_exports_over_both_workers_and_publishes_in_orde
     train, base = cluster.models["spread"]
     dag = "export_backfill__spread"
     t0 = time.monotonic()
-    run_id = _trigger(cluster, dag, {"chunk_size": 3})
+    chunk = 2  # four chunks: as many as the two workers have slots
+    run_id = _trigger(cluster, dag, {"chunk_size": chunk})
     done = cluster.wait_run_done(dag, run_id, 420)
     print(f"backfill of {len(STEPS)} checkpoints on two workers: {time.monotonic() - t0:.1f} s")
     assert done["state"] == "success", _why(cluster, dag, run_id)
 
     exports = export_tis(cluster.task_instances(dag, run_id))
-    assert len(exports) == len(STEPS) // 3, [t["task_id"] for t in exports]
+    assert len(exports) == len(STEPS) // chunk == 4, [t["task_id"] for t in exports]
     hosts = Counter(t["hostname"] for t in exports)
     assert set(hosts) == set(WORKERS), f"mapped exports ran on {dict(hosts)}"
     # and the database agrees with the REST API on who ran them
@@ -208,7 +219,7 @@ def test_backfill_spreads_mapped_exports_over_both_workers_and_publishes_in_orde
 def test_nightly_and_after_training_at_once_on_two_workers_keep_serving_order(cluster):
     train, base = cluster.models["both"]
     nightly, after = "export_nightly__both", "export_after_training__both"
-    newest = str(train / "ckpt-50")
+    newest = str(train / "ckpt-30")
     runs = {after: _trigger(cluster, after, {"checkpoint": newest}), nightly: _trigger(cluster, nightly)}
     done = {dag: cluster.wait_run_done(dag, run_id, 420) for dag, run_id in runs.items()}
     for dag, run in done.items():
@@ -225,8 +236,19 @@ def test_nightly_and_after_training_at_once_on_two_workers_keep_serving_order(cl
     assert [s for s, n in counts.items() if n > 1] == [], f"checkpoints published twice: {by_version}"
     ordered = [by_version[v] for v in sorted(by_version)]
     assert ordered == sorted(ordered), f"versions not in step order: {sorted(by_version.items())}"
-    assert ordered[-1] == 50, f"the newest checkpoint is not the one served: {sorted(by_version.items())}"
+    assert ordered[-1] == 30, f"the newest checkpoint is not the one served: {sorted(by_version.items())}"
     assert_no_partial_versions(base)
+
+
+def _validated_records(base: Path) -> int:
+    """How many exports a backfill task recorded as validated in their work folders (resume.json)."""
+    n = 0
+    for path in (base / "_exports" / "work").glob("*/resume.json"):
+        try:
+            n += json.loads(path.read_text())["record"]["status"] == "validated"
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # being written
+    return n
 
 
 def test_worker_killed_mid_chunk_is_resumed_by_the_retry_on_the_other_worker(cluster):
@@ -256,13 +278,20 @@ def test_worker_killed_mid_chunk_is_resumed_by_the_retry_on_the_other_worker(clu
         run_id = _trigger(cluster, dag, {"chunk_size": chunk})
         wait_for("a chunk task of worker-a to hold after its second export", lambda: held_on_a(run_id), 300,
                  interval=0.5, on_timeout=lambda: _why(cluster, dag, run_id))
-        time.sleep(2)  # each chunk's first checkpoint is validated meanwhile
+        held = running_on_a(run_id)
+        # Both chunks run (and hold) on worker-a, nothing of the run is queued: worker-b starts now, its start-up
+        # overlapping the rest of the wait and the scheduler's wait for the killed tasks' heartbeats.
+        cluster.start_worker("worker-b")
+        # Each held chunk's first checkpoint is validated meanwhile (its validation goes on while the chunk
+        # holds): wait until the work folders record it, rather than for a fixed time.
+        wait_for("each held chunk's first checkpoint to be recorded as validated",
+                 lambda: _validated_records(base) >= len(held), 120, interval=0.1,
+                 on_timeout=lambda: _why(cluster, dag, run_id))
         held = running_on_a(run_id)
         assert held, "worker-a's export tasks stopped running"
         killed = cluster.kill_worker("worker-a")  # SIGKILL to every process of its session
         assert killed, "worker-a had no processes"
         t_kill = time.monotonic()
-        cluster.start_worker("worker-b")
         cluster.release.touch()  # nothing on worker-b holds anyway
         done = cluster.wait_run_done(dag, run_id, 420)
     print(f"backfill after killing worker-a ({len(held)} export(s) held there): "

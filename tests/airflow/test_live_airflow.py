@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.airflow.conftest import model_dags, versions
+from tests.airflow.conftest import migrated_database, model_dags, versions
 from tests.airflow.live import LiveAirflow, wait_for
 from tests.conftest import assert_no_partial_versions
 
@@ -53,7 +53,7 @@ def live(tmp_path_factory, trained_dir):
     release.touch()
     airflow = LiveAirflow(root / "home", {
         "TF_EXPORT_CONFIG_DIR": str(m.config.parent),
-        "TF_EXPORT_POKE_SECONDS": "1",
+        "TF_EXPORT_POKE_SECONDS": "0.5",
         "TF_EXPORT_WAIT_SECONDS": "300",
         "TF_EXPORT_RETRIES": "1",
         "TF_EXPORT_RETRY_DELAY_SECONDS": "1",
@@ -61,7 +61,7 @@ def live(tmp_path_factory, trained_dir):
         "TF_EXPORT_TEST_HOLD": f"ledgered@{release}",
     })
     try:
-        airflow.start()
+        airflow.start(migrated=migrated_database(tmp_path_factory))  # a copy of the session's migrated DB
         airflow.wait_dag(AFTER)
         airflow.wait_dag(NIGHTLY)
         airflow.train, airflow.trained, airflow.release = train, trained_dir, release
