@@ -19,7 +19,10 @@ test test-fast: chromium
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --no-compile -e ".[airflow,test,s3,azure,docs]"
+	$(PY) -m pip install --quiet -e ".[airflow,test,s3,azure,docs]"
+	@# Byte-compiled here, once: where PYTHONDONTWRITEBYTECODE is set, every Python process of the suite would
+	@# otherwise compile TensorFlow's modules (pip's compile above) and the package's (this line) again.
+	$(PY) -m compileall -q pipeline
 	touch $(STAMP)
 
 # Azurite, the Azure Blob emulator of the Azure tests, from npm into .tools/ (once; see the script).
