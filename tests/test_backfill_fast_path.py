@@ -13,23 +13,28 @@ from tests.conftest import cli_env, make_workspace
 CHECK = r"""
 import json, sys, numpy as np, tensorflow as tf
 from tensorflow.python.saved_model.pywrap_saved_model import fingerprinting
-path, x = sys.argv[1], np.load(sys.argv[2])
-m = tf.saved_model.load(path)
-fp = tf.saved_model.experimental.read_fingerprint(path)
-fresh = tf.saved_model.experimental.Fingerprint.from_proto(
-    __import__("tensorflow.core.protobuf.fingerprint_pb2", fromlist=["x"]).FingerprintDef.FromString(
-        fingerprinting.CreateFingerprintDef(path)))
-print(json.dumps({"score": m.signatures["serving_default"](features=tf.constant(x))["score"].numpy().tolist(),
-                  "fingerprint_ok": fp == fresh, "checkpoint_hash": fp.checkpoint_hash,
-                  "saved_model_checksum": fp.saved_model_checksum}))
+x = np.load(sys.argv[1])
+for path in sys.argv[2:]:
+    m = tf.saved_model.load(path)
+    fp = tf.saved_model.experimental.read_fingerprint(path)
+    fresh = tf.saved_model.experimental.Fingerprint.from_proto(
+        __import__("tensorflow.core.protobuf.fingerprint_pb2", fromlist=["x"]).FingerprintDef.FromString(
+            fingerprinting.CreateFingerprintDef(path)))
+    print(json.dumps({"score": m.signatures["serving_default"](features=tf.constant(x))["score"].numpy().tolist(),
+                      "fingerprint_ok": fp == fresh, "checkpoint_hash": fp.checkpoint_hash,
+                      "saved_model_checksum": fp.saved_model_checksum}))
 """
 
 
-def _inspect(path, x_file):
-    proc = subprocess.run([sys.executable, "-c", CHECK, str(path), str(x_file)], env=cli_env(),
+def _inspect(paths, x_file):
+    """Each SavedModel of ``paths`` loaded (one after the other) by a new Python that never held the
+    exporter's objects: its scores on ``x_file`` and its fingerprint, one dict per path."""
+    proc = subprocess.run([sys.executable, "-c", CHECK, str(x_file), *map(str, paths)], env=cli_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    reports = [json.loads(line) for line in proc.stdout.strip().splitlines()[-len(paths):]]
+    assert len(reports) == len(paths), proc.stdout
+    return reports
 
 
 def test_fast_writes_equal_full_saves(tmp_path, trained_dir):
@@ -49,8 +54,8 @@ def test_fast_writes_equal_full_saves(tmp_path, trained_dir):
     x = np.random.default_rng(0).standard_normal((4, 4)).astype("float32")
     np.save(tmp_path / "x.npy", x)
     seen = {}
-    for step in (10, 20, 30):
-        got = _inspect(tmp_path / f"fast-{step}", tmp_path / "x.npy")
+    inspected = _inspect([tmp_path / f"fast-{step}" for step in (10, 20, 30)], tmp_path / "x.npy")
+    for step, got in zip((10, 20, 30), inspected):
         assert got["fingerprint_ok"], f"fingerprint.pb of step {step} does not describe its files"
         model = build()
         tf.train.Checkpoint(model=model).read(str(trained_dir / f"ckpt-{step}")).expect_partial()

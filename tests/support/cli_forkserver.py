@@ -28,7 +28,12 @@ A forked command's validation process comes from the same server: the child's
 ``sys.executable`` is a small launcher (written next to the socket) that, for
 ``-m tf_export_pipeline.validate.worker``, asks the server to fork a child that
 runs that module with the launcher's stdin, stdout and stderr, and waits for its
-status; for anything else it execs the real Python. The validation child never
+status. So does a worker of a forked command's ``multiprocessing`` pool (``backfill
+--jobs``, the "spawn" context: ``-c "from multiprocessing.spawn import spawn_main..."
+--multiprocessing-fork``): the launcher sends the descriptors the worker was given
+(its pipe, the resource tracker's, the queues'), which the child takes at the same
+numbers, and a SIGINT ignored at start stays ignored in the child, as in a new
+Python. For anything else the launcher execs the real Python. The validation child never
 held the exporter's objects (it is forked from the server, not from the
 command), so what the gate proves is unchanged: the SavedModel is loaded from
 disk by another process. When the launcher dies (a timeout or a kill of the
@@ -70,14 +75,29 @@ import json, os, signal, socket, sys
 
 args = sys.argv[1:]
 path = os.environ.get({socket_env!r})
-if not path or len(args) < 2 or args[0] != "-m" or args[1] not in {modules!r}:
+request = {{"env": dict(os.environ), "cwd": os.getcwd(), "watch": True, "mount_ns": os.getpid(),
+           "sigint_ignored": signal.getsignal(signal.SIGINT) == signal.SIG_IGN}}
+extra = []
+if path and len(args) >= 2 and args[0] == "-m" and args[1] in {modules!r}:
+    request.update(module=args[1], argv=args[2:])
+elif path and len(args) >= 3 and args[-3] == "-c" and args[-1] == "--multiprocessing-fork" \
+        and args[-2].startswith("from multiprocessing.spawn import spawn_main; spawn_main("):
+    # A multiprocessing "spawn" child: its code, and the descriptors it was given (its pipe, the resource
+    # tracker's, those of the pool's queues: the only inheritable ones past stderr), at their numbers.
+    extra = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if int(name) > 2 and os.get_inheritable(int(name)):
+                extra.append(int(name))
+        except OSError:
+            pass  # the listing's own descriptor, closed by now
+    request.update(spawn=args[-2], fd_numbers=extra)
+else:
     real = os.environ.get({real_env!r}) or {real!r}
     os.execv(real, [real, *args])
 conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 conn.connect(path)
-request = {{"module": args[1], "argv": args[2:], "env": dict(os.environ), "cwd": os.getcwd(), "watch": True,
-           "mount_ns": os.getpid()}}
-socket.send_fds(conn, [json.dumps(request).encode() + b"\\n"], [0, 1, 2])
+socket.send_fds(conn, [json.dumps(request).encode() + b"\\n"], [0, 1, 2, *extra])
 reader = conn.makefile("r")
 pid = int(json.loads(reader.readline())["pid"])
 
@@ -367,6 +387,20 @@ def _run_module(request: dict) -> int:
     return 0
 
 
+def _run_spawn(request: dict, launcher: str) -> int:
+    """``python -c "from multiprocessing.spawn import spawn_main; ..." --multiprocessing-fork`` in this child:
+    a worker of a forked command's ``multiprocessing`` pool (the "spawn" context). It reads what to run from
+    the pipe its parent named, as a new Python would; its own Python subprocesses (a validation process) come
+    from the server too."""
+    import multiprocessing
+
+    sys.argv = ["-c", "--multiprocessing-fork"]
+    sys.executable = launcher
+    multiprocessing.set_executable(launcher)
+    exec(compile(request["spawn"], "<string>", "exec"), {"__name__": "__main__"})
+    return 0
+
+
 def _run_command(request: dict, path: str, launcher: str) -> int:
     """``tf-export ARGV`` in this child; its Python subprocesses start from ``launcher``, which asks the server
     at ``path`` for a validation process."""
@@ -374,6 +408,9 @@ def _run_command(request: dict, path: str, launcher: str) -> int:
     os.environ[SOCKET_ENV] = path
     os.environ[REAL_PYTHON_ENV] = sys.executable
     sys.executable = launcher
+    import multiprocessing
+
+    multiprocessing.set_executable(launcher)  # a backfill's "spawn" workers: forked by the server too
     from tf_export_pipeline.cli import main
 
     return main(request["argv"])
@@ -385,21 +422,29 @@ def _child(request: dict, fds: list[int], path: str, launcher: str) -> None:
     try:
         if request.get("session"):
             os.setsid()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        # As a new Python started by the launcher's process would: SIGINT ignored when it was there.
+        signal.signal(signal.SIGINT, signal.SIG_IGN if request.get("sigint_ignored")
+                      else signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        if len(fds) == 3:  # stdin, stdout, stderr
-            for target, fd in enumerate(fds):
-                os.dup2(fd, target)
-        else:  # stdout, stderr; stdin is /dev/null
+        # The launcher's requests send stdin, stdout, stderr and then the descriptors a spawn child names, at
+        # their numbers there; a command's, stdout and stderr (stdin is /dev/null). Moved out of the way
+        # first: a target number may be one of the received ones.
+        import fcntl
+
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 512) for fd in fds]
+        for fd in fds:
+            os.close(fd)
+        if request.get("module") or request.get("spawn"):
+            targets = [0, 1, 2, *request.get("fd_numbers", [])]
+        else:
             devnull = os.open(os.devnull, os.O_RDONLY)
             os.dup2(devnull, 0)
-            os.dup2(fds[0], 1)
-            os.dup2(fds[1], 2)
             os.close(devnull)
-        for fd in fds:
-            if fd > 2:
-                os.close(fd)
+            targets = [1, 2]
+        for fd, target in zip(high, targets):
+            os.dup2(fd, target)
+            os.close(fd)
         os.environ.clear()
         os.environ.update(request["env"])
         if request.get("mount_ns"):
@@ -409,7 +454,12 @@ def _child(request: dict, fds: list[int], path: str, launcher: str) -> None:
         os.chdir(request["cwd"])
         _start_up_paths(request["env"])
         try:
-            rc = _run_module(request) if request.get("module") else _run_command(request, path, launcher)
+            if request.get("module"):
+                rc = _run_module(request)
+            elif request.get("spawn"):
+                rc = _run_spawn(request, launcher)
+            else:
+                rc = _run_command(request, path, launcher)
         except SystemExit as exit_:
             code = exit_.code
             rc = code if isinstance(code, int) else (0 if code is None else 1)
@@ -433,7 +483,7 @@ def _read_request(conn: socket.socket) -> tuple[dict, list[int]]:
     """One request line and the file descriptors sent with it (closed again when the line is not whole)."""
     fds: list[int] = []
     try:
-        msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+        msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, 64)
         while not msg.endswith(b"\n"):
             more = conn.recv(1 << 20)
             if not more:
