@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 AZURITE := .tools/azurite/node_modules/.bin/azurite-blob
 
-.PHONY: demo test test-fast lint typecheck docs venv bench clean airflow chromium
+.PHONY: demo test test-fast lint typecheck docs checks venv bench clean airflow chromium
 
 venv: $(STAMP) $(AZURITE) chromium
 
@@ -47,21 +47,25 @@ typecheck: $(STAMP)
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
+# Lint, types and the site side by side: each keeps about one core busy for a few seconds.
+checks: $(STAMP)
+	@$(MAKE) --no-print-directory -j3 lint typecheck docs
+
 # The suite runs in two parts: most tests on TEST_WORKERS pytest-xdist workers (0: in this process),
 # grouped so that a module's tests, and all of tests/airflow/, stay on one worker; then the tests
-# marked `alone` (random kills, fault timing), a module per worker and nothing else beside them. `tf-export` commands in the tests fork from
+# marked `alone` (random kills, fault timing), handed out a test at a time and nothing else beside them. `tf-export` commands in the tests fork from
 # a process per worker that imported TensorFlow once (tests/support/cli_forkserver.py). On 2 cores the
 # suite stays CPU-bound (each run's fresh validation process, the Celery and Airflow servers).
 # The slowest tests of each part are listed; build/durations.txt has the seconds per file.
 TEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 
-test: $(STAMP) lint typecheck docs
+test: $(STAMP) checks
 	@mkdir -p build
 	@rc=0; \
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope -m "not long and not alone" --durations=25 \
 		--junitxml=build/tests-parallel.xml $(PYTEST_ARGS) || rc=$$?; \
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope -m "alone and not long" --durations=10 \
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope -m "alone and not long" --group-by-test --durations=10 \
 		--junitxml=build/tests-alone.xml $(PYTEST_ARGS) || { r=$$?; [ $$r -eq 5 ] || rc=$$r; }; \
 	$(PY) -m tests.summary build/tests-parallel.xml build/tests-alone.xml || rc=$$?; \
 	exit $$rc

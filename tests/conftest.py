@@ -333,14 +333,24 @@ def worker_group_of(nodeid: str) -> str:
     return "tests/airflow" if path.startswith("tests/airflow/") else path
 
 
+def pytest_addoption(parser):
+    parser.addoption("--group-by-test", action="store_true",
+                     help="pytest-xdist hands out one test at a time instead of whole modules (the `alone` part: "
+                          "its tests share only session-wide servers, and a module of them would keep one worker "
+                          "busy while the other waits)")
+
+
 def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling
 
+    by_test = config.getoption("group_by_test")
+
     class TestGroups(LoadScopeScheduling):
-        """Hands out whole groups (:func:`worker_group_of`), the largest first."""
+        """Hands out whole groups (:func:`worker_group_of`, or single tests with ``--group-by-test``), the
+        largest first."""
 
         def _split_scope(self, nodeid: str) -> str:
-            return worker_group_of(nodeid)
+            return nodeid if by_test else worker_group_of(nodeid)
 
     return TestGroups(config, log)
 
