@@ -5,6 +5,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 AZURITE := .tools/azurite/node_modules/.bin/azurite-blob
 
+# A module is byte-compiled when it is first imported, not all of them at install (most are never imported):
+# where PYTHONDONTWRITEBYTECODE is set, every Python process of the suite would compile TensorFlow's modules
+# again, and the suite would take twice as long.
+unexport PYTHONDONTWRITEBYTECODE
+
 .PHONY: demo test test-fast lint typecheck docs checks venv bench clean airflow chromium
 
 venv: $(STAMP) $(AZURITE) chromium
@@ -19,10 +24,7 @@ test test-fast: chromium
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[airflow,test,s3,azure,docs]"
-	@# Byte-compiled here, once: where PYTHONDONTWRITEBYTECODE is set, every Python process of the suite would
-	@# otherwise compile TensorFlow's modules (pip's compile above) and the package's (this line) again.
-	$(PY) -m compileall -q pipeline
+	$(PY) -m pip install --quiet --no-compile -e ".[airflow,test,s3,azure,docs]"
 	touch $(STAMP)
 
 # Azurite, the Azure Blob emulator of the Azure tests, from npm into .tools/ (once; see the script).
