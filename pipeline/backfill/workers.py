@@ -143,6 +143,20 @@ def _on_sigint(signum: int, frame: object) -> None:
         raise _Cancelled
 
 
+def _stage_result_of(err: BaseException) -> Any:
+    """What the stage had returned when the interrupt came (attached to it by the stage's wrapper), found
+    also when a later exception replaced the interrupt while TensorFlow unwound."""
+    seen: BaseException | None = err
+    for _ in range(8):  # a short chain: the interrupt and what its unwinding raised
+        if seen is None:
+            return None
+        found = getattr(seen, "stage_result", None)
+        if found is not None:
+            return found
+        seen = seen.__context__
+    return None
+
+
 def _worker_init(cancel: Any = None) -> None:
     import atexit
 
@@ -178,8 +192,11 @@ def _worker_export(task: tuple[Config, Discovered, Checks]) -> ExportRecord | Ba
     except BaseException as err:
         # Nothing validates this staging again (a later run exports the checkpoint anew); an export cut
         # short removed its own, and one interrupted just after it returned is named by the error.
-        discard_unpublished(cfg, staged or getattr(err, "stage_result", None))
-        if isinstance(err, _Cancelled):
+        discard_unpublished(cfg, staged or _stage_result_of(err))
+        if _CANCELLED:
+            # The SIGINT cut this stage short. TensorFlow, cut short mid-call, may raise something else
+            # while it unwinds (an AttributeError on a half-built object): a consequence of the interrupt,
+            # not a failure of the checkpoint.
             return CANCELLED
         if isinstance(err, PipelineError):
             return err
