@@ -55,8 +55,8 @@ checks: $(STAMP)
 
 # The suite runs in two parts: most tests on TEST_WORKERS pytest-xdist workers (0: in this process),
 # grouped so that a module's tests, and all of tests/airflow/, stay on one worker; then the tests
-# marked `alone` (random kills, fault timing), handed out a test at a time and nothing else beside them. `tf-export` commands in the tests fork from
-# a process per worker that imported TensorFlow once (tests/support/cli_forkserver.py). On 2 cores the
+# marked `alone` (random kills, fault timing), handed out a test at a time and nothing else beside them.
+# `tf-export` commands in the tests fork from a process per worker that imported TensorFlow once (tests/support/cli_forkserver.py). On 2 cores the
 # suite stays CPU-bound (each run's fresh validation process, the Celery and Airflow servers).
 # The slowest tests of each part are listed; build/durations.txt has the seconds per file.
 TEST_WORKERS ?= 2

@@ -69,6 +69,15 @@ def validations_forked():
     return _fork_server().validations_forked()
 
 
+def forked_validation_python() -> tuple[str, dict[str, str]]:
+    """For a Python this test starts itself: the launcher it takes as ``sys.executable`` and the environment
+    naming the CLI fork server, so that its validation processes fork from that server."""
+    from tests.support.cli_forkserver import SOCKET_ENV, launcher_of
+
+    server = _fork_server()
+    return launcher_of(server.path), {SOCKET_ENV: server.path}
+
+
 @pytest.fixture
 def forked_validation():
     """The test in :func:`validations_forked`."""
@@ -343,6 +352,8 @@ def pytest_addoption(parser):
 def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling
 
+    if config.getoption("dist") != "loadscope":
+        return None  # another --dist asked for: pytest-xdist's own scheduler
     by_test = config.getoption("group_by_test")
 
     class TestGroups(LoadScopeScheduling):

@@ -147,9 +147,7 @@ def _stage_result_of(err: BaseException) -> Any:
     """What the stage had returned when the interrupt came (attached to it by the stage's wrapper), found
     also when a later exception replaced the interrupt while TensorFlow unwound."""
     seen: BaseException | None = err
-    for _ in range(8):  # a short chain: the interrupt and what its unwinding raised
-        if seen is None:
-            return None
+    while seen is not None:
         found = getattr(seen, "stage_result", None)
         if found is not None:
             return found

@@ -250,7 +250,7 @@ class CeleryAirflow(LiveAirflow):
         t0 = time.monotonic()
         try:
             if not self.prepared:
-                self.prepare()
+                self.prepare(migrated)
             self.launch()
             for name in self.worker_names:
                 self.start_worker(name)
@@ -264,14 +264,14 @@ class CeleryAirflow(LiveAirflow):
         self.startup_s = time.monotonic() - t0
         return self
 
-    def prepare(self) -> CeleryAirflow:
+    def prepare(self, migrated: Path | None = None) -> CeleryAirflow:
         """PostgreSQL and Redis started and the metadata database migrated: what :meth:`start` needs first, which
         a caller may do (in a thread) while it makes something else, such as the models' checkpoints."""
         try:
             redis = self.redis.start_soon()
             self.postgres.start()
             self.redis.wait_ready(redis)
-            self.migrate()
+            self.migrate(migrated)
         except BaseException:
             self.stop()
             raise

@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.airflow.conftest import DAG_FILE, manifest, model_dags, versions
-from tests.conftest import run_cli, validations_forked
-from tests.support.cli_forkserver import SOCKET_ENV
+from tests.conftest import forked_validation_python, run_cli
 
 pytestmark = pytest.mark.timeout(400, method="thread")
 
@@ -69,15 +68,13 @@ def test_nightly_dag_emits_openlineage_events_and_metrics_and_lineage_traces_its
     # Not from the checkout: `python -c` puts the working directory first on sys.path, and an editable
     # install's tf_export_pipeline.egg-info there registers the package's Airflow plugin a second time,
     # after which Airflow's OpenLineage listener sends no task events.
-    # Its validation process comes from the CLI fork server (tests/conftest.py: validations_forked), which
-    # imported TensorFlow once, as that of a run by ModelDags.test() does: the launcher the child takes for
-    # sys.executable asks the server (named in the environment) to fork it.
-    python = sys.executable
-    with validations_forked():
-        env[SOCKET_ENV] = os.environ[SOCKET_ENV]
-        launcher = sys.executable
-    proc = subprocess.run([python, "-c", RUN_SCRIPT, str(DAG_FILE), "export_nightly__traced", launcher], env=env,
-                          capture_output=True, text=True, timeout=360, cwd=tmp_path)
+    # Its validation process comes from the CLI fork server, which imported TensorFlow once, as that of a run
+    # by ModelDags.test() does: the launcher the child takes for sys.executable asks the server (named in the
+    # environment) to fork it.
+    launcher, naming = forked_validation_python()
+    env.update(naming)
+    proc = subprocess.run([sys.executable, "-c", RUN_SCRIPT, str(DAG_FILE), "export_nightly__traced", launcher],
+                          env=env, capture_output=True, text=True, timeout=360, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     [result] = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert result["state"] == "success", proc.stderr[-3000:]
